@@ -1,0 +1,1 @@
+//! veil attestation: evidence, verification, reference values and the key broker (skeleton).

@@ -1,0 +1,1 @@
+//! containerd-shim-veil-v2 library (skeleton).

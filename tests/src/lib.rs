@@ -1,0 +1,1 @@
+//! Shared test support for veil end-to-end tests (skeleton).
