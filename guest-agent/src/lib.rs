@@ -1,1 +1,81 @@
-//! veil guest agent (skeleton).
+//! veil-agent: PID 1 of a veil pod VM.
+//!
+//! It prepares the guest (mounts `/proc`, `/sys`, `/dev`, `/run`, cgroup2),
+//! reaps orphaned children, and serves the agent API (see `veil-protocol`) with
+//! ttrpc on vsock port 1024 — or, in host mode, on a unix socket so the engine can
+//! be tested without a VM. It powers the VM off on request and on fatal error.
+//!
+//! Module map: [`config`] (command line and kernel parameters), [`init`] (PID 1
+//! duties), [`reaper`] (child exit collection), [`server`] (transport and service
+//! registration), [`health`] and [`guest`] (the services), [`power`].
+
+pub mod config;
+pub mod guest;
+pub mod health;
+pub mod init;
+pub mod logging;
+pub mod power;
+pub mod reaper;
+pub mod server;
+
+use std::error::Error as StdError;
+
+/// Exit code for a bad command line.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code for a fatal runtime error.
+pub const EXIT_FATAL: u8 = 1;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// PID 1 set-up (mounts) failed.
+    #[error("guest initialisation failed")]
+    Init(#[source] init::InitError),
+    /// The async runtime could not be built.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The API server failed.
+    #[error("agent API server failed")]
+    Server(#[source] server::ServerError),
+}
+
+/// PID 1 set-up, done before logging starts: the base mounts, then the
+/// `veil.*` kernel parameters (readable only once `/proc` is mounted).
+pub fn prepare(config: &mut config::Config) -> Result<(), AgentError> {
+    if config.init {
+        init::setup_guest().map_err(AgentError::Init)?;
+        if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
+            config.apply_kernel_cmdline(&cmdline);
+        }
+    }
+    Ok(())
+}
+
+/// Runs the agent until it is asked to stop or a fatal error happens.
+pub fn run(config: config::Config) -> Result<(), AgentError> {
+    init::become_subreaper();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    rt.block_on(async move {
+        let reaper =
+            reaper::Reaper::start().map_err(|e| AgentError::Server(server::ServerError::Io(e)))?;
+        server::serve(&config, reaper)
+            .await
+            .map_err(AgentError::Server)
+    })
+}
+
+/// Formats an error with all its sources, outermost first.
+pub fn error_chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

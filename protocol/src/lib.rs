@@ -1,1 +1,43 @@
-//! veil agent API (skeleton).
+//! The veil agent API, shared by the shim (host) and the agent (guest).
+//!
+//! The API is defined in `protos/agent.proto`; this crate holds the Rust types and
+//! the async ttrpc client and server bindings generated from it at build time.
+//! It owns the wire format only: validation of requests is the agent's job.
+
+/// Version of the agent API. Bumped on incompatible change.
+pub const API_VERSION: u32 = 1;
+
+/// vsock port on which the agent serves the API.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Messages of the agent API (generated).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    unused_mut,
+    non_upper_case_globals,
+    non_camel_case_types,
+    renamed_and_removed_lints
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// ttrpc clients and services of the agent API (generated).
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    unused_mut,
+    non_upper_case_globals,
+    non_camel_case_types,
+    renamed_and_removed_lints
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use ttrpc;

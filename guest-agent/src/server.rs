@@ -1,0 +1,73 @@
+//! The agent API server: binds the transport (vsock or unix socket), registers
+//! the services and runs until shutdown.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+
+use crate::{config::Listen, reaper::Reaper};
+
+/// Errors of the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding or serving failed in ttrpc.
+    #[error("ttrpc server error on {addr}")]
+    Ttrpc {
+        /// The address served.
+        addr: String,
+        /// The ttrpc error.
+        #[source]
+        source: ttrpc::Error,
+    },
+    /// Other I/O failure.
+    #[error("I/O error")]
+    Io(#[source] std::io::Error),
+}
+
+/// The ttrpc address for a listen configuration.
+pub fn ttrpc_address(listen: &Listen) -> String {
+    match listen {
+        // VMADDR_CID_ANY, written as -1 in ttrpc's vsock address form.
+        Listen::Vsock(port) => format!("vsock://-1:{port}"),
+        Listen::Unix(path) => format!("unix://{}", path.display()),
+    }
+}
+
+/// Serves the agent API until a shutdown request arrives, then powers off (in a VM).
+pub async fn serve(config: &crate::config::Config, _reaper: Reaper) -> Result<(), ServerError> {
+    let addr = ttrpc_address(&config.listen);
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
+    let health = veil_protocol::agent_ttrpc::create_health(Arc::new(crate::health::HealthService));
+    let guest = veil_protocol::agent_ttrpc::create_guest(Arc::new(crate::guest::GuestService {
+        shutdown: shutdown_tx,
+    }));
+    let ttrpc_err = |source| ServerError::Ttrpc {
+        addr: addr.clone(),
+        source,
+    };
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&addr)
+        .map_err(ttrpc_err)?
+        .register_service(health)
+        .register_service(guest);
+    server.start().await.map_err(ttrpc_err)?;
+    tracing::info!(%addr, "agent API serving");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ServerError::Io)?;
+    tokio::select! {
+        _ = shutdown_rx.recv() => {}
+        _ = sigterm.recv() => tracing::info!("SIGTERM"),
+    }
+    // Let the shutdown reply reach the caller before the VM goes away.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), server.shutdown()).await;
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    crate::power::power_off();
+    Ok(())
+}
