@@ -1,1 +1,415 @@
-//! client (stub).
+//! The guest side of the KBS protocol: an RCAR client with an ephemeral P-256 TEE key, and the
+//! JWE decryption of released resources. Used by `veil-agent`; the evidence itself comes from an
+//! [`Attester`] the agent supplies (SNP configfs-tsm / `/dev/sev-guest`, TDX configfs-tsm,
+//! or the shim's simulated firmware over vsock).
+//!
+//! The transport is HTTP/1.1 over a stream the caller connects ([`Connector`]): TCP to the
+//! broker, or a vsock relay through the shim (which only relays bytes). TLS runs end to end from
+//! the guest and accepts exactly one certificate: the broker's, pinned ([`Transport::Tls`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::Request as HttpRequest;
+use p256::SecretKey;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use zeroize::Zeroizing;
+
+use crate::kbs::jwe::{self, Jwe, JweError};
+use crate::kbs::protocol::{
+    self, Attestation, AttestationToken, Challenge, ErrorInformation, HashAlgorithm, InitData,
+    Request, RuntimeData, TeePubKey, PROTOCOL_VERSION, SESSION_COOKIE, SUPPORTED_HASH_ALGORITHMS,
+};
+use crate::tee::Tee;
+
+/// Largest response body read.
+const MAX_RESPONSE_LEN: usize = 1024 * 1024;
+
+/// Why a client operation failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Connecting the transport failed.
+    #[error("cannot connect to the key broker")]
+    Connect(#[source] std::io::Error),
+    /// TLS setup or handshake failed (including a certificate that is not the pinned one).
+    #[error("TLS with the key broker failed: {0}")]
+    Tls(String),
+    /// HTTP framing failed.
+    #[error("HTTP exchange with the key broker failed: {0}")]
+    Http(String),
+    /// The broker answered with an error.
+    #[error("key broker refused ({status}): {detail}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The broker's `detail`.
+        detail: String,
+    },
+    /// The broker's answer is not the expected JSON.
+    #[error("unexpected key broker response: {0}")]
+    Protocol(String),
+    /// The attester could not produce evidence.
+    #[error("attester failed: {0}")]
+    Attester(String),
+    /// The resource did not decrypt.
+    #[error("resource JWE")]
+    Jwe(#[source] JweError),
+}
+
+/// The ephemeral TEE key pair (P-256). The private key never leaves the guest.
+pub struct TeeKey {
+    secret: SecretKey,
+}
+
+impl std::fmt::Debug for TeeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TeeKey(..)")
+    }
+}
+
+impl TeeKey {
+    /// A fresh key from the OS RNG.
+    pub fn generate() -> Self {
+        TeeKey {
+            secret: SecretKey::random(&mut rand_core::OsRng),
+        }
+    }
+
+    /// The public key as the `tee-pubkey` JWK.
+    pub fn public_jwk(&self) -> TeePubKey {
+        jwe::jwk_from_public_key(&self.secret.public_key())
+    }
+
+    /// Decrypts a resource JWE.
+    pub fn decrypt(&self, jwe: &Jwe) -> Result<Zeroizing<Vec<u8>>, JweError> {
+        jwe::decrypt(&self.secret, jwe)
+    }
+}
+
+/// Produces evidence binding 64 bytes of `report_data`.
+pub trait Attester: Send + Sync {
+    /// The TEE kind this attester speaks for.
+    fn tee(&self) -> Tee;
+    /// Evidence JSON for the KBS `tee-evidence` field (see [`crate::evidence`]).
+    fn evidence<'a>(
+        &'a self,
+        report_data: [u8; 64],
+    ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + 'a>>;
+}
+
+/// Any byte stream the client can speak HTTP over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// Opens a fresh stream to the broker (TCP, or a vsock relay in the guest).
+pub trait Connector: Send + Sync {
+    /// Connects.
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send + '_>>;
+}
+
+/// Connects over TCP.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    /// `host:port`.
+    pub addr: String,
+}
+
+impl Connector for TcpConnector {
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send + '_>> {
+        Box::pin(async move {
+            let s = tokio::net::TcpStream::connect(&self.addr).await?;
+            Ok(Box::new(s) as Box<dyn Io>)
+        })
+    }
+}
+
+/// How the HTTP bytes are protected.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// TLS accepting only the broker certificate `pinned_der`.
+    Tls {
+        /// The broker's certificate, DER.
+        pinned_der: Vec<u8>,
+        /// The name sent in SNI (any name; the pin is what authenticates).
+        server_name: String,
+    },
+    /// Plain HTTP (tests, or a relay that is itself protected).
+    Plain,
+}
+
+/// Accepts exactly one end-entity certificate; TLS signatures are still verified.
+#[derive(Debug)]
+struct PinnedCert {
+    der: Vec<u8>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.der.as_slice() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A KBS client holding one ephemeral TEE key and the broker session.
+pub struct KbsClient {
+    connector: Box<dyn Connector>,
+    transport: Transport,
+    tls: Option<tokio_rustls::TlsConnector>,
+    host: String,
+    key: TeeKey,
+    cookie: Option<String>,
+    token: Option<String>,
+    init_data: Option<String>,
+}
+
+impl std::fmt::Debug for KbsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KbsClient")
+            .field("host", &self.host)
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The report data a guest binds for `nonce` and its key (what the broker recomputes).
+pub fn report_data_for(nonce: &str, key: &TeePubKey, alg: HashAlgorithm) -> [u8; 64] {
+    protocol::runtime_data_report_data(
+        &RuntimeData {
+            nonce: nonce.to_string(),
+            tee_pubkey: key.clone(),
+        },
+        alg,
+    )
+}
+
+impl KbsClient {
+    /// A client; `host` is the HTTP `Host` header value.
+    pub fn new(
+        connector: Box<dyn Connector>,
+        transport: Transport,
+        host: impl Into<String>,
+    ) -> Result<Self, ClientError> {
+        let tls = match &transport {
+            Transport::Plain => None,
+            Transport::Tls { pinned_der, .. } => {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| ClientError::Tls(e.to_string()))?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                        der: pinned_der.clone(),
+                        provider,
+                    }))
+                    .with_no_client_auth();
+                Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+            }
+        };
+        Ok(KbsClient {
+            connector,
+            transport,
+            tls,
+            host: host.into(),
+            key: TeeKey::generate(),
+            cookie: None,
+            token: None,
+            init_data: None,
+        })
+    }
+
+    /// Sends init-data (its digest must be the evidence's host data) with the attestation.
+    pub fn with_init_data(mut self, toml_body: impl Into<String>) -> Self {
+        self.init_data = Some(toml_body.into());
+        self
+    }
+
+    /// The attestation token, once attested.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let stream = self.connector.connect().await.map_err(ClientError::Connect)?;
+        let io: Box<dyn Io> = match (&self.tls, &self.transport) {
+            (Some(tls), Transport::Tls { server_name, .. }) => {
+                let name = ServerName::try_from(server_name.clone())
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+                Box::new(
+                    tls.connect(name, stream)
+                        .await
+                        .map_err(|e| ClientError::Tls(e.to_string()))?,
+                )
+            }
+            _ => stream,
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.host);
+        if let Some(c) = &self.cookie {
+            req = req.header(hyper::header::COOKIE, format!("{SESSION_COOKIE}={c}"));
+        }
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status().as_u16();
+        for v in resp.headers().get_all(hyper::header::SET_COOKIE) {
+            if let Some(id) = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.split(';').next())
+                .and_then(|kv| kv.trim().strip_prefix(&format!("{SESSION_COOKIE}=")))
+            {
+                self.cookie = Some(id.to_string());
+            }
+        }
+        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_LEN)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    fn refused(status: u16, body: &[u8]) -> ClientError {
+        let detail = serde_json::from_slice::<ErrorInformation>(body)
+            .map(|e| e.detail)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(200).collect());
+        ClientError::Refused { status, detail }
+    }
+
+    /// Runs `/auth` then `/attest` with evidence from `attester`; returns the token.
+    pub async fn attest(&mut self, attester: &dyn Attester) -> Result<String, ClientError> {
+        let req = Request {
+            version: PROTOCOL_VERSION.into(),
+            tee: attester.tee().as_str().into(),
+            extra_params: serde_json::json!({ SUPPORTED_HASH_ALGORITHMS: ["sha384", "sha256", "sha512"] }),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (status, resp) = self.exchange("POST", "/kbs/v0/auth", Some(body)).await?;
+        if status != 200 {
+            return Err(Self::refused(status, &resp));
+        }
+        let challenge: Challenge =
+            serde_json::from_slice(&resp).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let alg = HashAlgorithm::from_challenge(&challenge.extra_params)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let runtime_data = RuntimeData {
+            nonce: challenge.nonce,
+            tee_pubkey: self.key.public_jwk(),
+        };
+        let report_data = protocol::runtime_data_report_data(&runtime_data, alg);
+        let evidence = attester
+            .evidence(report_data)
+            .await
+            .map_err(ClientError::Attester)?;
+        let att = Attestation {
+            init_data: self.init_data.clone().map(|body| InitData {
+                format: "toml".into(),
+                body,
+            }),
+            runtime_data,
+            tee_evidence: evidence,
+        };
+        let body = serde_json::to_vec(&att).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (status, resp) = self.exchange("POST", "/kbs/v0/attest", Some(body)).await?;
+        if status != 200 {
+            return Err(Self::refused(status, &resp));
+        }
+        let tok: AttestationToken =
+            serde_json::from_slice(&resp).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.token = Some(tok.token.clone());
+        Ok(tok.token)
+    }
+
+    /// Fetches and decrypts `<repo>/<type>/<tag>` (after [`Self::attest`]).
+    pub async fn get_resource(
+        &mut self,
+        repo: &str,
+        kind: &str,
+        tag: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        let path = format!("/kbs/v0/resource/{repo}/{kind}/{tag}");
+        let (status, resp) = self.exchange("GET", &path, None).await?;
+        if status != 200 {
+            return Err(Self::refused(status, &resp));
+        }
+        let jwe: Jwe =
+            serde_json::from_slice(&resp).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.key.decrypt(&jwe).map_err(ClientError::Jwe)
+    }
+}

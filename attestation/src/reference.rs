@@ -95,7 +95,9 @@ impl ReferenceValues {
             return Err(ReferenceError::Version(v.version));
         }
         for r in &v.reference_values {
-            let ok = hex::decode(&r.measurement).map(|b| b.len() == 48).unwrap_or(false)
+            let ok = hex::decode(&r.measurement)
+                .map(|b| b.len() == 48)
+                .unwrap_or(false)
                 && r.measurement.chars().all(|c| !c.is_ascii_uppercase());
             if !ok {
                 return Err(ReferenceError::Measurement {

@@ -15,7 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use p384::ecdsa::{SigningKey, VerifyingKey};
-use p384::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use p384::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
 use thiserror::Error;
 
 use crate::evidence::sim::SimChipCert;
@@ -127,7 +129,8 @@ pub fn init_sim_ca(dir: &Path, force: bool) -> Result<SimCaFiles, SimCaError> {
         .to_public_key_pem(LineEnding::LF)
         .map_err(|_| SimCaError::Key(files.root_pub()))?;
     write_new(&files.root_pub(), root_pub.as_bytes(), 0o644)?;
-    let cert_json = serde_json::to_vec_pretty(&cert).map_err(|_| SimCaError::Cert(files.chip_cert()))?;
+    let cert_json =
+        serde_json::to_vec_pretty(&cert).map_err(|_| SimCaError::Cert(files.chip_cert()))?;
     write_new(&files.chip_cert(), &cert_json, 0o644)?;
     Ok(files)
 }
@@ -161,7 +164,9 @@ pub struct SimChip {
 
 impl std::fmt::Debug for SimChip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimChip").field("cert", &self.cert).finish_non_exhaustive()
+        f.debug_struct("SimChip")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
     }
 }
 
@@ -184,6 +189,9 @@ impl SimChip {
     ) -> serde_json::Value {
         let report =
             crate::evidence::sim::sign_sim_report(&self.key, report_data, measurement, host_data);
-        serde_json::json!(crate::evidence::sim::SimEvidence::new(&report, self.cert.clone()))
+        serde_json::json!(crate::evidence::sim::SimEvidence::new(
+            &report,
+            self.cert.clone()
+        ))
     }
 }

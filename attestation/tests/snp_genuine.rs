@@ -28,7 +28,8 @@ fn load() -> (Vec<u8>, Certificate) {
     let hex_text = std::fs::read_to_string(dir.join("snp/report_milan.hex")).unwrap();
     let clean: String = hex_text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
     let report = hex::decode(clean).unwrap();
-    let vcek = Certificate::from_der(&std::fs::read(dir.join("snp/vcek_milan.der")).unwrap()).unwrap();
+    let vcek =
+        Certificate::from_der(&std::fs::read(dir.join("snp/vcek_milan.der")).unwrap()).unwrap();
     (report, vcek)
 }
 
@@ -77,7 +78,11 @@ fn flipped_signature_bit_is_a_signature_error() {
     use der::Encode;
     use p384::pkcs8::DecodePublicKey;
     let key = p384::ecdsa::VerifyingKey::from_public_key_der(
-        &cert.tbs_certificate.subject_public_key_info.to_der().unwrap(),
+        &cert
+            .tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(

@@ -138,7 +138,8 @@ impl Evidence {
             }
             v => v,
         };
-        let bytes = serde_json::to_vec(value).map_err(|source| EvidenceError::Shape { tee, source })?;
+        let bytes =
+            serde_json::to_vec(value).map_err(|source| EvidenceError::Shape { tee, source })?;
         Self::from_json(tee, &bytes)
     }
 

@@ -102,7 +102,9 @@ impl SimChipCert {
 /// The chip ID a simulated report carries: SHA-512 of the chip's SEC1 public key.
 pub fn sim_chip_id(chip_public: &VerifyingKey) -> [u8; 64] {
     let mut out = [0u8; 64];
-    out.copy_from_slice(&Sha512::digest(chip_public.to_encoded_point(false).as_bytes()));
+    out.copy_from_slice(&Sha512::digest(
+        chip_public.to_encoded_point(false).as_bytes(),
+    ));
     out
 }
 

@@ -571,7 +571,16 @@ mod tests {
         assert_eq!((t.bootloader, t.tee, t.snp, t.microcode), (3, 0, 8, 115));
         let raw = u64::from_le_bytes([1, 2, 3, 4, 0, 0, 0, 9]);
         let t = TcbVersion::from_u64(raw, Some(Generation::Turin));
-        assert_eq!((t.fmc, t.bootloader, t.tee, t.snp, t.microcode), (1, 2, 3, 4, 9));
-        assert_eq!(t.meets(&TcbVersion { snp: 5, ..Default::default() }), Err("snp"));
+        assert_eq!(
+            (t.fmc, t.bootloader, t.tee, t.snp, t.microcode),
+            (1, 2, 3, 4, 9)
+        );
+        assert_eq!(
+            t.meets(&TcbVersion {
+                snp: 5,
+                ..Default::default()
+            }),
+            Err("snp")
+        );
     }
 }

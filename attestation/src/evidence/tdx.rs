@@ -59,7 +59,9 @@ pub enum TdxParseError {
         size: u32,
     },
     /// The signature data length is implausible or disagrees with the quote length.
-    #[error("TDX quote signature data length {declared} does not fit the {available} bytes that follow")]
+    #[error(
+        "TDX quote signature data length {declared} does not fit the {available} bytes that follow"
+    )]
     SignatureDataLength {
         /// Declared length.
         declared: u32,
@@ -269,6 +271,9 @@ mod tests {
         assert_eq!(TdxQuote::parse(&q), Err(TdxParseError::NotTdx(0)));
         let mut q = synthetic_v4([0; 64], 0);
         q[0] = 3;
-        assert_eq!(TdxQuote::parse(&q), Err(TdxParseError::UnsupportedVersion(3)));
+        assert_eq!(
+            TdxQuote::parse(&q),
+            Err(TdxParseError::UnsupportedVersion(3))
+        );
     }
 }

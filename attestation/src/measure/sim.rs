@@ -71,7 +71,10 @@ mod tests {
     #[test]
     fn every_input_changes_the_measurement() {
         let base = sim_measurement(b"kernel", b"initrd", "console=hvc0 quiet", 1, None);
-        assert_eq!(base, sim_measurement(b"kernel", b"initrd", "console=hvc0 quiet", 1, None));
+        assert_eq!(
+            base,
+            sim_measurement(b"kernel", b"initrd", "console=hvc0 quiet", 1, None)
+        );
         let variants = [
             sim_measurement(b"kernel!", b"initrd", "console=hvc0 quiet", 1, None),
             sim_measurement(b"kernel", b"initrd!", "console=hvc0 quiet", 1, None),

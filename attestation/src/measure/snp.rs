@@ -8,10 +8,10 @@
 
 use std::path::PathBuf;
 
-use sev::parser::ByteParser;
 use sev::measurement::snp::{snp_calc_launch_digest, SnpMeasurementArgs};
 use sev::measurement::vcpu_types::CpuType;
 use sev::measurement::vmsa::{GuestFeatures, VMMType};
+use sev::parser::ByteParser;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -102,7 +102,8 @@ pub fn snp_launch_measurement(input: &SnpMeasureInput) -> Result<[u8; 48], SnpMe
         ovmf_hash_str: None,
         vmm_type,
     };
-    let ld = snp_calc_launch_digest(args).map_err(|e| SnpMeasureError::Measurement(e.to_string()))?;
+    let ld =
+        snp_calc_launch_digest(args).map_err(|e| SnpMeasureError::Measurement(e.to_string()))?;
     let v: Vec<u8> = ld
         .try_into()
         .map_err(|e: sev::error::MeasurementError| SnpMeasureError::Measurement(e.to_string()))?;
@@ -126,7 +127,9 @@ fn guid_le(text: &str) -> [u8; 16] {
 /// The command-line hash covers the trimmed string and its NUL terminator (`"\0"` alone when
 /// there is none); a missing initrd hashes as the empty string.
 pub fn sev_hashes_table(kernel: &[u8], initrd: Option<&[u8]>, cmdline: Option<&str>) -> Vec<u8> {
-    let mut cmd = cmdline.map(|c| c.trim().as_bytes().to_vec()).unwrap_or_default();
+    let mut cmd = cmdline
+        .map(|c| c.trim().as_bytes().to_vec())
+        .unwrap_or_default();
     cmd.push(0);
     let entries = [
         (CMDLINE_ENTRY_GUID, Sha256::digest(&cmd)),
@@ -156,25 +159,35 @@ mod tests {
         let i = dir.path().join("i");
         std::fs::write(&k, b"a kernel image").unwrap();
         std::fs::write(&i, b"an initrd").unwrap();
-        let ours = sev_hashes_table(b"a kernel image", Some(b"an initrd"), Some("console=ttyS0 quiet"));
+        let ours = sev_hashes_table(
+            b"a kernel image",
+            Some(b"an initrd"),
+            Some("console=ttyS0 quiet"),
+        );
         assert_eq!(ours.len(), 176);
         assert_eq!(&ours[16..18], &168u16.to_le_bytes());
         // cmdline entry at 18: guid, length 50, SHA-256("console=ttyS0 quiet\0")
         assert_eq!(&ours[34..36], &50u16.to_le_bytes());
-        assert_eq!(&ours[36..68], Sha256::digest(b"console=ttyS0 quiet\0").as_slice());
-        assert_eq!(&ours[68 + 18..68 + 50], Sha256::digest(b"an initrd").as_slice());
-        assert_eq!(&ours[118 + 18..118 + 50], Sha256::digest(b"a kernel image").as_slice());
+        assert_eq!(
+            &ours[36..68],
+            Sha256::digest(b"console=ttyS0 quiet\0").as_slice()
+        );
+        assert_eq!(
+            &ours[68 + 18..68 + 50],
+            Sha256::digest(b"an initrd").as_slice()
+        );
+        assert_eq!(
+            &ours[118 + 18..118 + 50],
+            Sha256::digest(b"a kernel image").as_slice()
+        );
         assert!(ours[168..].iter().all(|&b| b == 0));
         // first GUID bytes are the little-endian form of 9438d606
         assert_eq!(&ours[..4], &[0x06, 0xd6, 0x38, 0x94]);
-        let theirs = sev::measurement::sev_hashes::SevHashes::new(
-            k,
-            Some(i),
-            Some("console=ttyS0 quiet"),
-        )
-        .unwrap()
-        .construct_table()
-        .unwrap();
+        let theirs =
+            sev::measurement::sev_hashes::SevHashes::new(k, Some(i), Some("console=ttyS0 quiet"))
+                .unwrap()
+                .construct_table()
+                .unwrap();
         assert_eq!(ours, theirs.to_vec());
     }
 
@@ -196,6 +209,9 @@ mod tests {
         ));
         let mut zero = input.clone();
         zero.vcpus = 0;
-        assert!(matches!(snp_launch_measurement(&zero), Err(SnpMeasureError::NoVcpus)));
+        assert!(matches!(
+            snp_launch_measurement(&zero),
+            Err(SnpMeasureError::NoVcpus)
+        ));
     }
 }

@@ -9,7 +9,7 @@ pub mod sim;
 pub mod snp;
 pub mod tdx;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::evidence::snp::TcbVersion;
@@ -43,7 +43,7 @@ pub struct TrustAnchors {
 }
 
 /// What verified evidence establishes about the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The TEE kind.
     pub tee: Tee,
@@ -68,7 +68,8 @@ pub fn verify_evidence(
 ) -> Result<Claims, VerifyError> {
     match evidence {
         Evidence::Snp(e) => {
-            let v = snp::verify_snp(e, expected_report_data, &anchors.snp).map_err(VerifyError::Snp)?;
+            let v =
+                snp::verify_snp(e, expected_report_data, &anchors.snp).map_err(VerifyError::Snp)?;
             Ok(Claims {
                 tee: Tee::Snp,
                 measurement: hex::encode(e.report.measurement()),
@@ -96,7 +97,8 @@ pub fn verify_evidence(
                 .sim_root
                 .as_ref()
                 .ok_or(VerifyError::Sim(sim::SimVerifyError::NoSimRoot))?;
-            sim::verify_sim(report, chip_cert, root, expected_report_data).map_err(VerifyError::Sim)?;
+            sim::verify_sim(report, chip_cert, root, expected_report_data)
+                .map_err(VerifyError::Sim)?;
             Ok(Claims {
                 tee: Tee::VeilSim,
                 measurement: hex::encode(report.measurement()),

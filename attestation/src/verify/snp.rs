@@ -165,7 +165,11 @@ fn ext_value<'a>(cert: &'a x509_cert::Certificate, oid: &str) -> Option<&'a [u8]
         .map(|e| e.extn_value.as_bytes())
 }
 
-fn ext_u8(cert: &x509_cert::Certificate, oid: &str, name: &'static str) -> Result<u8, SnpVerifyError> {
+fn ext_u8(
+    cert: &x509_cert::Certificate,
+    oid: &str,
+    name: &'static str,
+) -> Result<u8, SnpVerifyError> {
     let raw = ext_value(cert, oid).ok_or(SnpVerifyError::VcekExtension(name))?;
     u8::from_der(raw).map_err(|_| SnpVerifyError::VcekExtension(name))
 }
@@ -175,8 +179,8 @@ fn ext_hwid(cert: &x509_cert::Certificate) -> Result<Vec<u8>, SnpVerifyError> {
     if raw.len() == 64 {
         return Ok(raw.to_vec());
     }
-    let os = der::asn1::OctetString::from_der(raw)
-        .map_err(|_| SnpVerifyError::VcekExtension("hwID"))?;
+    let os =
+        der::asn1::OctetString::from_der(raw).map_err(|_| SnpVerifyError::VcekExtension("hwID"))?;
     Ok(os.as_bytes().to_vec())
 }
 

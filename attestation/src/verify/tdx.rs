@@ -49,8 +49,8 @@ pub struct TdxTrust {
 impl TdxTrust {
     /// Loads `dcap-qvl` collateral JSON from a file.
     pub fn load_collateral(path: &Path) -> Result<QuoteCollateralV3, TdxVerifyError> {
-        let bytes =
-            std::fs::read(path).map_err(|e| TdxVerifyError::Collateral(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| TdxVerifyError::Collateral(format!("{}: {e}", path.display())))?;
         serde_json::from_slice(&bytes).map_err(|e| TdxVerifyError::Collateral(e.to_string()))
     }
 }
@@ -69,7 +69,10 @@ pub fn verify_tdx(
     trust: &TdxTrust,
     now_secs: u64,
 ) -> Result<TdxVerified, TdxVerifyError> {
-    let collateral = trust.collateral.as_ref().ok_or(TdxVerifyError::NoCollateral)?;
+    let collateral = trust
+        .collateral
+        .as_ref()
+        .ok_or(TdxVerifyError::NoCollateral)?;
     let verified = dcap_qvl::verify::verify(&evidence.raw, collateral, now_secs)
         .map_err(|e| TdxVerifyError::Signature(format!("{e:#}")))?;
     let accepted: Vec<&str> = if trust.accepted_statuses.is_empty() {
