@@ -1,0 +1,239 @@
+//! Host side of the guest's vsock: the transport the shim uses to reach the agent.
+//!
+//! Two transports exist (see DESIGN.md). Kernel vhost-vsock (`/dev/vhost-vsock`)
+//! lets the host dial `AF_VSOCK` directly. Hybrid vsock, used where that device is
+//! missing, runs `vhost-device-vsock` as a vhost-user backend for QEMU; the host
+//! then reaches guest port P by connecting to the backend's unix socket and
+//! sending `CONNECT P\n`, to which the backend answers `OK <host port>\n`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+use crate::process::{ManagedChild, ProcessError, SpawnOptions};
+
+/// Errors of the vsock transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The backend process could not be started.
+    #[error("cannot start the vsock backend")]
+    Spawn(#[source] ProcessError),
+    /// The backend exited or never created its socket.
+    #[error("vsock backend did not create {path} within {timeout:?} (see {log})")]
+    BackendNotReady {
+        /// The socket path it should have created.
+        path: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+        /// Its log file.
+        log: PathBuf,
+    },
+    /// Nothing accepted the connection on the guest port in time.
+    #[error("guest vsock port {port} did not accept a connection within {timeout:?}")]
+    ConnectTimeout {
+        /// Guest port.
+        port: u32,
+        /// How long we tried.
+        timeout: Duration,
+    },
+    /// The backend answered the handshake with something else than `OK`.
+    #[error("bad hybrid vsock handshake reply {0:?}")]
+    Handshake(String),
+}
+
+/// A running `vhost-device-vsock` backend for one VM.
+#[derive(Debug)]
+pub struct HybridVsockBackend {
+    process: ManagedChild,
+    /// vhost-user socket QEMU connects to.
+    pub vhost_socket: PathBuf,
+    /// Unix socket the host dials with `CONNECT <port>`.
+    pub uds_path: PathBuf,
+}
+
+impl HybridVsockBackend {
+    /// Starts the backend for a guest with CID `guest_cid`, with its sockets and
+    /// log in `dir`, and waits until its vhost-user socket exists.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        guest_cid: u32,
+        opts: SpawnOptions,
+    ) -> Result<Self, VsockError> {
+        let vhost_socket = dir.join("vhost-vsock.sock");
+        let uds_path = dir.join("vsock.sock");
+        let log = dir.join("vhost-device-vsock.log");
+        let mut cmd = Command::new(binary);
+        cmd.arg("--vm").arg(format!(
+            "guest-cid={guest_cid},socket={},uds-path={}",
+            vhost_socket.display(),
+            uds_path.display()
+        ));
+        let mut process = ManagedChild::spawn("vhost-device-vsock", cmd, &log, opts)
+            .map_err(VsockError::Spawn)?;
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        while !vhost_socket.exists() {
+            if Instant::now() > deadline || !process.is_running() {
+                return Err(VsockError::BackendNotReady {
+                    path: vhost_socket,
+                    timeout,
+                    log,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(HybridVsockBackend {
+            process,
+            vhost_socket,
+            uds_path,
+        })
+    }
+
+    /// The backend's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Stops the backend and removes its sockets.
+    pub fn stop(&mut self) {
+        self.process.kill();
+        let _ = std::fs::remove_file(&self.vhost_socket);
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl Drop for HybridVsockBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connects to guest port `port` through a hybrid vsock unix socket, retrying
+/// until the guest listens or `timeout` passes. Returns the stream positioned
+/// right after the handshake.
+pub async fn connect_hybrid(
+    uds_path: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, VsockError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_connect_hybrid(uds_path, port).await {
+            Ok(s) => return Ok(s),
+            Err(HandshakeAttempt::Fatal(e)) => return Err(e),
+            Err(HandshakeAttempt::Retry) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(VsockError::ConnectTimeout { port, timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+enum HandshakeAttempt {
+    Retry,
+    Fatal(VsockError),
+}
+
+async fn try_connect_hybrid(uds_path: &Path, port: u32) -> Result<UnixStream, HandshakeAttempt> {
+    let mut s = UnixStream::connect(uds_path)
+        .await
+        .map_err(|_| HandshakeAttempt::Retry)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|_| HandshakeAttempt::Retry)?;
+    // Read the reply one byte at a time: what follows the newline belongs to
+    // the caller's protocol.
+    let mut line = Vec::with_capacity(16);
+    loop {
+        let mut b = [0u8; 1];
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return Err(HandshakeAttempt::Retry), // guest not listening yet
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+        }
+        if line.len() > 64 {
+            return Err(HandshakeAttempt::Fatal(VsockError::Handshake(
+                String::from_utf8_lossy(&line).into_owned(),
+            )));
+        }
+    }
+    let text = String::from_utf8_lossy(&line).into_owned();
+    if text.starts_with("OK ") {
+        Ok(s)
+    } else {
+        Err(HandshakeAttempt::Fatal(VsockError::Handshake(text)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A stand-in backend that refuses the first attempts (guest not listening
+    /// yet), then answers OK and passes data through.
+    #[tokio::test]
+    async fn handshake_retries_until_ok_and_keeps_following_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            for attempt in 0.. {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 13];
+                s.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf, b"CONNECT 1024\n");
+                if attempt < 2 {
+                    continue; // drop: as the backend does when the guest resets
+                }
+                s.write_all(b"OK 1073741824\nhello").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                break;
+            }
+        });
+        let mut s = connect_hybrid(&path, 1024, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut rest = [0u8; 5];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"hello");
+    }
+
+    #[tokio::test]
+    async fn bad_reply_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"NOPE\n").await.unwrap();
+        });
+        let e = connect_hybrid(&path, 1024, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, VsockError::Handshake(ref r) if r == "NOPE"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn times_out_when_nothing_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = connect_hybrid(&dir.path().join("absent"), 1024, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, VsockError::ConnectTimeout { port: 1024, .. }));
+    }
+}
