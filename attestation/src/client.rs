@@ -289,7 +289,11 @@ impl KbsClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), ClientError> {
-        let stream = self.connector.connect().await.map_err(ClientError::Connect)?;
+        let stream = self
+            .connector
+            .connect()
+            .await
+            .map_err(ClientError::Connect)?;
         let io: Box<dyn Io> = match (&self.tls, &self.transport) {
             (Some(tls), Transport::Tls { server_name, .. }) => {
                 let name = ServerName::try_from(server_name.clone())

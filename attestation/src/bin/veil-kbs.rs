@@ -19,7 +19,10 @@ const EXIT_CONFIG: u8 = 3;
 const EXIT_RUNTIME: u8 = 4;
 
 #[derive(Parser)]
-#[command(name = "veil-kbs", about = "veil key broker (Trustee KBS protocol v0.4.0)")]
+#[command(
+    name = "veil-kbs",
+    about = "veil key broker (Trustee KBS protocol v0.4.0)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -98,7 +101,10 @@ fn config(a: &ServeArgs) -> Result<KbsConfig, String> {
         let t = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
         let t = t.trim().to_string();
         if t.len() < 16 {
-            return Err(format!("{}: admin token must be at least 16 characters", p.display()));
+            return Err(format!(
+                "{}: admin token must be at least 16 characters",
+                p.display()
+            ));
         }
         cfg.admin_token = Some(t);
     }
@@ -107,9 +113,9 @@ fn config(a: &ServeArgs) -> Result<KbsConfig, String> {
         None => AuditLog::default(),
     };
     let sim_root = match &a.sim_root {
-        Some(p) => Some(
-            veil_attestation::sim_ca::load_verifying_key(p).map_err(|e| error_chain(&e))?,
-        ),
+        Some(p) => {
+            Some(veil_attestation::sim_ca::load_verifying_key(p).map_err(|e| error_chain(&e))?)
+        }
         None => None,
     };
     let collateral = match &a.tdx_collateral {
@@ -144,7 +150,8 @@ fn init_tls(out_dir: &std::path::Path, sans: Vec<String>) -> Result<(), String> 
             .mode(mode)
             .open(&p)
             .map_err(|e| format!("{}: {e}", p.display()))?;
-        f.write_all(data).map_err(|e| format!("{}: {e}", p.display()))
+        f.write_all(data)
+            .map_err(|e| format!("{}: {e}", p.display()))
     };
     write("key.pem", key.serialize_pem().as_bytes(), 0o600)?;
     write("cert.pem", cert.pem().as_bytes(), 0o644)?;

@@ -117,7 +117,8 @@ enum SimCaCmd {
 
 fn hex_array<const N: usize>(what: &str, s: &str) -> Result<[u8; N], String> {
     let v = hex::decode(s.trim()).map_err(|_| format!("{what} is not hex"))?;
-    v.try_into().map_err(|_| format!("{what} must be {N} bytes"))
+    v.try_into()
+        .map_err(|_| format!("{what} must be {N} bytes"))
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -155,7 +156,10 @@ fn run(cli: Cli) -> Result<(), String> {
                         guest_features,
                         vmm,
                     };
-                    (Tee::Snp, snp_launch_measurement(&input).map_err(|e| error_chain(&e))?)
+                    (
+                        Tee::Snp,
+                        snp_launch_measurement(&input).map_err(|e| error_chain(&e))?,
+                    )
                 }
                 Mode::Sim => {
                     let kernel = kernel.ok_or("--kernel is required for --mode sim")?;

@@ -27,9 +27,9 @@ use crate::reference::ReferenceValues;
 impl Kbs {
     /// Checks the admin bearer token.
     pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), KbsError> {
-        let want = self
-            .admin_digest
-            .ok_or(KbsError::AdminAuth("admin API is disabled (no admin token configured)"))?;
+        let want = self.admin_digest.ok_or(KbsError::AdminAuth(
+            "admin API is disabled (no admin token configured)",
+        ))?;
         let got = bearer(headers).ok_or(KbsError::AdminAuth("missing admin token"))?;
         let got: [u8; 32] = Sha256::digest(got.as_bytes()).into();
         if bool::from(got.ct_eq(&want)) {

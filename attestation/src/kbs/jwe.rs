@@ -196,12 +196,16 @@ pub fn decrypt(secret: &SecretKey, jwe: &Jwe) -> Result<Zeroizing<Vec<u8>>, JweE
             .unwrap_vec(&wrapped)
             .map_err(|_| JweError::Decrypt)?,
     );
-    let iv = B64URL.decode(&jwe.iv).map_err(|_| JweError::Malformed("iv"))?;
+    let iv = B64URL
+        .decode(&jwe.iv)
+        .map_err(|_| JweError::Malformed("iv"))?;
     let iv: [u8; 12] = iv.try_into().map_err(|_| JweError::Malformed("iv"))?;
     let mut ct = B64URL
         .decode(&jwe.ciphertext)
         .map_err(|_| JweError::Malformed("ciphertext"))?;
-    let tag = B64URL.decode(&jwe.tag).map_err(|_| JweError::Malformed("tag"))?;
+    let tag = B64URL
+        .decode(&jwe.tag)
+        .map_err(|_| JweError::Malformed("tag"))?;
     if tag.len() != 16 {
         return Err(JweError::Malformed("tag"));
     }
@@ -228,7 +232,10 @@ mod tests {
         let sk = SecretKey::random(&mut rand_core::OsRng);
         let jwk = jwk_from_public_key(&sk.public_key());
         let jwe = encrypt(&jwk, b"disk key 0123456789").unwrap();
-        assert_eq!(decrypt(&sk, &jwe).unwrap().as_slice(), b"disk key 0123456789");
+        assert_eq!(
+            decrypt(&sk, &jwe).unwrap().as_slice(),
+            b"disk key 0123456789"
+        );
         let other = SecretKey::random(&mut rand_core::OsRng);
         assert_eq!(decrypt(&other, &jwe), Err(JweError::Decrypt));
         let mut t = jwe.clone();

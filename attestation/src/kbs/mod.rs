@@ -71,9 +71,9 @@ impl KbsError {
     /// The HTTP status for this error (the one place that decides it).
     pub fn status(&self) -> StatusCode {
         match self {
-            KbsError::InvalidRequest(_) | KbsError::ProtocolVersion(_) | KbsError::UnknownTee(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            KbsError::InvalidRequest(_)
+            | KbsError::ProtocolVersion(_)
+            | KbsError::UnknownTee(_) => StatusCode::BAD_REQUEST,
             KbsError::Unauthenticated(_)
             | KbsError::Session(_)
             | KbsError::AttestationFailed(_)

@@ -97,7 +97,8 @@ pub struct Policy {
 impl Policy {
     /// Parses and validates TOML.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let p: Policy = toml::from_str(text).map_err(|e| PolicyError::Parse(e.message().to_string()))?;
+        let p: Policy =
+            toml::from_str(text).map_err(|e| PolicyError::Parse(e.message().to_string()))?;
         for r in &p.resource {
             let parts: Vec<&str> = r.path.split('/').collect();
             let ok = parts.len() == 3

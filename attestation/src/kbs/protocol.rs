@@ -199,7 +199,9 @@ fn jcs_string(s: &str, out: &mut Vec<u8>) {
             '\n' => out.extend_from_slice(b"\\n"),
             '\r' => out.extend_from_slice(b"\\r"),
             '\t' => out.extend_from_slice(b"\\t"),
-            c if (c as u32) < 0x20 => out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes()),
+            c if (c as u32) < 0x20 => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+            }
             c => {
                 let mut buf = [0u8; 4];
                 out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
@@ -277,7 +279,8 @@ mod tests {
 
     #[test]
     fn jcs_sorts_and_escapes() {
-        let v: Value = serde_json::from_str(r#"{"b":1,"a":{"y":"\u0001\"","x":[true,null]}}"#).unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":"\u0001\"","x":[true,null]}}"#).unwrap();
         assert_eq!(
             String::from_utf8(jcs(&v).unwrap()).unwrap(),
             r#"{"a":{"x":[true,null],"y":"\u0001\""},"b":1}"#

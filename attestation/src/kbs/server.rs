@@ -170,9 +170,7 @@ impl Kbs {
             store,
             anchors: cfg.anchors,
             audit: cfg.audit,
-            admin_digest: cfg
-                .admin_token
-                .map(|t| Sha256::digest(t.as_bytes()).into()),
+            admin_digest: cfg.admin_token.map(|t| Sha256::digest(t.as_bytes()).into()),
             tokens: TokenSigner::generate(),
             token_ttl_secs: cfg.token_ttl_secs,
             state_dir: cfg.state_dir,
@@ -339,7 +337,10 @@ impl Kbs {
                 get(h_resource).post(super::admin::h_put_resource),
             )
             .route("/kbs/v0/resource-policy", post(super::admin::h_set_policy))
-            .route("/kbs/v0/reference-value", post(super::admin::h_add_reference))
+            .route(
+                "/kbs/v0/reference-value",
+                post(super::admin::h_add_reference),
+            )
             .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
             .with_state(self)
     }
@@ -468,7 +469,8 @@ pub async fn serve(
             let http = hyper::server::conn::http1::Builder::new();
             match acceptor {
                 Some(a) => {
-                    let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), a.accept(tcp)).await
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), a.accept(tcp)).await
                     else {
                         return;
                     };

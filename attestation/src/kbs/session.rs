@@ -153,7 +153,11 @@ impl SessionStore {
     }
 
     /// Starts a session: returns `(session id, nonce)`.
-    pub fn challenge(&self, tee: Tee, hash: HashAlgorithm) -> Result<(String, String), SessionError> {
+    pub fn challenge(
+        &self,
+        tee: Tee,
+        hash: HashAlgorithm,
+    ) -> Result<(String, String), SessionError> {
         let now = self.now_secs();
         let mut map = self.lock();
         map.retain(|_, s| s.expires_at > now);
@@ -233,15 +237,25 @@ mod tests {
     fn nonce_is_single_use_and_sessions_expire() {
         let clock = ManualClock::new(1000);
         let store = SessionStore::new(60, 10, Arc::new(clock.clone()));
-        let (id, nonce) = store.challenge(Tee::VeilSim, HashAlgorithm::Sha384).unwrap();
+        let (id, nonce) = store
+            .challenge(Tee::VeilSim, HashAlgorithm::Sha384)
+            .unwrap();
         assert_eq!(store.take_challenge(&id).unwrap().nonce, nonce);
         assert_eq!(
             store.take_challenge(&id).unwrap_err(),
             SessionError::NoPendingChallenge
         );
-        let (id2, _) = store.challenge(Tee::VeilSim, HashAlgorithm::Sha384).unwrap();
+        let (id2, _) = store
+            .challenge(Tee::VeilSim, HashAlgorithm::Sha384)
+            .unwrap();
         clock.advance(61);
-        assert_eq!(store.take_challenge(&id2).unwrap_err(), SessionError::Expired);
-        assert_eq!(store.take_challenge("nope").unwrap_err(), SessionError::Unknown);
+        assert_eq!(
+            store.take_challenge(&id2).unwrap_err(),
+            SessionError::Expired
+        );
+        assert_eq!(
+            store.take_challenge("nope").unwrap_err(),
+            SessionError::Unknown
+        );
     }
 }

@@ -50,7 +50,8 @@ impl ResourcePath {
         !c.is_empty()
             && c.len() <= 128
             && !c.starts_with('.')
-            && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     }
 
     /// Validates three components.

@@ -87,7 +87,8 @@ impl TokenSigner {
     /// Checks a token's signature and expiry at `now`.
     pub fn verify(&self, token: &str, now: u64) -> Result<TokenClaims, TokenError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(b), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(b), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed);
         };
