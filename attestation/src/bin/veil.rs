@@ -67,9 +67,6 @@ enum Cmd {
         /// Guest features in hex (snp), default 0x1.
         #[arg(long)]
         guest_features: Option<String>,
-        /// VMM type (snp): qemu, ec2, krun.
-        #[arg(long)]
-        vmm: Option<String>,
         /// Reference value name (json output).
         #[arg(long, default_value = "default")]
         name: String,
@@ -132,7 +129,6 @@ fn run(cli: Cli) -> Result<(), String> {
             vcpus,
             vcpu_type,
             guest_features,
-            vmm,
             name,
             output_format,
             output,
@@ -154,7 +150,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         vcpus,
                         vcpu_type,
                         guest_features,
-                        vmm,
+                        vmm: None,
                     };
                     (
                         Tee::Snp,

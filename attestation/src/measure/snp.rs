@@ -61,7 +61,8 @@ pub struct SnpMeasureInput {
     pub vcpu_type: String,
     /// Guest features as hex (`0x1` = SNPActive, the default).
     pub guest_features: Option<String>,
-    /// VMM (`qemu` by default).
+    /// VMM (`qemu` by default, which is what veil launches). Note: for `ec2`, the `sev` crate
+    /// 8.0 and `sev-snp-measure` disagree; veil's tests only vouch for `qemu`.
     pub vmm: Option<String>,
 }
 
