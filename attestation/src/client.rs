@@ -109,10 +109,14 @@ pub trait Attester: Send + Sync {
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// The future a [`Connector`] returns.
+pub type ConnectFuture<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send + 'a>>;
+
 /// Opens a fresh stream to the broker (TCP, or a vsock relay in the guest).
 pub trait Connector: Send + Sync {
     /// Connects.
-    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send + '_>>;
+    fn connect(&self) -> ConnectFuture<'_>;
 }
 
 /// Connects over TCP.
@@ -123,7 +127,7 @@ pub struct TcpConnector {
 }
 
 impl Connector for TcpConnector {
-    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send + '_>> {
+    fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
             let s = tokio::net::TcpStream::connect(&self.addr).await?;
             Ok(Box::new(s) as Box<dyn Io>)

@@ -9,6 +9,11 @@
 //! Both need a Python venv with `sev-snp-measure` (which brings `cryptography`); it is created
 //! once under the target directory with `pip install`.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration-test helpers panic on setup failures"
+)]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,7 +32,9 @@ fn venv() -> &'static Path {
                 .args(["-m", "venv"])
                 .arg(&dir)
                 .status()
-                .expect("python3 is missing (needed for sev-snp-measure and the Python KBS client)");
+                .expect(
+                    "python3 is missing (needed for sev-snp-measure and the Python KBS client)",
+                );
             assert!(st.success(), "python3 -m venv {} failed", dir.display());
             let out = Command::new(dir.join("bin/pip"))
                 .args(["install", "--quiet", "sev-snp-measure", "cryptography"])
@@ -94,11 +101,18 @@ fn veil_measure_agrees_with_sev_snp_measure() {
         let mut ours_args = vec!["measure", "--mode", "snp"];
         ours_args.extend(&args);
         let out = veil(&ours_args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ours = String::from_utf8(out.stdout).unwrap().trim().to_string();
         assert_eq!(ours, theirs, "disagreement for {args:?}");
         if *fw == OVMF && *vcpus == "1" && *cpu == "EPYC-v4" {
-            assert!(ours.starts_with("11570979") && ours.ends_with("a97e3"), "{ours}");
+            assert!(
+                ours.starts_with("11570979") && ours.ends_with("a97e3"),
+                "{ours}"
+            );
         }
     }
 }
@@ -110,7 +124,14 @@ fn veil_measure_refuses_direct_boot_without_kernel_hashes_section() {
     let k = dir.path().join("vmlinuz");
     std::fs::write(&k, b"kernel").unwrap();
     let out = veil(&[
-        "measure", "--mode", "snp", "--ovmf", OVMF, "--kernel", k.to_str().unwrap(), "--append",
+        "measure",
+        "--mode",
+        "snp",
+        "--ovmf",
+        OVMF,
+        "--kernel",
+        k.to_str().unwrap(),
+        "--append",
         "console=ttyS0",
     ]);
     assert!(!out.status.success());
@@ -157,7 +178,11 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
 
     // Install-time material, made with the real CLIs.
     let out = veil(&["sim-ca", "init", "--dir", &s(d("sim"))]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st = Command::new(env!("CARGO_BIN_EXE_veil-kbs"))
         .args(["init-tls", "--out-dir", &s(d("tls")), "--san", "127.0.0.1"])
         .status()
@@ -169,12 +194,32 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
     std::fs::write(d("vmlinux"), b"kernel image").unwrap();
     std::fs::write(d("initrd"), b"initrd image").unwrap();
     let out = veil(&[
-        "measure", "--mode", "sim", "--kernel", &s(d("vmlinux")), "--initrd", &s(d("initrd")),
-        "--append", "console=hvc0", "--vcpus", "2", "--name", "pod-sim", "--output-format", "json",
+        "measure",
+        "--mode",
+        "sim",
+        "--kernel",
+        &s(d("vmlinux")),
+        "--initrd",
+        &s(d("initrd")),
+        "--append",
+        "console=hvc0",
+        "--vcpus",
+        "2",
+        "--name",
+        "pod-sim",
+        "--output-format",
+        "json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let refs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let measurement = refs["reference_values"][0]["measurement"].as_str().unwrap().to_string();
+    let measurement = refs["reference_values"][0]["measurement"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(
         measurement,
         hex::encode(veil_attestation::sim_measurement(
@@ -215,7 +260,10 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
     assert!(addr.starts_with("https://127.0.0.1:"), "{addr}");
 
     let out = Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kbs_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/kbs_client.py"
+        ))
         .args([
             &addr,
             &s(d("tls/cert.der")),
@@ -250,7 +298,10 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
     let other = dir.path().join("other.der");
     std::fs::write(&other, b"not the broker certificate").unwrap();
     let out = Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/kbs_client.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/kbs_client.py"
+        ))
         .args([
             &addr,
             &s(other),

@@ -2,6 +2,11 @@
 //! release path, and every refusal of issue 5, each asserting that no key was released and that
 //! the audit line names the reason.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration-test helpers panic on setup failures"
+)]
+
 mod support;
 
 use base64::Engine;

@@ -2,6 +2,11 @@
 //! (`/work/shared/fixtures/snp`, see its README): accepted as is, rejected after any one-bit flip
 //! in the signed part or the signature.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "integration-test helpers panic on setup failures"
+)]
+
 use std::path::PathBuf;
 
 use sev::certs::snp::Certificate;

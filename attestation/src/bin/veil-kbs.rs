@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the KBS protocol and the admin API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate a self-signed TLS certificate and key for the broker (the guest pins it).
     InitTls {
         /// Output directory (cert.pem, cert.der, key.pem 0600).
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(EXIT_CONFIG, e),
             }
         }
-        Cmd::Serve(a) => a,
+        Cmd::Serve(a) => *a,
     };
     if args.tls_cert.is_none() && !args.insecure_http {
         return fail(

@@ -102,7 +102,7 @@ pub enum Evidence {
     /// AMD SEV-SNP.
     Snp(SnpEvidence),
     /// Intel TDX.
-    Tdx(TdxEvidence),
+    Tdx(Box<TdxEvidence>),
     /// veil's simulated TEE.
     Sim {
         /// The parsed report.
@@ -173,7 +173,7 @@ impl Evidence {
                     .map_err(|source| EvidenceError::Shape { tee, source })?;
                 let raw = b64("quote", &w.quote)?;
                 let quote = tdx::TdxQuote::parse(&raw).map_err(EvidenceError::Tdx)?;
-                Ok(Evidence::Tdx(TdxEvidence { raw, quote }))
+                Ok(Evidence::Tdx(Box::new(TdxEvidence { raw, quote })))
             }
             Tee::VeilSim => {
                 let e = sim::SimEvidence::from_json(bytes).map_err(EvidenceError::Sim)?;

@@ -556,10 +556,14 @@ mod tests {
             CertTable::parse(&bytes[..bytes.len() - 1]),
             Err(SnpParseError::CertEntryOutOfBounds { .. })
         ));
-        // No terminator.
+        // Cut inside the header area: the first entry now points outside the table.
+        assert!(CertTable::parse(&bytes[..30]).is_err());
+        // A header with no terminator at all.
+        let mut no_term = vec![0u8; 24];
+        no_term[0] = 1;
         assert!(matches!(
-            CertTable::parse(&bytes[..30]),
-            Err(SnpParseError::CertTableTruncated(_))
+            CertTable::parse(&no_term),
+            Err(SnpParseError::CertTableTruncated(1))
         ));
         assert_eq!(guid_text(&guid_bytes(guid::ARK).unwrap()), guid::ARK);
     }

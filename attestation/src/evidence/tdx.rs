@@ -121,7 +121,7 @@ pub struct TdxQuote {
     pub signature_len: usize,
 }
 
-fn take<'a>(b: &'a [u8], off: usize, len: usize) -> Result<&'a [u8], TdxParseError> {
+fn take(b: &[u8], off: usize, len: usize) -> Result<&[u8], TdxParseError> {
     let end = off.checked_add(len).ok_or(TdxParseError::Truncated {
         need: usize::MAX,
         have: b.len(),

@@ -132,7 +132,7 @@ impl ResourcePolicy {
         if !self.tee.contains(&claims.tee) {
             return Err(PolicyError::TeeNotAllowed(claims.tee));
         }
-        let by_value = self.measurements.iter().any(|m| *m == claims.measurement);
+        let by_value = self.measurements.contains(&claims.measurement);
         let by_name = self.reference_values.iter().any(|name| {
             refs.by_name(name)
                 .is_some_and(|r| r.tee == claims.tee && r.measurement == claims.measurement)

@@ -307,6 +307,6 @@ mod tests {
         );
         let rd384 = runtime_data_report_data(&rd, HashAlgorithm::Sha384);
         assert!(rd384[48..].iter().all(|&b| b == 0));
-        assert_eq!(&rd384[..48], Sha384::digest(jcs(&v).unwrap()).as_slice());
+        assert_eq!(&rd384[..48], &Sha384::digest(jcs(&v).unwrap())[..]);
     }
 }

@@ -169,17 +169,11 @@ mod tests {
         assert_eq!(&ours[16..18], &168u16.to_le_bytes());
         // cmdline entry at 18: guid, length 50, SHA-256("console=ttyS0 quiet\0")
         assert_eq!(&ours[34..36], &50u16.to_le_bytes());
-        assert_eq!(
-            &ours[36..68],
-            Sha256::digest(b"console=ttyS0 quiet\0").as_slice()
-        );
-        assert_eq!(
-            &ours[68 + 18..68 + 50],
-            Sha256::digest(b"an initrd").as_slice()
-        );
+        assert_eq!(&ours[36..68], &Sha256::digest(b"console=ttyS0 quiet\0")[..]);
+        assert_eq!(&ours[68 + 18..68 + 50], &Sha256::digest(b"an initrd")[..]);
         assert_eq!(
             &ours[118 + 18..118 + 50],
-            Sha256::digest(b"a kernel image").as_slice()
+            &Sha256::digest(b"a kernel image")[..]
         );
         assert!(ours[168..].iter().all(|&b| b == 0));
         // first GUID bytes are the little-endian form of 9438d606
