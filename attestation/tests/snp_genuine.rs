@@ -95,3 +95,57 @@ fn flipped_signature_bit_is_a_signature_error() {
         Err(ReportCheckError::SignatureInvalid)
     );
 }
+
+#[test]
+fn vcek_from_certificate_table_or_offline_store() {
+    use veil_attestation::evidence::snp::{guid, CertEntry, CertTable};
+    use veil_attestation::evidence::{snp_evidence_json, Evidence};
+    use veil_attestation::verify::snp::{verify_snp, SnpTrust};
+    let dir = fixtures();
+    let hex_text = std::fs::read_to_string(dir.join("snp/report_milan.hex")).unwrap();
+    let clean: String = hex_text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    let raw = hex::decode(clean).unwrap();
+    let vcek_der = std::fs::read(dir.join("snp/vcek_milan.der")).unwrap();
+    let table = CertTable {
+        entries: vec![CertEntry {
+            guid: guid::VCEK.into(),
+            data: vcek_der.clone(),
+        }],
+    }
+    .encode();
+    let with_table = snp_evidence_json(&raw, Some(&table));
+    let Evidence::Snp(ev) = Evidence::from_value(veil_attestation::Tee::Snp, &with_table).unwrap()
+    else {
+        panic!("not SNP evidence")
+    };
+    let rd = ev.report.report_data();
+    verify_snp(&ev, &rd, &SnpTrust::default()).unwrap();
+
+    let Evidence::Snp(bare) =
+        Evidence::from_value(veil_attestation::Tee::Snp, &snp_evidence_json(&raw, None)).unwrap()
+    else {
+        panic!("not SNP evidence")
+    };
+    assert!(matches!(
+        verify_snp(&bare, &rd, &SnpTrust::default()),
+        Err(SnpVerifyError::NoVcek)
+    ));
+    let store = tempfile::tempdir().unwrap();
+    std::fs::write(
+        store
+            .path()
+            .join(format!("{}.der", hex::encode(bare.report.chip_id()))),
+        &vcek_der,
+    )
+    .unwrap();
+    let trust = SnpTrust {
+        vcek_dir: Some(store.path().to_path_buf()),
+    };
+    verify_snp(&bare, &rd, &trust).unwrap();
+    let mut other = rd;
+    other[63] ^= 1;
+    assert!(matches!(
+        verify_snp(&bare, &other, &trust),
+        Err(SnpVerifyError::Report(ReportCheckError::ReportDataMismatch))
+    ));
+}

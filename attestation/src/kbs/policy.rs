@@ -8,6 +8,7 @@
 //! reference_values = ["veil-prod"]   # names of registered reference values, also accepted
 //! min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP / simulated only
 //! host_data = "<hex>"                # required init-data digest (SNP HOST_DATA / TDX MRCONFIGID)
+//! rtmr = ["", "", "<96 hex>", ""]    # TDX only: expected RTMR0..3 ("" = any)
 //! allow_simulated = false            # default false: simulated evidence never unlocks this
 //! ```
 //!
@@ -50,6 +51,9 @@ pub enum PolicyError {
     /// The evidence has no TCB but the policy sets a minimum.
     #[error("evidence carries no TCB but the policy sets a minimum")]
     TcbMissing,
+    /// A TDX RTMR differs from the expected value.
+    #[error("TDX RTMR{0} differs from the policy's reference value")]
+    RtmrMismatch(usize),
     /// Host data (init-data digest) differs from the required one.
     #[error("host data {0} differs from the required init-data digest")]
     HostDataMismatch(String),
@@ -80,6 +84,9 @@ pub struct ResourcePolicy {
     /// Required host data / MRCONFIGID (lower-case hex; shorter values are zero-padded).
     #[serde(default)]
     pub host_data: Option<String>,
+    /// TDX: expected RTMR0..3, lower-case hex; an empty string accepts any value.
+    #[serde(default)]
+    pub rtmr: Vec<String>,
     /// Whether simulated evidence may unlock this resource. Default false.
     #[serde(default)]
     pub allow_simulated: bool,
@@ -146,6 +153,14 @@ impl ResourcePolicy {
             let tcb = claims.tcb.as_ref().ok_or(PolicyError::TcbMissing)?;
             tcb.meets(min).map_err(PolicyError::TcbBelowMinimum)?;
         }
+        for (i, want) in self.rtmr.iter().enumerate() {
+            if want.is_empty() || claims.tee != Tee::Tdx {
+                continue;
+            }
+            if claims.rtmrs.get(i) != Some(want) {
+                return Err(PolicyError::RtmrMismatch(i));
+            }
+        }
         if let Some(want) = &self.host_data {
             let mut padded = want.to_ascii_lowercase();
             while padded.len() < claims.host_data.len() {
@@ -205,6 +220,19 @@ mod tests {
             r.evaluate(&claims(Tee::Snp, &m), &refs),
             Err(PolicyError::TcbBelowMinimum("snp"))
         );
+        let tdx = Policy::from_toml(&format!(
+            "[[resource]]\npath = \"a/b/c\"\ntee = [\"tdx\"]\nmeasurements = [\"{m}\"]\nrtmr = [\"\", \"\", \"{}\"]\n",
+            "33".repeat(48)
+        ))
+        .unwrap();
+        let mut c = claims(Tee::Tdx, &m);
+        c.rtmrs = vec!["00".repeat(48); 4];
+        assert_eq!(
+            tdx.resource[0].evaluate(&c, &refs),
+            Err(PolicyError::RtmrMismatch(2))
+        );
+        c.rtmrs[2] = "33".repeat(48);
+        assert_eq!(tdx.resource[0].evaluate(&c, &refs), Ok(()));
         assert!(Policy::from_toml("[[resource]]\npath = \"../x/y\"\n").is_err());
         assert!(Policy::from_toml("[[resource]]\npath = \"a/b/c\"\nbogus = 1\n").is_err());
     }
