@@ -1,1 +1,20 @@
-//! Shared test support for veil end-to-end tests (skeleton).
+//! Shared support for veil's integration and end-to-end tests.
+//!
+//! One place for the fixtures every test needs: where the built artefacts are
+//! ([`artefacts`]), a booted pod VM with its vsock backend that cleans up after
+//! itself even when the test panics ([`vm`]), and the agent's ttrpc clients.
+//!
+//! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
+//! with a message naming it; nothing is skipped silently.
+
+pub mod artefacts;
+pub mod vm;
+
+pub use artefacts::Artefacts;
+pub use vm::{TestVm, VmOptions};
+
+/// The workspace root (the directory holding the root `Cargo.toml`).
+pub fn workspace_root() -> std::path::PathBuf {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Build the guest artefacts (cached by their inputs) and record their paths in
+# target/veil-artefacts.env, where the tests and benchmarks find them:
+#   - the guest kernel (kernel-config/build.sh, cached by fragments + source)
+#   - the static veil-agent and the initrd with it as /init (cached by content)
+#   - the floor initrd: a trivial /init that prints and powers off (benchmarks)
+#
+# usage: ci/build-artefacts.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. ci/lib.sh
+
+kernel_dir=$(kernel-config/build.sh)
+
+log "building the static agent"
+RUSTFLAGS="-C target-feature=+crt-static" \
+  cargo build --quiet --profile guest --target x86_64-unknown-linux-gnu -p veil-agent
+agent="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/guest/veil-agent"
+[ -x "$agent" ] || die "agent binary $agent missing after build"
+
+# build_initrd NAME INIT: initrd cached under the hash of its inputs.
+build_initrd() {
+  local name=$1 init=$2 key out
+  key=$( { sha256sum "$init"; cat rootfs/build.sh; } | sha256sum | cut -c1-16)
+  out="$VEIL_CACHE/initrd/$key/$name.cpio"
+  if [ ! -f "$out" ]; then
+    mkdir -p "$(dirname "$out")"
+    rootfs/build.sh --init "$init" --out "$out"
+  fi
+  echo "$out"
+}
+initrd=$(build_initrd initrd "$agent")
+
+floor_init="$CARGO_TARGET_DIR/veil-floor-init"
+gcc -static -Os -s -o "$floor_init" rootfs/floor-init.c
+floor_initrd=$(build_initrd floor "$floor_init")
+
+vdv=$(tool_path vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION")
+[ -x "$vdv" ] || die "vhost-device-vsock not installed at $vdv: run ci/setup.sh"
+qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found: run ci/setup.sh"
+
+mkdir -p "$CARGO_TARGET_DIR"
+cat > "$CARGO_TARGET_DIR/veil-artefacts.env" <<ENV
+VEIL_KERNEL=$kernel_dir/vmlinux
+VEIL_BZIMAGE=$kernel_dir/bzImage
+VEIL_INITRD=$initrd
+VEIL_FLOOR_INITRD=$floor_initrd
+VEIL_AGENT=$agent
+VEIL_VHOST_DEVICE_VSOCK=$vdv
+VEIL_QEMU=$qemu
+ENV
+log "artefacts recorded in $CARGO_TARGET_DIR/veil-artefacts.env"
+cat "$CARGO_TARGET_DIR/veil-artefacts.env" >&2

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything veil needs on a Debian 12 machine: system packages and tools.
+# Idempotent: a second run installs nothing new. Needs root (or sudo).
+#
+# usage: ci/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. ci/lib.sh
+
+# System packages, by purpose.
+packages=(
+  # build
+  build-essential pkg-config git curl ca-certificates python3 python3-venv python3-pip
+  # guest kernel (Linux 6.12 source and what its build needs)
+  linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio xz-utils kmod
+  # VMM and firmware
+  qemu-system-x86 ovmf
+  # guest image pieces: static busybox for test rootfs, disk tools
+  busybox-static e2fsprogs erofs-utils cryptsetup-bin
+  # container engine pieces: seccomp for the agent, containerd + runc for tests and baselines
+  libseccomp-dev containerd runc
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+else
+  log "system packages: all present"
+fi
+
+command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs) first"
+
+# Tools from crates.io, each cached under $VEIL_CACHE/tools/<name>-<version>.
+install_crate vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION"
+log "setup done"

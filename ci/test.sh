@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run every veil test on a Debian 12 machine: set up (idempotent), lint, build the
+# guest artefacts (cached), then the whole workspace's tests, VM tests included.
+#
+# usage: ci/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. ci/lib.sh
+
+ci/setup.sh
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+ci/build-artefacts.sh
+log "cargo test"
+cargo test --workspace --no-fail-fast
+log "all tests passed"

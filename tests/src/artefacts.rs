@@ -1,0 +1,68 @@
+//! Locating the built artefacts: guest kernel, initrds, QEMU, vhost-device-vsock.
+//!
+//! `ci/build-artefacts.sh` builds them (cached) and records their paths in
+//! `target/veil-artefacts.env`; an environment variable of the same name
+//! overrides each entry.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Paths of everything a VM test needs.
+#[derive(Debug, Clone)]
+pub struct Artefacts {
+    /// Guest kernel, uncompressed (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Initrd with veil-agent as `/init`.
+    pub initrd: PathBuf,
+    /// Initrd with the trivial floor `/init` (prints, powers off).
+    pub floor_initrd: PathBuf,
+    /// The statically linked agent binary.
+    pub agent: PathBuf,
+    /// `vhost-device-vsock`.
+    pub vhost_device_vsock: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+}
+
+const HINT: &str = "run ci/build-artefacts.sh (ci/test.sh does) to build the guest kernel, initrd and tools";
+
+impl Artefacts {
+    /// Finds the artefacts, failing with a message that names what is missing.
+    pub fn locate() -> Result<Self> {
+        let env_file = crate::workspace_root().join("target/veil-artefacts.env");
+        let recorded = read_env_file(&env_file).unwrap_or_default();
+        let get = |key: &str| -> Result<PathBuf> {
+            let v = std::env::var(key)
+                .ok()
+                .or_else(|| recorded.get(key).cloned())
+                .with_context(|| format!("{key} is not set and not in {} — {HINT}", env_file.display()))?;
+            let p = PathBuf::from(v);
+            if !p.is_file() {
+                bail!("{key}={} does not exist — {HINT}", p.display());
+            }
+            Ok(p)
+        };
+        Ok(Artefacts {
+            kernel: get("VEIL_KERNEL")?,
+            initrd: get("VEIL_INITRD")?,
+            floor_initrd: get("VEIL_FLOOR_INITRD")?,
+            agent: get("VEIL_AGENT")?,
+            vhost_device_vsock: get("VEIL_VHOST_DEVICE_VSOCK")?,
+            qemu: get("VEIL_QEMU")?,
+        })
+    }
+}
+
+fn read_env_file(path: &Path) -> Option<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
+    )
+}

@@ -1,0 +1,141 @@
+//! A booted pod VM for tests: vhost-device-vsock + QEMU microvm + the agent.
+//!
+//! Everything is owned by [`TestVm`]: dropping it (also while a failing test
+//! unwinds) kills QEMU and the vsock backend by PID and removes the temp dir.
+//! Both children also get SIGKILL if the test thread dies (PR_SET_PDEATHSIG).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use veil_shim::{
+    process::SpawnOptions,
+    vmm::{accel, qemu::Qemu, Accel, AccelChoice, RunningVm, VmSpec, Vmm, VsockDevice},
+    vsock::{connect_hybrid, HybridVsockBackend},
+};
+
+use crate::Artefacts;
+
+/// The kernel command line the tests (and the shim) boot with.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 tsc=reliable";
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Initrd to boot (the agent's by default).
+    pub initrd: PathBuf,
+    /// Extra kernel command-line words.
+    pub extra_cmdline: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM in MiB.
+    pub memory_mib: u32,
+    /// Accelerator choice (`auto` runs the KVM canary).
+    pub accel: AccelChoice,
+}
+
+impl VmOptions {
+    /// Defaults: the agent initrd, 1 vCPU, 256 MiB, accel auto.
+    pub fn agent(a: &Artefacts) -> Self {
+        VmOptions {
+            initrd: a.initrd.clone(),
+            extra_cmdline: String::new(),
+            vcpus: 1,
+            memory_mib: 256,
+            accel: AccelChoice::Auto,
+        }
+    }
+}
+
+/// A running test VM.
+pub struct TestVm {
+    // Field order is drop order: QEMU first, then its backend, then the files.
+    vm: Box<dyn RunningVm>,
+    backend: HybridVsockBackend,
+    /// Serial console output.
+    pub console_log: PathBuf,
+    /// When QEMU was spawned.
+    pub started: Instant,
+    /// The accelerator used.
+    pub accel: Accel,
+    dir: tempfile::TempDir,
+}
+
+impl TestVm {
+    /// Starts the vsock backend and QEMU. Returns once QEMU is spawned; the
+    /// guest boots in the background.
+    pub fn boot(a: &Artefacts, opts: &VmOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("veil-test-vm.").tempdir()?;
+        let spawn = SpawnOptions { die_with_parent_thread: true };
+        let backend = HybridVsockBackend::start(&a.vhost_device_vsock, dir.path(), 3, spawn)
+            .context("starting vhost-device-vsock")?;
+        let accel = accel::resolve(opts.accel);
+        let console_log = dir.path().join("console.log");
+        let spec = VmSpec {
+            kernel: a.kernel.clone(),
+            initrd: opts.initrd.clone(),
+            cmdline: format!("{BASE_CMDLINE} {}", opts.extra_cmdline).trim().to_string(),
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            accel,
+            vsock: VsockDevice::VhostUser { socket: backend.vhost_socket.clone() },
+            console_log: console_log.clone(),
+            vmm_log: dir.path().join("qemu.log"),
+            qmp_socket: None,
+        };
+        let started = Instant::now();
+        let vm = Qemu { binary: a.qemu.clone() }.launch(&spec, spawn).context("launching QEMU")?;
+        Ok(TestVm { vm, backend, console_log, started, accel, dir })
+    }
+
+    /// Connects to guest vsock `port`, waiting up to `timeout` for the guest to listen.
+    pub async fn connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
+        connect_hybrid(&self.backend.uds_path, port, timeout)
+            .await
+            .with_context(|| format!("connecting to guest port {port}; console:\n{}", self.console()))
+    }
+
+    /// A ttrpc client to the agent API (vsock port 1024).
+    pub async fn agent_client(&self, timeout: Duration) -> Result<ttrpc::r#async::Client> {
+        let stream = self.connect(veil_protocol::AGENT_VSOCK_PORT, timeout).await?;
+        let std_stream = stream.into_std()?;
+        std_stream.set_nonblocking(true)?;
+        Ok(ttrpc::r#async::Client::new(std::os::fd::IntoRawFd::into_raw_fd(std_stream)))
+    }
+
+    /// The serial console so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console_log).unwrap_or_default()
+    }
+
+    /// PIDs of QEMU and the vsock backend (to check they are gone after drop).
+    pub fn pids(&self) -> Vec<u32> {
+        self.vm.pid().into_iter().chain(self.backend.pid()).collect()
+    }
+
+    /// Waits for the VM to end by itself (guest power-off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        self.vm.wait_exit(timeout)
+    }
+
+    /// The VM's temp directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        self.vm.kill();
+        self.backend.stop();
+    }
+}
+
+/// True if a process with this PID exists (and is not a zombie of ours).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
