@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 
 ci/setup.sh
 ci/build-artefacts.sh
-cargo run --quiet -p veil-benches --bin veil-boot-demo
+cargo run --quiet -p veil-tests --bin veil-boot-demo

@@ -1,1 +1,76 @@
-//! veil benchmarks (skeleton).
+//! Shared helpers for veil's benchmarks: repeated measurement and reporting.
+//!
+//! Every benchmark measures its baseline in the same run, so that results are
+//! comparable on whatever machine they run on, and reports medians.
+
+use std::time::Duration;
+
+/// Summary of a series of timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Number of samples.
+    pub n: usize,
+    /// Median.
+    pub median: Duration,
+    /// Fastest.
+    pub min: Duration,
+    /// Slowest.
+    pub max: Duration,
+}
+
+/// Summarises `samples` (which must not be empty).
+pub fn summarize(samples: &[Duration]) -> Summary {
+    let mut s = samples.to_vec();
+    s.sort();
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2
+    };
+    Summary {
+        n,
+        median,
+        min: s[0],
+        max: s[n - 1],
+    }
+}
+
+/// Formats a duration in milliseconds with one decimal.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints one result row.
+pub fn report(name: &str, s: &Summary) {
+    println!(
+        "{name:<44} median {:>10}   min {:>10}   max {:>10}   (n={})",
+        ms(s.median),
+        ms(s.min),
+        ms(s.max),
+        s.n
+    );
+}
+
+/// Number of runs: `VEIL_BENCH_RUNS` or `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("VEIL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_series() {
+        let d = |ms| Duration::from_millis(ms);
+        assert_eq!(summarize(&[d(3), d(1), d(2)]).median, d(2));
+        assert_eq!(
+            summarize(&[d(4), d(1), d(2), d(3)]).median,
+            Duration::from_micros(2500)
+        );
+    }
+}

@@ -28,7 +28,8 @@ pub struct Artefacts {
     pub qemu: PathBuf,
 }
 
-const HINT: &str = "run ci/build-artefacts.sh (ci/test.sh does) to build the guest kernel, initrd and tools";
+const HINT: &str =
+    "run ci/build-artefacts.sh (ci/test.sh does) to build the guest kernel, initrd and tools";
 
 impl Artefacts {
     /// Finds the artefacts, failing with a message that names what is missing.
@@ -39,7 +40,12 @@ impl Artefacts {
             let v = std::env::var(key)
                 .ok()
                 .or_else(|| recorded.get(key).cloned())
-                .with_context(|| format!("{key} is not set and not in {} — {HINT}", env_file.display()))?;
+                .with_context(|| {
+                    format!(
+                        "{key} is not set and not in {} — {HINT}",
+                        env_file.display()
+                    )
+                })?;
             let p = PathBuf::from(v);
             if !p.is_file() {
                 bail!("{key}={} does not exist — {HINT}", p.display());

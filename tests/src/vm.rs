@@ -19,7 +19,7 @@ use veil_shim::{
 use crate::Artefacts;
 
 /// The kernel command line the tests (and the shim) boot with.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 tsc=reliable";
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -68,7 +68,9 @@ impl TestVm {
     /// guest boots in the background.
     pub fn boot(a: &Artefacts, opts: &VmOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("veil-test-vm.").tempdir()?;
-        let spawn = SpawnOptions { die_with_parent_thread: true };
+        let spawn = SpawnOptions {
+            die_with_parent_thread: true,
+        };
         let backend = HybridVsockBackend::start(&a.vhost_device_vsock, dir.path(), 3, spawn)
             .context("starting vhost-device-vsock")?;
         let accel = accel::resolve(opts.accel);
@@ -76,33 +78,57 @@ impl TestVm {
         let spec = VmSpec {
             kernel: a.kernel.clone(),
             initrd: opts.initrd.clone(),
-            cmdline: format!("{BASE_CMDLINE} {}", opts.extra_cmdline).trim().to_string(),
+            cmdline: format!("{BASE_CMDLINE} {}", opts.extra_cmdline)
+                .trim()
+                .to_string(),
             vcpus: opts.vcpus,
             memory_mib: opts.memory_mib,
             accel,
-            vsock: VsockDevice::VhostUser { socket: backend.vhost_socket.clone() },
+            vsock: VsockDevice::VhostUser {
+                socket: backend.vhost_socket.clone(),
+            },
             console_log: console_log.clone(),
             vmm_log: dir.path().join("qemu.log"),
             qmp_socket: None,
         };
         let started = Instant::now();
-        let vm = Qemu { binary: a.qemu.clone() }.launch(&spec, spawn).context("launching QEMU")?;
-        Ok(TestVm { vm, backend, console_log, started, accel, dir })
+        let vm = Qemu {
+            binary: a.qemu.clone(),
+        }
+        .launch(&spec, spawn)
+        .context("launching QEMU")?;
+        Ok(TestVm {
+            vm,
+            backend,
+            console_log,
+            started,
+            accel,
+            dir,
+        })
     }
 
     /// Connects to guest vsock `port`, waiting up to `timeout` for the guest to listen.
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
         connect_hybrid(&self.backend.uds_path, port, timeout)
             .await
-            .with_context(|| format!("connecting to guest port {port}; console:\n{}", self.console()))
+            .with_context(|| {
+                format!(
+                    "connecting to guest port {port}; console:\n{}",
+                    self.console()
+                )
+            })
     }
 
     /// A ttrpc client to the agent API (vsock port 1024).
     pub async fn agent_client(&self, timeout: Duration) -> Result<ttrpc::r#async::Client> {
-        let stream = self.connect(veil_protocol::AGENT_VSOCK_PORT, timeout).await?;
+        let stream = self
+            .connect(veil_protocol::AGENT_VSOCK_PORT, timeout)
+            .await?;
         let std_stream = stream.into_std()?;
         std_stream.set_nonblocking(true)?;
-        Ok(ttrpc::r#async::Client::new(std::os::fd::IntoRawFd::into_raw_fd(std_stream)))
+        Ok(ttrpc::r#async::Client::new(
+            std::os::fd::IntoRawFd::into_raw_fd(std_stream),
+        ))
     }
 
     /// The serial console so far.
@@ -112,7 +138,11 @@ impl TestVm {
 
     /// PIDs of QEMU and the vsock backend (to check they are gone after drop).
     pub fn pids(&self) -> Vec<u32> {
-        self.vm.pid().into_iter().chain(self.backend.pid()).collect()
+        self.vm
+            .pid()
+            .into_iter()
+            .chain(self.backend.pid())
+            .collect()
     }
 
     /// Waits for the VM to end by itself (guest power-off).

@@ -26,8 +26,15 @@ async fn agent_answers_health_over_hybrid_vsock_and_powers_off_on_request() {
     assert!(!v.agent_version.is_empty());
 
     // The agent powers the VM off on request: QEMU exits by itself.
-    GuestClient::new(client).shutdown(ctx(), &ShutdownRequest::new()).await.unwrap();
-    assert!(vm.wait_exit(Duration::from_secs(30)), "VM still running after Shutdown; console:\n{}", vm.console());
+    GuestClient::new(client)
+        .shutdown(ctx(), &ShutdownRequest::new())
+        .await
+        .unwrap();
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)),
+        "VM still running after Shutdown; console:\n{}",
+        vm.console()
+    );
 }
 
 #[tokio::test]
@@ -36,7 +43,11 @@ async fn dropping_the_vm_leaves_no_process_and_no_files() {
     let vm = TestVm::boot(&a, &VmOptions::agent(&a)).unwrap();
     let pids = vm.pids();
     let dir = vm.dir().to_path_buf();
-    assert_eq!(pids.len(), 2, "QEMU and vhost-device-vsock should both be running");
+    assert_eq!(
+        pids.len(),
+        2,
+        "QEMU and vhost-device-vsock should both be running"
+    );
     drop(vm);
     for pid in pids {
         assert!(!pid_alive(pid), "process {pid} survived the VM's drop");

@@ -33,26 +33,40 @@ impl Default for Qemu {
 pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
-    // No legacy PIC/PIT/RTC and no option ROMs: less to emulate at boot. The
-    // serial port stays for the console. ACPI off: the guest powers off by
-    // rebooting, which -no-reboot turns into QEMU exiting.
-    let cpu = match spec.accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
+    // No legacy PIC/RTC, no option ROMs, no ACPI: less to emulate at boot; the
+    // MP table describes the CPUs. The guest powers off by rebooting, which
+    // -no-reboot turns into QEMU exiting.
+    //
+    // Under KVM, kvmclock gives the guest its TSC frequency and the PIT stays
+    // off. Under TCG there is no kvmclock: the guest calibrates its TSC against
+    // the PIT, and that calibration fails (and the boot hangs) when the host is
+    // busy, because emulated PIT reads are slow and get preempted. Instruction
+    // counting (-icount) runs the guest's TSC and PIT on the same virtual clock,
+    // which makes the calibration deterministic; sleep=on keeps idle time real.
+    let (machine, cpu): (&str, &str) = match spec.accel {
+        Accel::Kvm => (
+            "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
+            "host",
+        ),
+        Accel::Tcg => (
+            "microvm,x-option-roms=off,pit=on,pic=off,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
+            "max",
+        ),
     };
+    push(&["-M", machine, "-accel", spec.accel.qemu_name(), "-cpu", cpu]);
+    if spec.accel == Accel::Tcg {
+        push(&["-icount", "shift=auto,sleep=on"]);
+    }
     push(&[
-        "-M",
-        "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
-        "-accel",
-        spec.accel.qemu_name(),
-        "-cpu",
-        cpu,
         "-smp",
         &spec.vcpus.to_string(),
         "-m",
         &format!("{}M", spec.memory_mib),
         "-object",
-        &format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib),
+        &format!(
+            "memory-backend-memfd,id=mem,size={}M,share=on",
+            spec.memory_mib
+        ),
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -173,6 +187,11 @@ mod tests {
             ["memory-backend-memfd,id=mem,size=256M,share=on"]
         );
         assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert!(
+            after(&a, "-M")[0].contains("pit=on"),
+            "TCG guests calibrate their TSC on the PIT"
+        );
+        assert_eq!(after(&a, "-icount"), ["shift=auto,sleep=on"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
         assert_eq!(after(&a, "-append"), ["console=ttyS0 quiet"]);
         assert_eq!(
@@ -198,6 +217,8 @@ mod tests {
         let a = microvm_args(&s);
         assert_eq!(after(&a, "-device"), ["vhost-vsock-device,guest-cid=7"]);
         assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert!(after(&a, "-M")[0].contains("pit=off"));
+        assert!(after(&a, "-icount").is_empty());
     }
 
     #[test]

@@ -1,0 +1,76 @@
+//! Boot latency: QEMU spawn → first successful agent health answer over hybrid
+//! vsock, next to the floor measured in the same run: the same kernel and VM
+//! shape booting a trivial `/init` that prints one line and powers off.
+//!
+//! Run: `cargo bench -p veil-benches --bench boot` (VEIL_BENCH_RUNS=N, default 10).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use veil_benches::{report, runs, summarize};
+use veil_protocol::{agent::CheckRequest, agent_ttrpc::HealthClient};
+use veil_shim::vmm::Accel;
+use veil_test_support::{Artefacts, TestVm, VmOptions};
+
+const FLOOR_MARK: &str = "veil-floor: init reached";
+
+/// Spawn → the floor init's line on the console.
+fn floor_once(a: &Artefacts) -> Result<Duration> {
+    let mut opts = VmOptions::agent(a);
+    opts.initrd = a.floor_initrd.clone();
+    let vm = TestVm::boot(a, &opts)?;
+    let deadline = vm.started + Duration::from_secs(60);
+    loop {
+        if vm.console().contains(FLOOR_MARK) {
+            return Ok(vm.started.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("floor init never printed; console:\n{}", vm.console());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Spawn → the agent's first health answer; also returns the accelerator used.
+async fn agent_once(a: &Artefacts) -> Result<(Duration, Accel)> {
+    let vm = TestVm::boot(a, &VmOptions::agent(a))?;
+    let client = vm.agent_client(Duration::from_secs(60)).await?;
+    HealthClient::new(client)
+        .check(
+            ttrpc::context::with_timeout(10_000_000_000),
+            &CheckRequest::new(),
+        )
+        .await?;
+    Ok((vm.started.elapsed(), vm.accel))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let n = runs(10);
+    let (mut floor, mut agent) = (Vec::new(), Vec::new());
+    let mut accel = None;
+    // Interleave the two so that drifting machine load affects both alike.
+    for i in 0..n {
+        floor.push(floor_once(&a)?);
+        let (t, used) = agent_once(&a).await?;
+        agent.push(t);
+        accel = Some(used);
+        eprintln!(
+            "run {}/{n}: floor {:?}, agent {:?}",
+            i + 1,
+            floor[i],
+            agent[i]
+        );
+    }
+    let (f, g) = (summarize(&floor), summarize(&agent));
+    println!(
+        "boot latency (QEMU spawn →), {} runs each, accel {:?}",
+        n, accel
+    );
+    report("floor: trivial /init prints", &f);
+    report("veil-agent: first health answer", &g);
+    let over = g.median.as_secs_f64() / f.median.as_secs_f64() - 1.0;
+    println!("agent over floor (medians): {:+.1}%", over * 100.0);
+    Ok(())
+}
