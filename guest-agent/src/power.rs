@@ -13,6 +13,8 @@ pub fn power_off() {
         tracing::warn!("power off requested outside a VM: ignored");
         return;
     }
+    // The console transmits asynchronously: let the last log lines out first.
+    let _ = nix::sys::termios::tcdrain(std::io::stderr());
     nix::unistd::sync();
     // RB_AUTOBOOT: the VMM treats the resulting reset as the end of the VM.
     let Err(e) = reboot(RebootMode::RB_AUTOBOOT);
