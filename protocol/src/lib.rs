@@ -1,14 +1,20 @@
 //! The veil agent API, shared by the shim (host) and the agent (guest).
 //!
 //! The API is defined in `protos/agent.proto`; this crate holds the Rust types and
-//! the async ttrpc client and server bindings generated from it at build time.
+//! the async ttrpc client and server bindings generated from it at build time,
+//! and the framing of the stdio stream connections ([`stream`]).
 //! It owns the wire format only: validation of requests is the agent's job.
+
+pub mod stream;
 
 /// Version of the agent API. Bumped on incompatible change.
 pub const API_VERSION: u32 = 1;
 
 /// vsock port on which the agent serves the API.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// vsock port on which the agent accepts stdio stream connections.
+pub const STREAM_VSOCK_PORT: u32 = 1025;
 
 /// Messages of the agent API (generated).
 #[allow(
