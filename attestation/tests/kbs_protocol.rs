@@ -266,6 +266,18 @@ fn debug_bit_is_refused() {
     );
     let (s, r) = attest(&b, &cookie, &nonce, &key.jwk, ev);
     assert_refused(&b, s, &r, 401, "debug bit");
+    let refusal = b
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e.outcome == Outcome::Refusal)
+        .unwrap();
+    assert_eq!(refusal.step, "attest");
+    assert_eq!(refusal.tee.as_deref(), Some("veil-sim"));
+    assert_eq!(
+        refusal.measurement,
+        Some(hex::encode(measurement_for(CMDLINE)))
+    );
 }
 
 #[test]

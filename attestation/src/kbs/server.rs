@@ -225,7 +225,19 @@ impl Kbs {
 
     /// `POST /kbs/v0/attest`: verifies evidence for the session's challenge; returns a token.
     pub fn attest(&self, session_id: &str, body: &[u8]) -> Result<AttestationToken, KbsError> {
+        let mut ev = self.event(Outcome::Refusal, "attest");
+        self.attest_inner(session_id, body, &mut ev)
+    }
+
+    /// [`Self::attest`], noting in `ev` the TEE and the (claimed, then verified) measurement.
+    fn attest_inner(
+        &self,
+        session_id: &str,
+        body: &[u8],
+        ev: &mut AuditEvent,
+    ) -> Result<AttestationToken, KbsError> {
         let challenge = self.sessions.take_challenge(session_id)?;
+        ev.tee = Some(challenge.tee.to_string());
         let att: Attestation = serde_json::from_slice(body)
             .map_err(|e| KbsError::InvalidRequest(format!("attestation payload: {e}")))?;
         if att.runtime_data.nonce != challenge.nonce {
@@ -237,6 +249,12 @@ impl Kbs {
             .map_err(|e| KbsError::AttestationFailed(error_chain(&e)))?;
         let evidence = Evidence::from_value(challenge.tee, &att.tee_evidence)
             .map_err(|e| KbsError::AttestationFailed(error_chain(&e)))?;
+        // Recorded before verification: on a refusal this is what the evidence claimed.
+        ev.measurement = Some(match &evidence {
+            Evidence::Snp(s) => hex::encode(s.report.measurement()),
+            Evidence::Tdx(t) => hex::encode(t.quote.report.mr_td),
+            Evidence::Sim { report, .. } => hex::encode(report.measurement()),
+        });
         let expected = protocol::runtime_data_report_data(&att.runtime_data, challenge.hash);
         let claims = verify_evidence(&evidence, &expected, &self.anchors, self.now())
             .map_err(|e| KbsError::AttestationFailed(error_chain(&e)))?;
@@ -399,12 +417,8 @@ async fn h_attest(State(kbs): State<Arc<Kbs>>, headers: HeaderMap, body: Bytes) 
         return e.into_response();
     };
     ev.session = Some(session_label(&id));
-    match kbs.attest(&id, &body) {
+    match kbs.attest_inner(&id, &body, &mut ev) {
         Ok(tok) => {
-            if let Ok(a) = kbs.sessions.attested(&id) {
-                ev.tee = Some(a.claims.tee.to_string());
-                ev.measurement = Some(a.claims.measurement.clone());
-            }
             ev.outcome = Outcome::Attested;
             kbs.audit.record(ev);
             Json(tok).into_response()
