@@ -24,6 +24,18 @@ pub struct Config {
     pub listen: Listen,
     /// `tracing` filter, e.g. `info` or `veil_agent=debug`.
     pub log_filter: String,
+    /// Where container state lives (default `/run/veil`).
+    pub state_dir: PathBuf,
+    /// Parent cgroup of the containers (default `<cgroup2 mount>/veil`).
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+impl Config {
+    /// Host mode: serving on a unix socket on a host, not as a VM's agent.
+    /// Allows image files, directories and host paths in requests.
+    pub fn host_mode(&self) -> bool {
+        matches!(self.listen, Listen::Unix(_))
+    }
 }
 
 /// A bad command line or kernel parameter.
@@ -31,12 +43,15 @@ pub struct Config {
 pub enum ConfigError {
     /// An argument the agent does not know.
     #[error(
-        "unknown argument '{0}' (expected --listen unix:PATH|vsock:PORT, --log FILTER, --init)"
+        "unknown argument '{0}' (expected --listen unix:PATH|vsock:PORT, --log FILTER, --init, --state-dir DIR, --cgroup-parent DIR)"
     )]
     UnknownArgument(String),
     /// An option without its value.
     #[error("option '{0}' needs a value")]
     MissingValue(String),
+    /// A path option that is not absolute.
+    #[error("option '{0}' needs an absolute path")]
+    NotAbsolute(String),
     /// A malformed `--listen` value.
     #[error("bad listen address '{0}' (expected unix:PATH or vsock:PORT)")]
     BadListen(String),
@@ -52,6 +67,8 @@ impl Config {
             init: pid1,
             listen: Listen::Vsock(veil_protocol::AGENT_VSOCK_PORT),
             log_filter: "info".to_string(),
+            state_dir: PathBuf::from("/run/veil"),
+            cgroup_parent: None,
         };
         let mut it = args.into_iter();
         while let Some(a) = it.next() {
@@ -68,6 +85,19 @@ impl Config {
                         .ok_or_else(|| ConfigError::MissingValue(a.clone()))?;
                 }
                 "--init" => cfg.init = true,
+                "--state-dir" | "--cgroup-parent" => {
+                    let v = it
+                        .next()
+                        .ok_or_else(|| ConfigError::MissingValue(a.clone()))?;
+                    if !v.starts_with('/') {
+                        return Err(ConfigError::NotAbsolute(a.clone()));
+                    }
+                    if a == "--state-dir" {
+                        cfg.state_dir = PathBuf::from(v);
+                    } else {
+                        cfg.cgroup_parent = Some(PathBuf::from(v));
+                    }
+                }
                 _ => return Err(ConfigError::UnknownArgument(a)),
             }
         }

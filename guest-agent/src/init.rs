@@ -130,3 +130,25 @@ pub fn become_subreaper() {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become child subreaper");
     }
 }
+
+/// Moves this (single-threaded) process into a new mount namespace whose
+/// mounts do not propagate back to the host (host mode).
+pub fn private_mount_namespace() -> Result<(), InitError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|source| InitError {
+        fstype: "namespace",
+        target: "/",
+        source,
+    })?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|source| InitError {
+        fstype: "propagation",
+        target: "/",
+        source,
+    })
+}

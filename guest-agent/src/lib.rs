@@ -7,16 +7,34 @@
 //!
 //! Module map: [`config`] (command line and kernel parameters), [`init`] (PID 1
 //! duties), [`reaper`] (child exit collection), [`server`] (transport and service
-//! registration), [`health`] and [`guest`] (the services), [`power`].
+//! registration), [`health`], [`guest`] and [`service`] (the ttrpc services),
+//! [`streams`] (stdio stream connections), [`pod`] (the use cases: sandbox,
+//! storage, containers, processes), [`sandbox`], [`storage`], [`container`],
+//! [`process`], [`stdio`], [`cgroup`], [`events`], [`engine`] (building container
+//! processes in a helper process), [`validate`] and [`status`] (request checks
+//! and the one error-to-status mapping), [`power`].
 
+pub mod cgroup;
 pub mod config;
+pub mod container;
+pub mod engine;
+pub mod events;
 pub mod guest;
 pub mod health;
 pub mod init;
 pub mod logging;
+pub mod pod;
 pub mod power;
+pub mod process;
 pub mod reaper;
+pub mod sandbox;
 pub mod server;
+pub mod service;
+pub mod status;
+pub mod stdio;
+pub mod storage;
+pub mod streams;
+pub mod validate;
 
 use std::error::Error as StdError;
 
@@ -42,6 +60,12 @@ pub enum AgentError {
 /// PID 1 set-up, done before logging starts: the base mounts, then the
 /// `veil.*` kernel parameters (readable only once `/proc` is mounted).
 pub fn prepare(config: &mut config::Config) -> Result<(), AgentError> {
+    if config.host_mode() && !config.init {
+        // On a host, keep every mount the agent makes (storages, container
+        // roots) in a mount namespace of its own: they vanish with the agent,
+        // whatever happens to it. Done while still single-threaded.
+        init::private_mount_namespace().map_err(AgentError::Init)?;
+    }
     if config.init {
         init::setup_guest().map_err(AgentError::Init)?;
         if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {

@@ -6,6 +6,11 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The engine helper: a fresh single-threaded process that builds one
+    // container process (see `veil_agent::engine`).
+    if std::env::args().nth(1).as_deref() == Some(veil_agent::engine::HELPER_ARG) {
+        veil_agent::engine::helper_main();
+    }
     let mut config = match veil_agent::config::Config::from_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {

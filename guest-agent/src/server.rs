@@ -34,11 +34,26 @@ pub fn ttrpc_address(listen: &Listen) -> String {
 }
 
 /// Serves the agent API until a shutdown request arrives, then powers off (in a VM).
-pub async fn serve(config: &crate::config::Config, _reaper: Reaper) -> Result<(), ServerError> {
+pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(), ServerError> {
     let addr = ttrpc_address(&config.listen);
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
     }
+    let cgroup_parent = match &config.cgroup_parent {
+        Some(p) => p.clone(),
+        None => crate::cgroup::find_cgroup2_mount()
+            .map_err(|e| ServerError::Io(std::io::Error::other(e)))?
+            .join("veil"),
+    };
+    let pod = Arc::new(crate::pod::Pod::new(
+        crate::pod::PodConfig {
+            state_dir: config.state_dir.clone(),
+            cgroup_parent,
+            host_mode: config.host_mode(),
+        },
+        reaper,
+    ));
+    let services = crate::service::Services::new(Arc::clone(&pod));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let health = veil_protocol::agent_ttrpc::create_health(Arc::new(crate::health::HealthService));
     let guest = veil_protocol::agent_ttrpc::create_guest(Arc::new(crate::guest::GuestService {
@@ -52,8 +67,30 @@ pub async fn serve(config: &crate::config::Config, _reaper: Reaper) -> Result<()
         .bind(&addr)
         .map_err(ttrpc_err)?
         .register_service(health)
-        .register_service(guest);
+        .register_service(guest)
+        .register_service(veil_protocol::agent_ttrpc::create_sandbox(Arc::new(services.clone())))
+        .register_service(veil_protocol::agent_ttrpc::create_containers(Arc::new(services.clone())))
+        .register_service(veil_protocol::agent_ttrpc::create_events(Arc::new(services)));
     server.start().await.map_err(ttrpc_err)?;
+    let streams = match &config.listen {
+        Listen::Unix(path) => {
+            let sp = veil_protocol::stream::host_stream_socket(path);
+            let pod = Arc::clone(&pod);
+            tokio::spawn(async move {
+                if let Err(e) = crate::streams::serve_unix(&sp, pod).await {
+                    tracing::error!(error = %e, "stream listener failed");
+                }
+            })
+        }
+        Listen::Vsock(_) => {
+            let pod = Arc::clone(&pod);
+            tokio::spawn(async move {
+                if let Err(e) = crate::streams::serve_vsock(veil_protocol::STREAM_VSOCK_PORT, pod).await {
+                    tracing::error!(error = %e, "stream listener failed");
+                }
+            })
+        }
+    };
     tracing::info!(%addr, "agent API serving");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -64,9 +101,14 @@ pub async fn serve(config: &crate::config::Config, _reaper: Reaper) -> Result<()
     }
     // Let the shutdown reply reach the caller before the VM goes away.
     tokio::time::sleep(Duration::from_millis(20)).await;
+    streams.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), server.shutdown()).await;
+    if let Err(e) = pod.destroy_sandbox().await {
+        tracing::warn!(error = %crate::error_chain(&e), "sandbox teardown failed");
+    }
     if let Listen::Unix(path) = &config.listen {
         let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(veil_protocol::stream::host_stream_socket(path));
     }
     crate::power::power_off();
     Ok(())

@@ -1,0 +1,389 @@
+//! The container process's filesystem: its mount namespace's propagation, the
+//! spec's mounts under the rootfs, device nodes, `pivot_root`, sysctls, masked
+//! and read-only paths. Runs in the container process only.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Component, Path, PathBuf},
+};
+
+use nix::{
+    mount::{mount, umount2, MntFlags, MsFlags},
+    sys::stat::{makedev, mknod, Mode, SFlag},
+    unistd::{chdir, chown, pivot_root, sethostname, Gid, Uid},
+};
+
+use super::wire::{InitSetup, MountPlan};
+
+/// Devices every container gets when its `/dev` is a fresh tmpfs.
+const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Most symlinks followed when resolving a path inside the rootfs.
+const MAX_SYMLINKS: usize = 40;
+
+pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
+    let flags = MsFlags::from_bits_truncate(init.root_propagation) | MsFlags::MS_REC;
+    mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
+        .map_err(|e| format!("setting / propagation: {e}"))?;
+    let root = &init.rootfs;
+    // pivot_root needs the new root to be a mount point of its own.
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("bind-mounting the rootfs {}: {e}", root.display()))?;
+
+    let mut dev_is_tmpfs = false;
+    for m in &init.mounts {
+        do_mount(root, m)?;
+        if m.destination == Path::new("/dev") && m.fstype == "tmpfs" {
+            dev_is_tmpfs = true;
+        }
+    }
+    if dev_is_tmpfs {
+        default_devices(root)?;
+    }
+    for d in &init.devices {
+        let dest = resolve_in_root(root, &d.path)?;
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("mkdir for {}: {e}", d.path.display()))?;
+        }
+        let kind = SFlag::from_bits_truncate(d.mode & libc::S_IFMT);
+        let perm = Mode::from_bits_truncate(d.mode & 0o7777);
+        let _ = fs::remove_file(&dest);
+        mknod(&dest, kind, perm, makedev(d.major, d.minor))
+            .map_err(|e| format!("mknod {}: {e}", d.path.display()))?;
+        chown(&dest, Some(Uid::from_raw(d.uid)), Some(Gid::from_raw(d.gid)))
+            .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
+    }
+    console(root)?;
+
+    if let Some(h) = &init.hostname {
+        sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
+    }
+
+    chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
+    match pivot_root(".", ".") {
+        Ok(()) => {}
+        // The current root is the initramfs (as for the agent in a VM), which
+        // pivot_root cannot move. Make our root a bind mount of it instead
+        // (same files, but a mount with a parent) and pivot from there.
+        Err(nix::errno::Errno::EINVAL) => {
+            leave_initramfs(root)?;
+            chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
+            pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+        }
+        Err(e) => return Err(format!("pivot_root: {e}")),
+    }
+    // The old root is now stacked on "."; detach it.
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the old root a slave: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    for (k, v) in &init.sysctls {
+        let path = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
+        fs::write(&path, v).map_err(|e| format!("sysctl {k}: {e}"))?;
+    }
+    for p in &init.masked_paths {
+        mask(p)?;
+    }
+    for p in &init.readonly_paths {
+        readonly(p)?;
+    }
+    if init.readonly_root {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("making / read-only: {e}"))?;
+    }
+    Ok(())
+}
+
+fn leave_initramfs(root: &Path) -> Result<(), String> {
+    let holder = root
+        .parent()
+        .map(|p| p.join("initramfs"))
+        .ok_or("rootfs has no parent")?;
+    fs::create_dir_all(&holder).map_err(|e| format!("mkdir {}: {e}", holder.display()))?;
+    mount(
+        Some("/"),
+        &holder,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding / for pivot_root: {e}"))?;
+    chdir(&holder).map_err(|e| format!("chdir {}: {e}", holder.display()))?;
+    mount(
+        Some("."),
+        "/",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("moving the root bind: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+fn do_mount(root: &Path, m: &MountPlan) -> Result<(), String> {
+    let dest = resolve_in_root(root, &m.destination)?;
+    let ctx = |what: &str, e: &dyn std::fmt::Display| {
+        format!("mount {} on {}: {what}: {e}", m.fstype, m.destination.display())
+    };
+    let flags = MsFlags::from_bits_truncate(m.flags);
+    if m.is_bind() {
+        let src_is_dir = fs::metadata(&m.source)
+            .map_err(|e| ctx(&format!("source {}", m.source.display()), &e))?
+            .is_dir();
+        make_mount_point(&dest, src_is_dir).map_err(|e| ctx("mount point", &e))?;
+        let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
+        mount(Some(&m.source), &dest, None::<&str>, bind, None::<&str>)
+            .map_err(|e| ctx("bind", &e))?;
+        let extra = flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !extra.is_empty() {
+            mount(
+                None::<&str>,
+                &dest,
+                None::<&str>,
+                extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None::<&str>,
+            )
+            .map_err(|e| ctx("remount", &e))?;
+        }
+    } else {
+        make_mount_point(&dest, true).map_err(|e| ctx("mount point", &e))?;
+        let data = (!m.data.is_empty()).then_some(m.data.as_str());
+        let res = mount(Some(&m.source), &dest, Some(m.fstype.as_str()), flags, data);
+        match res {
+            Ok(()) => {}
+            // sysfs cannot be mounted while sharing the host network
+            // namespace; bind the agent's instead (read-only as asked).
+            Err(nix::errno::Errno::EPERM) if m.fstype == "sysfs" => {
+                mount(
+                    Some("/sys"),
+                    &dest,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| ctx("bind /sys", &e))?;
+                mount(
+                    None::<&str>,
+                    &dest,
+                    None::<&str>,
+                    flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                    None::<&str>,
+                )
+                .map_err(|e| ctx("remount /sys", &e))?;
+            }
+            Err(e) => return Err(ctx("mount", &e)),
+        }
+    }
+    if m.propagation != 0 {
+        mount(
+            None::<&str>,
+            &dest,
+            None::<&str>,
+            MsFlags::from_bits_truncate(m.propagation),
+            None::<&str>,
+        )
+        .map_err(|e| ctx("propagation", &e))?;
+    }
+    Ok(())
+}
+
+fn make_mount_point(dest: &Path, dir: bool) -> std::io::Result<()> {
+    if dir {
+        fs::create_dir_all(dest)
+    } else {
+        if let Some(p) = dest.parent() {
+            fs::create_dir_all(p)?;
+        }
+        if !dest.exists() {
+            fs::File::create(dest)?;
+        }
+        Ok(())
+    }
+}
+
+fn default_devices(root: &Path) -> Result<(), String> {
+    let dev = root.join("dev");
+    for name in DEFAULT_DEVICES {
+        let dest = dev.join(name);
+        make_mount_point(&dest, false).map_err(|e| format!("/dev/{name}: {e}"))?;
+        mount(
+            Some(&Path::new("/dev").join(name)),
+            &dest,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| format!("binding /dev/{name}: {e}"))?;
+    }
+    let links = [
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+        ("pts/ptmx", "ptmx"),
+    ];
+    for (target, name) in links {
+        let p = dev.join(name);
+        if fs::symlink_metadata(&p).is_err() {
+            symlink(target, &p).map_err(|e| format!("/dev/{name}: {e}"))?;
+        }
+    }
+    if fs::symlink_metadata("/proc/kcore").is_ok() {
+        let _ = symlink("/proc/kcore", dev.join("core"));
+    }
+    Ok(())
+}
+
+/// With a terminal, bind its slave to `/dev/console` (as runc does).
+fn console(root: &Path) -> Result<(), String> {
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(0) } != 1 {
+        return Ok(());
+    }
+    let slave = fs::read_link("/proc/self/fd/0").map_err(|e| format!("terminal path: {e}"))?;
+    let dest = root.join("dev/console");
+    if !root.join("dev").is_dir() {
+        return Ok(());
+    }
+    make_mount_point(&dest, false).map_err(|e| format!("/dev/console: {e}"))?;
+    mount(
+        Some(&slave),
+        &dest,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding /dev/console: {e}"))
+}
+
+fn mask(p: &Path) -> Result<(), String> {
+    let Ok(meta) = fs::metadata(p) else {
+        return Ok(());
+    };
+    let res = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            Some("size=0k"),
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    res.map_err(|e| format!("masking {}: {e}", p.display()))
+}
+
+fn readonly(p: &Path) -> Result<(), String> {
+    if fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(p),
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding {} read-only: {e}", p.display()))?;
+    mount(
+        None::<&str>,
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("remounting {} read-only: {e}", p.display()))
+}
+
+/// Resolves `path` (absolute, as the container sees it) to a path under
+/// `root`, following symlinks as if `root` were `/`: a symlink in the image
+/// cannot make a mount land outside the rootfs.
+pub(super) fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, String> {
+    let mut pending: Vec<PathBuf> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(PathBuf::from(n)),
+            Component::ParentDir => Some(PathBuf::from("..")),
+            _ => None,
+        })
+        .collect();
+    let mut resolved = PathBuf::new();
+    let mut followed = 0;
+    while let Some(c) = pending.pop() {
+        if c == Path::new("..") {
+            resolved.pop();
+            continue;
+        }
+        let candidate = root.join(&resolved).join(&c);
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                followed += 1;
+                if followed > MAX_SYMLINKS {
+                    return Err(format!("too many symlinks in {}", path.display()));
+                }
+                let target = fs::read_link(&candidate)
+                    .map_err(|e| format!("reading link {}: {e}", candidate.display()))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for tc in target.components().rev() {
+                    match tc {
+                        Component::Normal(n) => pending.push(PathBuf::from(n)),
+                        Component::ParentDir => pending.push(PathBuf::from("..")),
+                        _ => {}
+                    }
+                }
+            }
+            _ => resolved.push(c),
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_cannot_escape_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("/etc", root.join("abs")).unwrap();
+        symlink("../../../../etc", root.join("rel")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(resolve_in_root(root, Path::new("/abs/x")).unwrap(), root.join("etc/x"));
+        assert_eq!(resolve_in_root(root, Path::new("/rel/x")).unwrap(), root.join("etc/x"));
+        assert_eq!(resolve_in_root(root, Path::new("/../../x")).unwrap(), root.join("x"));
+        assert!(resolve_in_root(root, Path::new("/loop/x")).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! A process's stdio in the agent: the pipes or pty made for it, the stream
+//! connections the shim attaches to them, and the copies between the two.
+//!
+//! Backpressure is end to end: the agent reads from a process only as fast as
+//! it can write to the stream connection, and nothing is read before the
+//! stream is attached. [`ProcessIo::drained`] resolves once every wanted
+//! output has reached EOF and its connection was shut down for writing — the
+//! condition for reporting the process's exit.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, OwnedFd},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{ready, Context, Poll},
+};
+
+use nix::{
+    fcntl::{fcntl, FcntlArg, OFlag},
+    pty::{openpty, Winsize},
+    unistd::pipe2,
+};
+use tokio::{
+    io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    sync::{watch, Notify},
+};
+use veil_protocol::agent::{Stdio, StreamKind};
+
+use crate::{
+    engine::{dev_null, ProcessFds},
+    status::{Classify, Kind},
+};
+
+/// Copy buffer size: large enough that a 100 MiB stream costs few syscalls.
+const COPY_BUF: usize = 256 * 1024;
+/// Pipe capacity asked for output pipes (the kernel may give less).
+const PIPE_SIZE: i32 = 1024 * 1024;
+
+/// Errors of stdio handling.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    /// Creating pipes or a pty failed.
+    #[error("cannot create process stdio")]
+    Create(#[source] io::Error),
+    /// The stream kind is not one this process has.
+    #[error("the process has no {0:?} stream")]
+    NoSuchStream(StreamKind),
+    /// The stream was attached already.
+    #[error("the {0:?} stream is already attached")]
+    AlreadyAttached(StreamKind),
+    /// The terminal ioctl failed.
+    #[error("cannot resize the terminal")]
+    Resize(#[source] nix::Error),
+    /// Resize on a process without a terminal.
+    #[error("the process has no terminal")]
+    NoTerminal,
+}
+
+impl Classify for StdioError {
+    fn kind(&self) -> Kind {
+        match self {
+            StdioError::Create(_) | StdioError::Resize(_) => Kind::Internal,
+            StdioError::NoSuchStream(_) | StdioError::NoTerminal => Kind::FailedPrecondition,
+            StdioError::AlreadyAttached(_) => Kind::AlreadyExists,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Slots {
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    terminal: Option<OwnedFd>,
+    attached: Vec<StreamKind>,
+}
+
+/// The agent's side of a process's stdio.
+pub struct ProcessIo {
+    slots: Mutex<Slots>,
+    /// Outputs not yet copied to EOF.
+    pending: watch::Sender<usize>,
+    close_stdin: Arc<Notify>,
+    /// For window resizes.
+    pty_master: Option<OwnedFd>,
+}
+
+/// Makes the stdio for a new process: the fds it gets and the agent's side.
+pub fn prepare(want: &Stdio, terminal: bool) -> Result<(ProcessFds, Arc<ProcessIo>), StdioError> {
+    let mut slots = Slots::default();
+    let mut pending = 0;
+    let fds;
+    let mut pty_master = None;
+    if terminal {
+        let pty = openpty(None, None).map_err(|e| StdioError::Create(e.into()))?;
+        let slave = pty.slave;
+        fds = ProcessFds {
+            stdin: slave.try_clone().map_err(StdioError::Create)?,
+            stdout: slave.try_clone().map_err(StdioError::Create)?,
+            stderr: slave,
+        };
+        set_cloexec(&pty.master)?;
+        pty_master = Some(pty.master.try_clone().map_err(StdioError::Create)?);
+        slots.terminal = Some(pty.master);
+        pending = 1;
+    } else {
+        let stdin = if want.stdin {
+            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
+            slots.stdin = Some(w);
+            r
+        } else {
+            dev_null().map_err(StdioError::Create)?
+        };
+        let mut output = |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
+            if !wanted {
+                return dev_null().map_err(StdioError::Create);
+            }
+            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
+            let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            *slot = Some(r);
+            pending += 1;
+            Ok(w)
+        };
+        let stdout = output(want.stdout, &mut slots.stdout)?;
+        let stderr = output(want.stderr, &mut slots.stderr)?;
+        fds = ProcessFds { stdin, stdout, stderr };
+    }
+    let (pending, _) = watch::channel(pending);
+    Ok((
+        fds,
+        Arc::new(ProcessIo {
+            slots: Mutex::new(slots),
+            pending,
+            close_stdin: Arc::new(Notify::new()),
+            pty_master,
+        }),
+    ))
+}
+
+fn set_cloexec(fd: &OwnedFd) -> Result<(), StdioError> {
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map(|_| ())
+        .map_err(|e| StdioError::Create(e.into()))
+}
+
+impl ProcessIo {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this process has a terminal.
+    pub fn has_terminal(&self) -> bool {
+        self.pty_master.is_some()
+    }
+
+    /// Reserves stream `kind` for a connection; [`Attachment::run`] starts
+    /// the copy. Each stream can be taken once.
+    pub fn take(self: &Arc<Self>, kind: StreamKind) -> Result<Attachment, StdioError> {
+        let mut s = self.lock();
+        if s.attached.contains(&kind) {
+            return Err(StdioError::AlreadyAttached(kind));
+        }
+        let slot = match kind {
+            StreamKind::STDIN => s.stdin.take(),
+            StreamKind::STDOUT => s.stdout.take(),
+            StreamKind::STDERR => s.stderr.take(),
+            StreamKind::TERMINAL => s.terminal.take(),
+            StreamKind::STREAM_KIND_UNSPECIFIED => None,
+        };
+        let fd = slot.ok_or(StdioError::NoSuchStream(kind))?;
+        s.attached.push(kind);
+        Ok(Attachment { io: Arc::clone(self), kind, fd: Some(fd) })
+    }
+
+    fn output_done(&self) {
+        self.pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    /// Resolves once every wanted output was copied to EOF.
+    pub async fn drained(&self) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Closes the process's stdin: at once if no stream is attached, else
+    /// after the bytes already readable from the stream.
+    pub fn close_stdin(&self) {
+        drop(self.lock().stdin.take());
+        self.close_stdin.notify_one();
+    }
+
+    /// Sets the terminal's window size.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), StdioError> {
+        let master = self.pty_master.as_ref().ok_or(StdioError::NoTerminal)?;
+        let ws = Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a `winsize` struct from the pointer, which
+        // points at a live local; the fd is our pty master.
+        let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        if rc < 0 {
+            return Err(StdioError::Resize(nix::Error::last()));
+        }
+        Ok(())
+    }
+}
+
+async fn copy_output<R, W>(mut from: R, mut to: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            // The shim went away: keep draining so the process is not blocked.
+            while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+            return;
+        }
+    }
+    let _ = to.flush().await;
+    let _ = to.shutdown().await;
+}
+
+async fn copy_stdin<R, W>(mut from: R, mut to: W, close: Arc<Notify>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = close.notified() => break,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Async reads and writes on a pipe or pty fd.
+struct FdIo {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl FdIo {
+    fn new(fd: OwnedFd) -> io::Result<Self> {
+        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+        // and refers to the same file for the AsyncFd's whole life.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(FdIo { fd })
+    }
+}
+
+impl AsyncRead for FdIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), unfilled).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // A pty master reads EIO once every slave fd is closed: EOF.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for FdIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A reserved stream, waiting for its connection.
+pub struct Attachment {
+    io: Arc<ProcessIo>,
+    kind: StreamKind,
+    fd: Option<OwnedFd>,
+}
+
+impl Attachment {
+    /// Starts copying between the process and `conn`.
+    pub fn run<C>(mut self, conn: C) -> Result<(), StdioError>
+    where
+        C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Some(fd) = self.fd.take() else { return Ok(()) };
+        let io = Arc::clone(&self.io);
+        match self.kind {
+            StreamKind::STDIN => {
+                let close = Arc::clone(&io.close_stdin);
+                tokio::spawn(async move {
+                    if let Ok(pipe) = FdIo::new(fd) {
+                        copy_stdin(conn, pipe, close).await;
+                    }
+                });
+            }
+            StreamKind::TERMINAL => {
+                let write_fd = match fd.try_clone() {
+                    Ok(w) => w,
+                    Err(e) => {
+                        io.output_done();
+                        return Err(StdioError::Create(e));
+                    }
+                };
+                let (conn_r, conn_w) = tokio::io::split(conn);
+                tokio::spawn(async move {
+                    if let Ok(master) = FdIo::new(write_fd) {
+                        copy_stdin(conn_r, master, Arc::new(Notify::new())).await;
+                    }
+                });
+                tokio::spawn(async move {
+                    if let Ok(master) = FdIo::new(fd) {
+                        copy_output(master, conn_w).await;
+                    }
+                    io.output_done();
+                });
+            }
+            _ => {
+                tokio::spawn(async move {
+                    if let Ok(pipe) = FdIo::new(fd) {
+                        copy_output(pipe, conn).await;
+                    }
+                    io.output_done();
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        // Never connected: the output is lost with its pipe; do not let the
+        // exit wait for it.
+        if self.fd.take().is_some() && self.kind != StreamKind::STDIN {
+            self.io.output_done();
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Storage the shim provides: filesystems mounted read-only in the guest
+//! (a container image's block device; in host mode an image file on a loop
+//! device or a directory), and the per-container overlay root built on them.
+//!
+//! Mounts live under `<state>/storage/<id>`. The dm-verity and dm-crypt layers
+//! of issue 6 slot in between "find the device" and "mount it".
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use veil_protocol::agent::{AddStorageRequest, StorageSource};
+
+use crate::{
+    status::{Classify, Kind},
+    validate::{self, ValidationError},
+};
+
+/// Filesystems an image may have.
+const FSTYPES: &[&str] = &["ext4", "erofs", "squashfs", "xfs"];
+/// Longest wait for a disk to appear.
+const MAX_WAIT_MS: u32 = 60_000;
+
+/// Errors of storage handling.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A malformed request field.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A request the agent refuses.
+    #[error("{0}")]
+    Refused(String),
+    /// The id is in use.
+    #[error("storage '{0}' already exists")]
+    Exists(String),
+    /// No such storage.
+    #[error("storage '{0}' not found")]
+    NotFound(String),
+    /// A container still uses it.
+    #[error("storage '{0}' is in use by a container")]
+    InUse(String),
+    /// The device never appeared.
+    #[error("no disk with serial '{0}' appeared in time")]
+    NoDevice(String),
+    /// The source does not exist.
+    #[error("storage source {0} does not exist")]
+    NoSource(PathBuf),
+    /// Verity is not implemented yet.
+    #[error("dm-verity storage is not implemented yet")]
+    VerityUnimplemented,
+    /// Mounting or attaching failed.
+    #[error("cannot {what} {path}")]
+    Os {
+        /// What was attempted.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Classify for StorageError {
+    fn kind(&self) -> Kind {
+        match self {
+            StorageError::Invalid(_) | StorageError::Refused(_) => Kind::InvalidArgument,
+            StorageError::Exists(_) => Kind::AlreadyExists,
+            StorageError::NotFound(_) | StorageError::NoSource(_) | StorageError::NoDevice(_) => {
+                Kind::NotFound
+            }
+            StorageError::InUse(_) => Kind::FailedPrecondition,
+            StorageError::VerityUnimplemented => Kind::Unimplemented,
+            StorageError::Os { .. } => Kind::Internal,
+        }
+    }
+}
+
+fn os<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
+    move |source| StorageError::Os {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One attached storage.
+#[derive(Debug)]
+struct Entry {
+    /// Where its filesystem is visible.
+    root: PathBuf,
+    /// Whether we mounted it (and must unmount it).
+    mounted: bool,
+    /// Containers using it.
+    users: usize,
+}
+
+/// The attached storages.
+pub struct Storages {
+    dir: PathBuf,
+    host_mode: bool,
+    entries: HashMap<String, Entry>,
+}
+
+impl Storages {
+    /// Storages mounted under `dir`; `host_mode` allows image files and directories.
+    pub fn new(dir: PathBuf, host_mode: bool) -> Self {
+        Storages {
+            dir,
+            host_mode,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Attaches a storage; returns where its filesystem is.
+    pub async fn add(&mut self, req: &AddStorageRequest) -> Result<PathBuf, StorageError> {
+        validate::id("storage_id", &req.storage_id)?;
+        if self.entries.contains_key(&req.storage_id) {
+            return Err(StorageError::Exists(req.storage_id.clone()));
+        }
+        if req.verity.is_some() {
+            return Err(StorageError::VerityUnimplemented);
+        }
+        let source = req.source.enum_value_or_default();
+        let host_only = matches!(source, StorageSource::IMAGE_FILE | StorageSource::DIRECTORY);
+        if host_only && !self.host_mode {
+            return Err(StorageError::Refused(format!("source {source:?} is only allowed in host mode")));
+        }
+        if source == StorageSource::DIRECTORY {
+            let dir = validate::absolute_path("locator", &req.locator)?;
+            validate::overlay_safe("locator", &dir)?;
+            if !dir.is_dir() {
+                return Err(StorageError::NoSource(dir));
+            }
+            self.entries.insert(req.storage_id.clone(), Entry { root: dir.clone(), mounted: false, users: 0 });
+            return Ok(dir);
+        }
+        if !FSTYPES.contains(&req.fstype.as_str()) {
+            return Err(StorageError::Refused(format!(
+                "filesystem type '{}' (expected one of {FSTYPES:?})",
+                req.fstype.chars().take(32).collect::<String>()
+            )));
+        }
+        let device = match source {
+            StorageSource::BLOCK_SERIAL => {
+                let wait = if req.wait_ms == 0 { 5000 } else { req.wait_ms.min(MAX_WAIT_MS) };
+                find_by_serial(&req.locator, Duration::from_millis(u64::from(wait))).await?
+            }
+            StorageSource::DEVICE_PATH => {
+                let p = validate::absolute_path("locator", &req.locator)?;
+                if !p.starts_with("/dev") {
+                    return Err(StorageError::Refused("a device path must be under /dev".into()));
+                }
+                if !p.exists() {
+                    return Err(StorageError::NoSource(p));
+                }
+                p
+            }
+            StorageSource::IMAGE_FILE => {
+                let p = validate::absolute_path("locator", &req.locator)?;
+                if !p.is_file() {
+                    return Err(StorageError::NoSource(p));
+                }
+                attach_loop(&p, req.read_only)?
+            }
+            _ => return Err(StorageError::Refused("storage source is unspecified".into())),
+        };
+        let root = self.dir.join(&req.storage_id);
+        fs::create_dir_all(&root).map_err(os("create", &root))?;
+        let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        if req.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(Some(&device), &root, Some(req.fstype.as_str()), flags, None::<&str>)
+            .map_err(|e| StorageError::Os { what: "mount", path: device.clone(), source: e.into() })?;
+        self.entries.insert(req.storage_id.clone(), Entry { root: root.clone(), mounted: true, users: 0 });
+        Ok(root)
+    }
+
+    /// Detaches a storage no container uses.
+    pub fn remove(&mut self, id: &str) -> Result<(), StorageError> {
+        validate::id("storage_id", id)?;
+        let e = self.entries.get(id).ok_or_else(|| StorageError::NotFound(id.to_string()))?;
+        if e.users > 0 {
+            return Err(StorageError::InUse(id.to_string()));
+        }
+        if let Some(e) = self.entries.remove(id) {
+            release(&e);
+        }
+        Ok(())
+    }
+
+    /// Detaches everything (sandbox teardown).
+    pub fn remove_all(&mut self) {
+        for (_, e) in self.entries.drain() {
+            release(&e);
+        }
+    }
+
+    /// Resolves `subpath` in storage `id` and counts a user of it.
+    pub fn acquire(&mut self, id: &str, subpath: &str) -> Result<PathBuf, StorageError> {
+        validate::id("storage_id", id)?;
+        let sub = validate::relative_path("subpath", subpath)?;
+        let e = self.entries.get_mut(id).ok_or_else(|| StorageError::NotFound(id.to_string()))?;
+        let p = e.root.join(sub);
+        if !p.is_dir() {
+            return Err(StorageError::NoSource(p));
+        }
+        e.users += 1;
+        Ok(p)
+    }
+
+    /// Releases a use taken with [`Storages::acquire`].
+    pub fn release_use(&mut self, id: &str) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.users = e.users.saturating_sub(1);
+        }
+    }
+
+    /// Where storage `id` is, if attached (bind sources `storage:ID/SUB`).
+    pub fn root(&self, id: &str) -> Option<&Path> {
+        self.entries.get(id).map(|e| e.root.as_path())
+    }
+}
+
+fn release(e: &Entry) {
+    if e.mounted {
+        if let Err(err) = umount2(&e.root, MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %e.root.display(), error = %err, "cannot unmount storage");
+        }
+        let _ = fs::remove_dir(&e.root);
+    }
+}
+
+/// Finds the virtio-blk disk whose serial is `serial`, waiting for it.
+async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, StorageError> {
+    if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StorageError::Refused("a virtio-blk serial is 1-20 printable characters".into()));
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(dir) = fs::read_dir("/sys/block") {
+            for entry in dir.flatten() {
+                let s = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+                if s.trim_end_matches(['\n', '\0']) == serial {
+                    return Ok(Path::new("/dev").join(entry.file_name()));
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(StorageError::NoDevice(serial.to_string()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// Loop device ioctls (linux/loop.h).
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Attaches `file` to a free loop device that detaches itself when unmounted.
+fn attach_loop(file: &Path, read_only: bool) -> Result<PathBuf, StorageError> {
+    let img = fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(file)
+        .map_err(os("open", file))?;
+    let ctl_path = Path::new("/dev/loop-control");
+    let ctl = fs::File::open(ctl_path).map_err(os("open", ctl_path))?;
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(os("find a free loop device for", file)(std::io::Error::last_os_error()));
+        }
+        let dev = PathBuf::from(format!("/dev/loop{n}"));
+        let loopdev = fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&dev)
+            .map_err(os("open", &dev))?;
+        // SAFETY: an all-zero LoopConfig is a valid value (plain integers and arrays).
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = img.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+        // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` from the pointer,
+        // which points at a live, correctly laid out local.
+        let rc = unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
+        if rc == 0 {
+            return Ok(dev);
+        }
+        let err = std::io::Error::last_os_error();
+        // Another process took this device between GET_FREE and CONFIGURE.
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(os("configure", &dev)(err));
+        }
+    }
+    Err(StorageError::Refused("no free loop device".into()))
+}
+
+/// The overlay root of one container: `<dir>/{upper,work,rootfs}`.
+#[derive(Debug)]
+pub struct OverlayRoot {
+    dir: PathBuf,
+}
+
+impl OverlayRoot {
+    /// Mounts an overlay with `lower` read-only and a fresh upper in `dir`.
+    pub fn mount(dir: PathBuf, lower: &Path) -> Result<Self, StorageError> {
+        validate::overlay_safe("lower", lower)?;
+        validate::overlay_safe("state dir", &dir)?;
+        let me = OverlayRoot { dir };
+        for sub in ["upper", "work", "rootfs"] {
+            let p = me.dir.join(sub);
+            fs::create_dir_all(&p).map_err(os("create", &p))?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            me.dir.join("upper").display(),
+            me.dir.join("work").display()
+        );
+        let target = me.rootfs();
+        mount(Some("overlay"), &target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+            .map_err(|e| StorageError::Os { what: "mount overlay on", path: target.clone(), source: e.into() })?;
+        Ok(me)
+    }
+
+    /// The merged root.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// Unmounts and deletes the upper layer.
+    pub fn remove(&self) {
+        let root = self.rootfs();
+        let _ = umount2(&root, MntFlags::MNT_DETACH);
+        let _ = umount2(&self.dir.join("initramfs"), MntFlags::MNT_DETACH);
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove container state");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veil_protocol::agent::VerityParams;
+
+    #[tokio::test]
+    async fn refuses_bad_requests_with_the_right_kind() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Storages::new(d.path().to_path_buf(), false);
+        let mut r = AddStorageRequest::new();
+        r.storage_id = "../x".into();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
+        r.storage_id = "img".into();
+        r.source = StorageSource::DIRECTORY.into();
+        r.locator = "/".into();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument, "directory outside host mode");
+        r.source = StorageSource::DEVICE_PATH.into();
+        r.fstype = "ext4".into();
+        r.locator = "/etc/passwd".into();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
+        r.fstype = "nfs".into();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
+        r.verity = Some(VerityParams::new()).into();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::Unimplemented);
+        assert_eq!(s.remove("nope").unwrap_err().kind(), Kind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn directories_in_host_mode_count_their_users() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("rootfs")).unwrap();
+        let mut s = Storages::new(d.path().join("state"), true);
+        let mut r = AddStorageRequest::new();
+        r.storage_id = "img".into();
+        r.source = StorageSource::DIRECTORY.into();
+        r.locator = d.path().to_string_lossy().into_owned();
+        s.add(&r).await.unwrap();
+        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::AlreadyExists);
+        assert_eq!(s.acquire("img", "rootfs").unwrap(), d.path().join("rootfs"));
+        assert_eq!(s.acquire("img", "missing").unwrap_err().kind(), Kind::NotFound);
+        assert_eq!(s.acquire("img", "../x").unwrap_err().kind(), Kind::InvalidArgument);
+        assert_eq!(s.remove("img").unwrap_err().kind(), Kind::FailedPrecondition);
+        s.release_use("img");
+        s.remove("img").unwrap();
+    }
+}
