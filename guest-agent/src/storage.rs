@@ -21,6 +21,10 @@ use crate::{
     validate::{self, ValidationError},
 };
 
+/// Where the (measured) initrd may carry images of its own: image files and
+/// directories below it are allowed outside host mode too.
+pub const INITRD_IMAGES: &str = "/images";
+
 /// Filesystems an image may have.
 const FSTYPES: &[&str] = &["ext4", "erofs", "squashfs", "xfs"];
 /// Longest wait for a disk to appear.
@@ -128,8 +132,12 @@ impl Storages {
         }
         let source = req.source.enum_value_or_default();
         let host_only = matches!(source, StorageSource::IMAGE_FILE | StorageSource::DIRECTORY);
-        if host_only && !self.host_mode {
-            return Err(StorageError::Refused(format!("source {source:?} is only allowed in host mode")));
+        let in_initrd = validate::absolute_path("locator", &req.locator)
+            .is_ok_and(|p| p.starts_with(INITRD_IMAGES));
+        if host_only && !self.host_mode && !in_initrd {
+            return Err(StorageError::Refused(format!(
+                "source {source:?} is only allowed in host mode or below {INITRD_IMAGES}"
+            )));
         }
         if source == StorageSource::DIRECTORY {
             let dir = validate::absolute_path("locator", &req.locator)?;

@@ -2,12 +2,15 @@
 //!
 //! One place for the fixtures every test needs: where the built artefacts are
 //! ([`artefacts`]), a booted pod VM with its vsock backend that cleans up after
-//! itself even when the test panics ([`vm`]), and the agent's ttrpc clients.
+//! itself even when the test panics ([`vm`]), the agent in host mode
+//! ([`agent`]) and busybox root filesystems and OCI specs ([`rootfs`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
 
+pub mod agent;
 pub mod artefacts;
+pub mod rootfs;
 pub mod vm;
 
 pub use artefacts::Artefacts;
