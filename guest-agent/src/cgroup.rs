@@ -62,9 +62,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 
 /// Finds the cgroup2 mount point from `/proc/self/mountinfo`.
 pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(io_err(Path::new("/proc/self/mountinfo")))?;
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_err(Path::new("/proc/self/mountinfo")))?;
     for line in info.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else { continue };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
         if post.split_whitespace().next() == Some("cgroup2") {
             if let Some(mp) = pre.split_whitespace().nth(4) {
                 return Ok(PathBuf::from(mp));
@@ -112,7 +115,9 @@ impl CgroupParent {
 
 /// Enables for `dir`'s children every controller `dir` has (best effort).
 fn delegate(dir: &Path) {
-    let Ok(avail) = fs::read_to_string(dir.join("cgroup.controllers")) else { return };
+    let Ok(avail) = fs::read_to_string(dir.join("cgroup.controllers")) else {
+        return;
+    };
     for c in avail.split_whitespace() {
         let _ = fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"));
     }
@@ -144,7 +149,10 @@ impl Cgroup {
             if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ERANGE) {
                 CgroupError::Invalid(format!("{file} = {value}"))
             } else {
-                CgroupError::Io { path: p.clone(), source: e }
+                CgroupError::Io {
+                    path: p.clone(),
+                    source: e,
+                }
             }
         })
     }
@@ -201,7 +209,11 @@ impl Cgroup {
         }
         if let Some(b) = r.block_io() {
             if let Some(w) = b.weight() {
-                self.write("io.weight", &format!("default {}", bfq_to_io_weight(w)), "io")?;
+                self.write(
+                    "io.weight",
+                    &format!("default {}", bfq_to_io_weight(w)),
+                    "io",
+                )?;
             }
             let throttles = [
                 (b.throttle_read_bps_device(), "rbps"),
@@ -218,13 +230,22 @@ impl Cgroup {
         }
         for (k, v) in r.unified().iter().flatten() {
             let ok = k.contains('.')
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                 && !k.starts_with("cgroup.");
             if !ok || v.contains('\0') {
                 return Err(CgroupError::Invalid(format!("unified key {k}")));
             }
             let controller = k.split('.').next().unwrap_or_default();
-            self.write(k, v, if controller == "memory" { "memory" } else { "unified" })?;
+            self.write(
+                k,
+                v,
+                if controller == "memory" {
+                    "memory"
+                } else {
+                    "unified"
+                },
+            )?;
         }
         Ok(())
     }
@@ -234,12 +255,19 @@ impl Cgroup {
         self.write("cgroup.freeze", if frozen { "1" } else { "0" }, "freezer")?;
         let want = if frozen { "frozen 1" } else { "frozen 0" };
         for _ in 0..200 {
-            if self.read("cgroup.events").is_some_and(|e| e.lines().any(|l| l == want)) {
+            if self
+                .read("cgroup.events")
+                .is_some_and(|e| e.lines().any(|l| l == want))
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(CgroupError::Timeout(if frozen { "frozen" } else { "thawed" }))
+        Err(CgroupError::Timeout(if frozen {
+            "frozen"
+        } else {
+            "thawed"
+        }))
     }
 
     /// True while frozen.
@@ -268,7 +296,9 @@ impl Cgroup {
 
     /// OOM kills so far (`memory.events` `oom_kill`); 0 without the controller.
     pub fn oom_kills(&self) -> u64 {
-        self.read("memory.events").map(|s| kv(&s).get("oom_kill").copied().unwrap_or(0)).unwrap_or(0)
+        self.read("memory.events")
+            .map(|s| kv(&s).get("oom_kill").copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// Statistics from the cgroup's files; missing files give zeros.
@@ -287,7 +317,11 @@ impl Cgroup {
         }
         st.cpu = Some(cpu).into();
         let mut mem = MemoryStats::new();
-        let num = |f: &str| self.read(f).and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        let num = |f: &str| {
+            self.read(f)
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         mem.usage = num("memory.current");
         mem.limit = num("memory.max");
         mem.max_usage = num("memory.peak");
@@ -298,7 +332,10 @@ impl Cgroup {
             mem.oom_kills = m.get("oom_kill").copied().unwrap_or(0);
         }
         if let Some(s) = self.read("memory.stat") {
-            mem.stat = kv(&s).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            mem.stat = kv(&s)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
         }
         st.memory = Some(mem).into();
         let mut pids = PidsStats::new();
@@ -365,12 +402,16 @@ fn parse_io_stat(s: &str) -> Vec<IoDeviceStats> {
     let mut out = Vec::new();
     for line in s.lines() {
         let mut words = line.split_whitespace();
-        let Some((maj, min)) = words.next().and_then(|d| d.split_once(':')) else { continue };
+        let Some((maj, min)) = words.next().and_then(|d| d.split_once(':')) else {
+            continue;
+        };
         let mut d = IoDeviceStats::new();
         d.major = maj.parse().unwrap_or(0);
         d.minor = min.parse().unwrap_or(0);
         for w in words {
-            let Some((k, v)) = w.split_once('=') else { continue };
+            let Some((k, v)) = w.split_once('=') else {
+                continue;
+            };
             let v = v.parse().unwrap_or(0);
             match k {
                 "rbytes" => d.rbytes = v,
@@ -392,7 +433,14 @@ mod tests {
     #[test]
     fn applies_resources_as_cgroup_v2_files() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["memory.max", "memory.swap.max", "cpu.weight", "cpu.max", "pids.max", "io.weight"] {
+        for f in [
+            "memory.max",
+            "memory.swap.max",
+            "cpu.weight",
+            "cpu.max",
+            "pids.max",
+            "io.weight",
+        ] {
             fs::write(d.path().join(f), "").unwrap();
         }
         let cg = Cgroup::at(d.path().to_path_buf());
@@ -424,11 +472,23 @@ mod tests {
     #[test]
     fn parses_stat_files() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join("cpu.stat"), "usage_usec 10\nuser_usec 7\nsystem_usec 3\n").unwrap();
+        fs::write(
+            d.path().join("cpu.stat"),
+            "usage_usec 10\nuser_usec 7\nsystem_usec 3\n",
+        )
+        .unwrap();
         fs::write(d.path().join("memory.current"), "4096\n").unwrap();
         fs::write(d.path().join("memory.max"), "max\n").unwrap();
-        fs::write(d.path().join("memory.events"), "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n").unwrap();
-        fs::write(d.path().join("io.stat"), "254:0 rbytes=512 wbytes=1024 rios=1 wios=2 dbytes=0 dios=0\n").unwrap();
+        fs::write(
+            d.path().join("memory.events"),
+            "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        fs::write(
+            d.path().join("io.stat"),
+            "254:0 rbytes=512 wbytes=1024 rios=1 wios=2 dbytes=0 dios=0\n",
+        )
+        .unwrap();
         let cg = Cgroup::at(d.path().to_path_buf());
         let s = cg.stats();
         assert_eq!(s.cpu.usage_usec, 10);

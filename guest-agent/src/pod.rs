@@ -12,8 +12,8 @@ use std::{
 use oci_spec::runtime::LinuxResources;
 use tokio::sync::Mutex;
 use veil_protocol::agent::{
-    AddStorageRequest, ContainerStats, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest,
-    ProcessState, Stdio, StreamKind,
+    AddStorageRequest, ContainerStats, CreateContainerRequest, CreateSandboxRequest,
+    ExecProcessRequest, ProcessState, Stdio, StreamKind,
 };
 
 use crate::{
@@ -104,7 +104,10 @@ impl Classify for PodError {
 }
 
 fn not_found(what: &'static str, id: &str) -> PodError {
-    PodError::NotFound { what, id: id.to_string() }
+    PodError::NotFound {
+        what,
+        id: id.to_string(),
+    }
 }
 
 /// Where the pod keeps its state.
@@ -141,16 +144,25 @@ struct PlanCtx<'a> {
 }
 
 impl plan::Context for PlanCtx<'_> {
-    fn bind_source(&self, source: &str) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+    fn bind_source(
+        &self,
+        source: &str,
+    ) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
         if let Some(name) = source.strip_prefix("sandbox:") {
             let sb = self.inner.sandbox.as_ref().ok_or("no sandbox")?;
-            return sb.file(name).ok_or_else(|| format!("no sandbox file '{name}' (have {:?})", sandbox::FILES).into());
+            return sb.file(name).ok_or_else(|| {
+                format!("no sandbox file '{name}' (have {:?})", sandbox::FILES).into()
+            });
         }
         if let Some(rest) = source.strip_prefix("storage:") {
             let (id, sub) = rest.split_once('/').unwrap_or((rest, ""));
             validate::id("storage_id", id)?;
             let sub = validate::relative_path("storage subpath", sub)?;
-            let root = self.inner.storages.root(id).ok_or_else(|| format!("storage '{id}' not found"))?;
+            let root = self
+                .inner
+                .storages
+                .root(id)
+                .ok_or_else(|| format!("storage '{id}' not found"))?;
             let p = root.join(sub);
             if !p.exists() {
                 return Err(format!("{} does not exist", p.display()).into());
@@ -172,7 +184,11 @@ impl plan::Context for PlanCtx<'_> {
     }
 
     fn sandbox_hostname(&self) -> Option<String> {
-        self.inner.sandbox.as_ref().map(|s| s.hostname.clone()).filter(|h| !h.is_empty())
+        self.inner
+            .sandbox
+            .as_ref()
+            .map(|s| s.hostname.clone())
+            .filter(|h| !h.is_empty())
     }
 
     fn shared_pid_namespace(&self) -> Option<PathBuf> {
@@ -188,7 +204,12 @@ impl Pod {
             cfg,
             reaper,
             events: Arc::new(Events::default()),
-            inner: Mutex::new(Inner { sandbox: None, cgroups: None, storages, containers: HashMap::new() }),
+            inner: Mutex::new(Inner {
+                sandbox: None,
+                cgroups: None,
+                storages,
+                containers: HashMap::new(),
+            }),
         }
     }
 
@@ -204,18 +225,32 @@ impl Pod {
         sandbox::validate(req)?;
         let mut inner = self.inner.lock().await;
         if let Some(sb) = &inner.sandbox {
-            return Err(PodError::Exists { what: "sandbox", id: sb.id.clone() });
+            return Err(PodError::Exists {
+                what: "sandbox",
+                id: sb.id.clone(),
+            });
         }
         let dir = self.cfg.state_dir.join("sandbox");
-        sandbox::write_files(&dir, req)
-            .map_err(|source| PodError::Io { what: format!("writing sandbox files in {}", dir.display()), source })?;
+        sandbox::write_files(&dir, req).map_err(|source| PodError::Io {
+            what: format!("writing sandbox files in {}", dir.display()),
+            source,
+        })?;
         let cgroups = CgroupParent::create(self.cfg.cgroup_parent.clone())?;
         let pid_holder = if req.shared_pid_namespace {
             let holder_cg = cgroups.child("_pidns")?;
             let fds = engine::ProcessFds {
-                stdin: engine::dev_null().map_err(|source| PodError::Io { what: "open /dev/null".into(), source })?,
-                stdout: engine::dev_null().map_err(|source| PodError::Io { what: "open /dev/null".into(), source })?,
-                stderr: engine::dev_null().map_err(|source| PodError::Io { what: "open /dev/null".into(), source })?,
+                stdin: engine::dev_null().map_err(|source| PodError::Io {
+                    what: "open /dev/null".into(),
+                    source,
+                })?,
+                stdout: engine::dev_null().map_err(|source| PodError::Io {
+                    what: "open /dev/null".into(),
+                    source,
+                })?,
+                stderr: engine::dev_null().map_err(|source| PodError::Io {
+                    what: "open /dev/null".into(),
+                    source,
+                })?,
             };
             let (_, io) = stdio::prepare(&Stdio::new(), false)?;
             let p = Process::new("", fds, io);
@@ -226,7 +261,12 @@ impl Pod {
             None
         };
         inner.cgroups = Some(cgroups);
-        inner.sandbox = Some(Sandbox { id: req.sandbox_id.clone(), hostname: req.hostname.clone(), dir, pid_holder });
+        inner.sandbox = Some(Sandbox {
+            id: req.sandbox_id.clone(),
+            hostname: req.hostname.clone(),
+            dir,
+            pid_holder,
+        });
         tracing::info!(sandbox = %req.sandbox_id, "sandbox created");
         Ok(())
     }
@@ -248,7 +288,9 @@ impl Pod {
             let _ = std::fs::remove_dir_all(&sb.dir);
         }
         if let Some(cg) = inner.cgroups.take() {
-            let _ = crate::cgroup::Cgroup::at(cg.path().join("_pidns")).remove().await;
+            let _ = crate::cgroup::Cgroup::at(cg.path().join("_pidns"))
+                .remove()
+                .await;
             cg.remove();
         }
         Ok(())
@@ -274,15 +316,22 @@ impl Pod {
         let id = req.container_id.clone();
         let mut inner = self.inner.lock().await;
         if inner.sandbox.is_none() {
-            return Err(PodError::State("CreateSandbox must come before CreateContainer".into()));
+            return Err(PodError::State(
+                "CreateSandbox must come before CreateContainer".into(),
+            ));
         }
         if inner.containers.contains_key(&id) {
-            return Err(PodError::Exists { what: "container", id });
+            return Err(PodError::Exists {
+                what: "container",
+                id,
+            });
         }
         let spec = plan::parse_spec(&req.oci_spec)?;
         let rootfs_req = req.rootfs.as_ref().cloned().unwrap_or_default();
         if !rootfs_req.upper_storage_id.is_empty() {
-            return Err(PodError::BadRequest("rootfs.upper_storage_id is not supported yet".into()));
+            return Err(PodError::BadRequest(
+                "rootfs.upper_storage_id is not supported yet".into(),
+            ));
         }
         let dir = self.cfg.state_dir.join("containers").join(&id);
         let cgroup_path = self.cfg.cgroup_parent.join(&id);
@@ -290,12 +339,21 @@ impl Pod {
             &spec,
             &dir.join("rootfs"),
             Some(cgroup_path),
-            &PlanCtx { inner: &inner, host_mode: self.cfg.host_mode },
+            &PlanCtx {
+                inner: &inner,
+                host_mode: self.cfg.host_mode,
+            },
         )?;
-        let lower = inner.storages.acquire(&rootfs_req.storage_id, &rootfs_req.subpath).map_err(|e| match e {
-            StorageError::NotFound(s) => PodError::NotFound { what: "rootfs storage", id: s },
-            other => other.into(),
-        })?;
+        let lower = inner
+            .storages
+            .acquire(&rootfs_req.storage_id, &rootfs_req.subpath)
+            .map_err(|e| match e {
+                StorageError::NotFound(s) => PodError::NotFound {
+                    what: "rootfs storage",
+                    id: s,
+                },
+                other => other.into(),
+            })?;
 
         // From here on, undo what was done if a later step fails.
         let storage_id = rootfs_req.storage_id.clone();
@@ -306,7 +364,17 @@ impl Pod {
                 return Err(e.into());
             }
         };
-        let result = self.spawn_init(&inner, &id, spec, spawn_req, req, overlay, storage_id.clone()).await;
+        let result = self
+            .spawn_init(
+                &inner,
+                &id,
+                spec,
+                spawn_req,
+                req,
+                overlay,
+                storage_id.clone(),
+            )
+            .await;
         match result {
             Ok((container, pid)) => {
                 inner.containers.insert(id.clone(), container);
@@ -324,7 +392,11 @@ impl Pod {
         }
     }
 
-    #[allow(clippy::type_complexity, clippy::too_many_arguments, reason = "the error carries what to undo")]
+    #[allow(
+        clippy::type_complexity,
+        clippy::too_many_arguments,
+        reason = "the error carries what to undo"
+    )]
     async fn spawn_init(
         &self,
         inner: &Inner,
@@ -334,7 +406,8 @@ impl Pod {
         req: &CreateContainerRequest,
         overlay: OverlayRoot,
         storage_id: String,
-    ) -> Result<(Arc<Container>, i32), (PodError, Option<(crate::cgroup::Cgroup, OverlayRoot)>)> {
+    ) -> Result<(Arc<Container>, i32), (PodError, Option<(crate::cgroup::Cgroup, OverlayRoot)>)>
+    {
         let parent = match inner.cgroups.as_ref() {
             Some(p) => p,
             None => {
@@ -354,14 +427,25 @@ impl Pod {
                 return Err((e.into(), Some((cgroup, overlay))));
             }
         }
-        let terminal = spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
         let want = req.stdio.as_ref().cloned().unwrap_or_default();
         let (fds, io) = match stdio::prepare(&want, terminal) {
             Ok(x) => x,
             Err(e) => return Err((e.into(), Some((cgroup, overlay)))),
         };
         let init = Process::new("", fds, io);
-        let container = Container::new(id.to_string(), spec, cgroup, overlay, storage_id, Arc::clone(&init));
+        let container = Container::new(
+            id.to_string(),
+            spec,
+            cgroup,
+            overlay,
+            storage_id,
+            Arc::clone(&init),
+        );
         let on_exit = container.on_exit("", Arc::clone(&self.events));
         match init.spawn(spawn_req, &self.reaper, on_exit).await {
             Ok(pid) => {
@@ -380,13 +464,25 @@ impl Pod {
 
     async fn container(&self, id: &str) -> Result<Arc<Container>, PodError> {
         validate::id("container_id", id)?;
-        self.inner.lock().await.containers.get(id).cloned().ok_or_else(|| not_found("container", id))
+        self.inner
+            .lock()
+            .await
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| not_found("container", id))
     }
 
-    async fn process(&self, container_id: &str, exec_id: &str) -> Result<(Arc<Container>, Arc<Process>), PodError> {
+    async fn process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Container>, Arc<Process>), PodError> {
         validate::exec_id(exec_id)?;
         let c = self.container(container_id).await?;
-        let p = c.process(exec_id).ok_or_else(|| not_found("exec process", exec_id))?;
+        let p = c
+            .process(exec_id)
+            .ok_or_else(|| not_found("exec process", exec_id))?;
         Ok((c, p))
     }
 
@@ -394,7 +490,9 @@ impl Pod {
     pub async fn start_container(&self, id: &str) -> Result<u32, PodError> {
         let c = self.container(id).await?;
         if !matches!(c.init.state(), State::Created { .. }) || c.init.has_exited() {
-            return Err(PodError::State(format!("container '{id}' is not in the created state")));
+            return Err(PodError::State(format!(
+                "container '{id}' is not in the created state"
+            )));
         }
         Ok(c.init.start().await? as u32)
     }
@@ -404,7 +502,9 @@ impl Pod {
         let c = self.container(id).await?;
         match c.init.state() {
             State::Running { .. } if !c.init.has_exited() => {
-                return Err(PodError::State(format!("container '{id}' is running; kill it first")));
+                return Err(PodError::State(format!(
+                    "container '{id}' is running; kill it first"
+                )));
             }
             _ => {}
         }
@@ -467,15 +567,24 @@ impl Pod {
         validate::max_len("process", req.process.len(), MAX_SPEC)?;
         let c = self.container(&req.container_id).await?;
         if !c.is_running() {
-            return Err(PodError::State(format!("container '{}' is not running", req.container_id)));
+            return Err(PodError::State(format!(
+                "container '{}' is not running",
+                req.container_id
+            )));
         }
         let spec = plan::parse_process(&req.process)?;
         let terminal = spec.terminal().unwrap_or(false);
         let want = req.stdio.as_ref().cloned().unwrap_or_default();
         let (fds, io) = stdio::prepare(&want, terminal)?;
-        let exec = Exec { process: Process::new(&req.exec_id, fds, io), spec: std::sync::Mutex::new(Some(spec)) };
+        let exec = Exec {
+            process: Process::new(&req.exec_id, fds, io),
+            spec: std::sync::Mutex::new(Some(spec)),
+        };
         if !c.add_exec(&req.exec_id, exec) {
-            return Err(PodError::Exists { what: "exec process", id: req.exec_id.clone() });
+            return Err(PodError::Exists {
+                what: "exec process",
+                id: req.exec_id.clone(),
+            });
         }
         Ok(())
     }
@@ -484,17 +593,27 @@ impl Pod {
     pub async fn start_exec(&self, container_id: &str, exec_id: &str) -> Result<u32, PodError> {
         validate::id("exec_id", exec_id)?;
         let c = self.container(container_id).await?;
-        let e = c.exec(exec_id).ok_or_else(|| not_found("exec process", exec_id))?;
+        let e = c
+            .exec(exec_id)
+            .ok_or_else(|| not_found("exec process", exec_id))?;
         if !c.is_running() {
-            return Err(PodError::State(format!("container '{container_id}' is not running")));
+            return Err(PodError::State(format!(
+                "container '{container_id}' is not running"
+            )));
         }
-        let init_pid = c.init.state().pid().ok_or_else(|| PodError::State("container has no init".into()))?;
+        let init_pid = c
+            .init
+            .state()
+            .pid()
+            .ok_or_else(|| PodError::State("container has no init".into()))?;
         let spec = e
             .spec
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .ok_or_else(|| PodError::State(format!("exec process '{exec_id}' was already started")))?;
+            .ok_or_else(|| {
+                PodError::State(format!("exec process '{exec_id}' was already started"))
+            })?;
         let req = plan::plan_exec(&c.spec, init_pid, spec, Some(c.cgroup.path().to_path_buf()));
         let on_exit = c.on_exit(exec_id, Arc::clone(&self.events));
         e.process.spawn(req, &self.reaper, on_exit).await?;
@@ -508,14 +627,24 @@ impl Pod {
     }
 
     /// Sends a signal to a process or, with `all`, to the whole container.
-    pub async fn signal(&self, container_id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), PodError> {
+    pub async fn signal(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), PodError> {
         if !(1..=64).contains(&signal) {
-            return Err(PodError::BadRequest(format!("signal {signal} is not in 1..=64")));
+            return Err(PodError::BadRequest(format!(
+                "signal {signal} is not in 1..=64"
+            )));
         }
         let (c, p) = self.process(container_id, exec_id).await?;
         if all {
             if !exec_id.is_empty() {
-                return Err(PodError::BadRequest("`all` signals the whole container: exec_id must be empty".into()));
+                return Err(PodError::BadRequest(
+                    "`all` signals the whole container: exec_id must be empty".into(),
+                ));
             }
             return Ok(c.cgroup.signal_all(signal as i32)?);
         }
@@ -524,7 +653,10 @@ impl Pod {
                 what: "running process",
                 id: format!("{container_id}/{exec_id}"),
             },
-            other => PodError::Io { what: "kill".into(), source: other.into() },
+            other => PodError::Io {
+                what: "kill".into(),
+                source: other.into(),
+            },
         })
     }
 
@@ -538,7 +670,13 @@ impl Pod {
     }
 
     /// Resizes a process's terminal.
-    pub async fn resize(&self, container_id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<(), PodError> {
+    pub async fn resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), PodError> {
         let (rows, cols) = match (u16::try_from(rows), u16::try_from(cols)) {
             (Ok(r), Ok(c)) => (r, c),
             _ => return Err(PodError::BadRequest("terminal size out of range".into())),
@@ -559,7 +697,9 @@ impl Pod {
         validate::id("exec_id", exec_id)?;
         let (c, p) = self.process(container_id, exec_id).await?;
         if !matches!(p.state(), State::Exited { .. } | State::Prepared) {
-            return Err(PodError::State(format!("exec process '{exec_id}' is still running")));
+            return Err(PodError::State(format!(
+                "exec process '{exec_id}' is still running"
+            )));
         }
         c.remove_exec(exec_id);
         Ok(())

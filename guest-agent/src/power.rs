@@ -13,6 +13,7 @@ pub fn power_off() {
         tracing::warn!("power off requested outside a VM: ignored");
         return;
     }
+    tracing::debug!("powering off");
     // The console transmits asynchronously: let the last log lines out first.
     let _ = nix::sys::termios::tcdrain(std::io::stderr());
     nix::unistd::sync();

@@ -50,7 +50,9 @@ impl State {
     pub fn pid(self) -> Option<i32> {
         match self {
             State::Prepared => None,
-            State::Created { pid } | State::Running { pid } | State::Exited { pid, .. } => Some(pid),
+            State::Created { pid } | State::Running { pid } | State::Exited { pid, .. } => {
+                Some(pid)
+            }
         }
     }
 

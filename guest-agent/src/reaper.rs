@@ -126,6 +126,10 @@ impl Reaper {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::zombie_processes,
+    reason = "the reaper under test collects them"
+)]
 mod tests {
     use super::*;
 

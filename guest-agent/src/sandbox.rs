@@ -75,7 +75,10 @@ impl Sandbox {
     /// The shared PID namespace's path, if the pod has one.
     pub fn pid_namespace(&self) -> Option<PathBuf> {
         let pid = self.pid_holder.as_ref()?.state().pid()?;
-        Some(crate::engine::ns_path(pid, crate::engine::wire::Namespace::Pid))
+        Some(crate::engine::ns_path(
+            pid,
+            crate::engine::wire::Namespace::Pid,
+        ))
     }
 }
 

@@ -68,9 +68,15 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         .map_err(ttrpc_err)?
         .register_service(health)
         .register_service(guest)
-        .register_service(veil_protocol::agent_ttrpc::create_sandbox(Arc::new(services.clone())))
-        .register_service(veil_protocol::agent_ttrpc::create_containers(Arc::new(services.clone())))
-        .register_service(veil_protocol::agent_ttrpc::create_events(Arc::new(services)));
+        .register_service(veil_protocol::agent_ttrpc::create_sandbox(Arc::new(
+            services.clone(),
+        )))
+        .register_service(veil_protocol::agent_ttrpc::create_containers(Arc::new(
+            services.clone(),
+        )))
+        .register_service(veil_protocol::agent_ttrpc::create_events(Arc::new(
+            services,
+        )));
     server.start().await.map_err(ttrpc_err)?;
     let streams = match &config.listen {
         Listen::Unix(path) => {
@@ -85,7 +91,9 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         Listen::Vsock(_) => {
             let pod = Arc::clone(&pod);
             tokio::spawn(async move {
-                if let Err(e) = crate::streams::serve_vsock(veil_protocol::STREAM_VSOCK_PORT, pod).await {
+                if let Err(e) =
+                    crate::streams::serve_vsock(veil_protocol::STREAM_VSOCK_PORT, pod).await
+                {
                     tracing::error!(error = %e, "stream listener failed");
                 }
             })

@@ -46,7 +46,11 @@ impl agent_ttrpc::Sandbox for Services {
         Ok(Empty::new())
     }
 
-    async fn add_storage(&self, _c: &TtrpcContext, req: AddStorageRequest) -> R<AddStorageResponse> {
+    async fn add_storage(
+        &self,
+        _c: &TtrpcContext,
+        req: AddStorageRequest,
+    ) -> R<AddStorageResponse> {
         let p = self.pod.add_storage(&req).await.map_err(err)?;
         let mut r = AddStorageResponse::new();
         r.mount_point = p.to_string_lossy().into_owned();
@@ -54,14 +58,21 @@ impl agent_ttrpc::Sandbox for Services {
     }
 
     async fn remove_storage(&self, _c: &TtrpcContext, req: RemoveStorageRequest) -> R<Empty> {
-        self.pod.remove_storage(&req.storage_id).await.map_err(err)?;
+        self.pod
+            .remove_storage(&req.storage_id)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 }
 
 #[async_trait]
 impl agent_ttrpc::Containers for Services {
-    async fn create_container(&self, _c: &TtrpcContext, req: CreateContainerRequest) -> R<CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        _c: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> R<CreateContainerResponse> {
         let pid = self.pod.create_container(&req).await.map_err(err)?;
         let mut r = CreateContainerResponse::new();
         r.pid = pid;
@@ -69,11 +80,19 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn start_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<StartResponse> {
-        Ok(start_response(self.pod.start_container(&req.container_id).await.map_err(err)?))
+        Ok(start_response(
+            self.pod
+                .start_container(&req.container_id)
+                .await
+                .map_err(err)?,
+        ))
     }
 
     async fn remove_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<Empty> {
-        self.pod.remove_container(&req.container_id).await.map_err(err)?;
+        self.pod
+            .remove_container(&req.container_id)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 
@@ -88,7 +107,10 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn update_container(&self, _c: &TtrpcContext, req: UpdateContainerRequest) -> R<Empty> {
-        self.pod.update(&req.container_id, &req.resources).await.map_err(err)?;
+        self.pod
+            .update(&req.container_id, &req.resources)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 
@@ -117,16 +139,26 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn state_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<ProcessState> {
-        self.pod.state(&req.container_id, &req.exec_id).await.map_err(err)
+        self.pod
+            .state(&req.container_id, &req.exec_id)
+            .await
+            .map_err(err)
     }
 
     async fn signal_process(&self, _c: &TtrpcContext, req: SignalProcessRequest) -> R<Empty> {
-        self.pod.signal(&req.container_id, &req.exec_id, req.signal, req.all).await.map_err(err)?;
+        self.pod
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn wait_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<WaitProcessResponse> {
-        let (status, at) = self.pod.wait(&req.container_id, &req.exec_id).await.map_err(err)?;
+        let (status, at) = self
+            .pod
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(err)?;
         let mut r = WaitProcessResponse::new();
         r.exit_status = status;
         r.exited_at_ns = at;
@@ -134,17 +166,26 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn resize_terminal(&self, _c: &TtrpcContext, req: ResizeTerminalRequest) -> R<Empty> {
-        self.pod.resize(&req.container_id, &req.exec_id, req.rows, req.cols).await.map_err(err)?;
+        self.pod
+            .resize(&req.container_id, &req.exec_id, req.rows, req.cols)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn close_stdin(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<Empty> {
-        self.pod.close_stdin(&req.container_id, &req.exec_id).await.map_err(err)?;
+        self.pod
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn delete_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<Empty> {
-        self.pod.delete_exec(&req.container_id, &req.exec_id).await.map_err(err)?;
+        self.pod
+            .delete_exec(&req.container_id, &req.exec_id)
+            .await
+            .map_err(err)?;
         Ok(Empty::new())
     }
 }

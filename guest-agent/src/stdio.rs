@@ -111,19 +111,24 @@ pub fn prepare(want: &Stdio, terminal: bool) -> Result<(ProcessFds, Arc<ProcessI
         } else {
             dev_null().map_err(StdioError::Create)?
         };
-        let mut output = |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
-            if !wanted {
-                return dev_null().map_err(StdioError::Create);
-            }
-            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
-            let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-            *slot = Some(r);
-            pending += 1;
-            Ok(w)
-        };
+        let mut output =
+            |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
+                if !wanted {
+                    return dev_null().map_err(StdioError::Create);
+                }
+                let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
+                let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+                *slot = Some(r);
+                pending += 1;
+                Ok(w)
+            };
         let stdout = output(want.stdout, &mut slots.stdout)?;
         let stderr = output(want.stderr, &mut slots.stderr)?;
-        fds = ProcessFds { stdin, stdout, stderr };
+        fds = ProcessFds {
+            stdin,
+            stdout,
+            stderr,
+        };
     }
     let (pending, _) = watch::channel(pending);
     Ok((
@@ -138,9 +143,12 @@ pub fn prepare(want: &Stdio, terminal: bool) -> Result<(ProcessFds, Arc<ProcessI
 }
 
 fn set_cloexec(fd: &OwnedFd) -> Result<(), StdioError> {
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map(|_| ())
-        .map_err(|e| StdioError::Create(e.into()))
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map(|_| ())
+    .map_err(|e| StdioError::Create(e.into()))
 }
 
 impl ProcessIo {
@@ -169,7 +177,11 @@ impl ProcessIo {
         };
         let fd = slot.ok_or(StdioError::NoSuchStream(kind))?;
         s.attached.push(kind);
-        Ok(Attachment { io: Arc::clone(self), kind, fd: Some(fd) })
+        Ok(Attachment {
+            io: Arc::clone(self),
+            kind,
+            fd: Some(fd),
+        })
     }
 
     fn output_done(&self) {
@@ -267,7 +279,11 @@ impl FdIo {
 }
 
 impl AsyncRead for FdIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -288,10 +304,15 @@ impl AsyncRead for FdIo {
 }
 
 impl AsyncWrite for FdIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(r) => return Poll::Ready(r),
                 Err(_would_block) => continue,
             }
@@ -320,7 +341,9 @@ impl Attachment {
     where
         C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let Some(fd) = self.fd.take() else { return Ok(()) };
+        let Some(fd) = self.fd.take() else {
+            return Ok(());
+        };
         let io = Arc::clone(&self.io);
         match self.kind {
             StreamKind::STDIN => {

@@ -145,7 +145,14 @@ impl Storages {
             if !dir.is_dir() {
                 return Err(StorageError::NoSource(dir));
             }
-            self.entries.insert(req.storage_id.clone(), Entry { root: dir.clone(), mounted: false, users: 0 });
+            self.entries.insert(
+                req.storage_id.clone(),
+                Entry {
+                    root: dir.clone(),
+                    mounted: false,
+                    users: 0,
+                },
+            );
             return Ok(dir);
         }
         if !FSTYPES.contains(&req.fstype.as_str()) {
@@ -156,13 +163,19 @@ impl Storages {
         }
         let device = match source {
             StorageSource::BLOCK_SERIAL => {
-                let wait = if req.wait_ms == 0 { 5000 } else { req.wait_ms.min(MAX_WAIT_MS) };
+                let wait = if req.wait_ms == 0 {
+                    5000
+                } else {
+                    req.wait_ms.min(MAX_WAIT_MS)
+                };
                 find_by_serial(&req.locator, Duration::from_millis(u64::from(wait))).await?
             }
             StorageSource::DEVICE_PATH => {
                 let p = validate::absolute_path("locator", &req.locator)?;
                 if !p.starts_with("/dev") {
-                    return Err(StorageError::Refused("a device path must be under /dev".into()));
+                    return Err(StorageError::Refused(
+                        "a device path must be under /dev".into(),
+                    ));
                 }
                 if !p.exists() {
                     return Err(StorageError::NoSource(p));
@@ -176,7 +189,11 @@ impl Storages {
                 }
                 attach_loop(&p, req.read_only)?
             }
-            _ => return Err(StorageError::Refused("storage source is unspecified".into())),
+            _ => {
+                return Err(StorageError::Refused(
+                    "storage source is unspecified".into(),
+                ))
+            }
         };
         let root = self.dir.join(&req.storage_id);
         fs::create_dir_all(&root).map_err(os("create", &root))?;
@@ -184,16 +201,36 @@ impl Storages {
         if req.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        mount(Some(&device), &root, Some(req.fstype.as_str()), flags, None::<&str>)
-            .map_err(|e| StorageError::Os { what: "mount", path: device.clone(), source: e.into() })?;
-        self.entries.insert(req.storage_id.clone(), Entry { root: root.clone(), mounted: true, users: 0 });
+        mount(
+            Some(&device),
+            &root,
+            Some(req.fstype.as_str()),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| StorageError::Os {
+            what: "mount",
+            path: device.clone(),
+            source: e.into(),
+        })?;
+        self.entries.insert(
+            req.storage_id.clone(),
+            Entry {
+                root: root.clone(),
+                mounted: true,
+                users: 0,
+            },
+        );
         Ok(root)
     }
 
     /// Detaches a storage no container uses.
     pub fn remove(&mut self, id: &str) -> Result<(), StorageError> {
         validate::id("storage_id", id)?;
-        let e = self.entries.get(id).ok_or_else(|| StorageError::NotFound(id.to_string()))?;
+        let e = self
+            .entries
+            .get(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_string()))?;
         if e.users > 0 {
             return Err(StorageError::InUse(id.to_string()));
         }
@@ -214,7 +251,10 @@ impl Storages {
     pub fn acquire(&mut self, id: &str, subpath: &str) -> Result<PathBuf, StorageError> {
         validate::id("storage_id", id)?;
         let sub = validate::relative_path("subpath", subpath)?;
-        let e = self.entries.get_mut(id).ok_or_else(|| StorageError::NotFound(id.to_string()))?;
+        let e = self
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_string()))?;
         let p = e.root.join(sub);
         if !p.is_dir() {
             return Err(StorageError::NoSource(p));
@@ -248,7 +288,9 @@ fn release(e: &Entry) {
 /// Finds the virtio-blk disk whose serial is `serial`, waiting for it.
 async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, StorageError> {
     if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(StorageError::Refused("a virtio-blk serial is 1-20 printable characters".into()));
+        return Err(StorageError::Refused(
+            "a virtio-blk serial is 1-20 printable characters".into(),
+        ));
     }
     let deadline = Instant::now() + wait;
     loop {
@@ -311,7 +353,9 @@ fn attach_loop(file: &Path, read_only: bool) -> Result<PathBuf, StorageError> {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
-            return Err(os("find a free loop device for", file)(std::io::Error::last_os_error()));
+            return Err(os("find a free loop device for", file)(
+                std::io::Error::last_os_error(),
+            ));
         }
         let dev = PathBuf::from(format!("/dev/loop{n}"));
         let loopdev = fs::OpenOptions::new()
@@ -361,8 +405,18 @@ impl OverlayRoot {
             me.dir.join("work").display()
         );
         let target = me.rootfs();
-        mount(Some("overlay"), &target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
-            .map_err(|e| StorageError::Os { what: "mount overlay on", path: target.clone(), source: e.into() })?;
+        mount(
+            Some("overlay"),
+            &target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|e| StorageError::Os {
+            what: "mount overlay on",
+            path: target.clone(),
+            source: e.into(),
+        })?;
         Ok(me)
     }
 
@@ -397,7 +451,11 @@ mod tests {
         r.storage_id = "img".into();
         r.source = StorageSource::DIRECTORY.into();
         r.locator = "/".into();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument, "directory outside host mode");
+        assert_eq!(
+            s.add(&r).await.unwrap_err().kind(),
+            Kind::InvalidArgument,
+            "directory outside host mode"
+        );
         r.source = StorageSource::DEVICE_PATH.into();
         r.fstype = "ext4".into();
         r.locator = "/etc/passwd".into();
@@ -421,9 +479,18 @@ mod tests {
         s.add(&r).await.unwrap();
         assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::AlreadyExists);
         assert_eq!(s.acquire("img", "rootfs").unwrap(), d.path().join("rootfs"));
-        assert_eq!(s.acquire("img", "missing").unwrap_err().kind(), Kind::NotFound);
-        assert_eq!(s.acquire("img", "../x").unwrap_err().kind(), Kind::InvalidArgument);
-        assert_eq!(s.remove("img").unwrap_err().kind(), Kind::FailedPrecondition);
+        assert_eq!(
+            s.acquire("img", "missing").unwrap_err().kind(),
+            Kind::NotFound
+        );
+        assert_eq!(
+            s.acquire("img", "../x").unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
+        assert_eq!(
+            s.remove("img").unwrap_err().kind(),
+            Kind::FailedPrecondition
+        );
         s.release_use("img");
         s.remove("img").unwrap();
     }

@@ -53,8 +53,11 @@ pub async fn serve_vsock(port: u32, pod: Arc<Pod>) -> std::io::Result<()> {
     loop {
         let mut guard = listener.readable().await?;
         match guard.try_io(|l| {
-            accept4(l.get_ref().as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
-                .map_err(std::io::Error::from)
+            accept4(
+                l.get_ref().as_raw_fd(),
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            )
+            .map_err(std::io::Error::from)
         }) {
             Ok(Ok(raw)) => {
                 // SAFETY: accept4 returned a new descriptor that nothing else owns.
@@ -62,7 +65,8 @@ pub async fn serve_vsock(port: u32, pod: Arc<Pod>) -> std::io::Result<()> {
                 // A connected stream socket: tokio's UnixStream only reads,
                 // writes and shuts down, which are the same calls for AF_VSOCK.
                 // SAFETY: as above; ownership moves into the std stream.
-                let std = unsafe { std::os::unix::net::UnixStream::from_raw_fd(owned.into_raw_fd()) };
+                let std =
+                    unsafe { std::os::unix::net::UnixStream::from_raw_fd(owned.into_raw_fd()) };
                 match UnixStream::from_std(std) {
                     Ok(conn) => {
                         tokio::spawn(handle(conn, Arc::clone(&pod)));
@@ -77,17 +81,21 @@ pub async fn serve_vsock(port: u32, pod: Arc<Pod>) -> std::io::Result<()> {
 }
 
 async fn handle(mut conn: UnixStream, pod: Arc<Pod>) {
-    let open: StreamOpen = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut conn)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "bad stream handshake");
-            return;
-        }
-        Err(_) => return,
-    };
+    let open: StreamOpen =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut conn)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "bad stream handshake");
+                return;
+            }
+            Err(_) => return,
+        };
     let kind = open.kind.enum_value_or_default();
     let mut reply = StreamOpenReply::new();
-    match pod.take_stream(&open.container_id, &open.exec_id, kind).await {
+    match pod
+        .take_stream(&open.container_id, &open.exec_id, kind)
+        .await
+    {
         Ok(att) => {
             // Reply before the copy starts: after it the connection is raw bytes.
             if write_frame(&mut conn, &reply).await.is_err() {

@@ -144,7 +144,10 @@ mod tests {
         for bad in ["/a", "a/../../b", "..", "a\0b"] {
             assert!(relative_path("p", bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(absolute_path("p", "/dev/vdb").unwrap(), PathBuf::from("/dev/vdb"));
+        assert_eq!(
+            absolute_path("p", "/dev/vdb").unwrap(),
+            PathBuf::from("/dev/vdb")
+        );
         assert!(absolute_path("p", "/dev/../etc").is_err());
         assert!(absolute_path("p", "dev").is_err());
     }

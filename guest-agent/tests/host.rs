@@ -23,7 +23,10 @@ async fn first_process_is_pid_1_with_the_specs_hostname_mounts_cwd_env_and_uid()
          echo secret=$(cat /etc/secret 2>&1 | wc -c); touch /proc/sys/x 2>/dev/null || echo sys-ro",
     ]);
     std::fs::write(pod.agent.scratch().join("busybox/etc/secret"), "s3cret").unwrap();
-    spec["linux"]["maskedPaths"].as_array_mut().unwrap().push(json!("/etc/secret"));
+    spec["linux"]["maskedPaths"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("/etc/secret"));
     spec["process"]["cwd"] = json!("/tmp");
     spec["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
     spec["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [65534]});
@@ -34,7 +37,10 @@ async fn first_process_is_pid_1_with_the_specs_hostname_mounts_cwd_env_and_uid()
     assert_eq!(status, 0, "output: {out}\nlog: {}", pod.agent.log());
     assert!(out.contains("pid=1\n"), "{out}");
     assert!(out.contains("host=veil-test\n"), "{out}");
-    assert!(out.contains("uid=1000 gid=1000 groups=1000 65534\n"), "{out}");
+    assert!(
+        out.contains("uid=1000 gid=1000 groups=1000 65534\n"),
+        "{out}"
+    );
     assert!(out.contains("cwd=/tmp\n"), "{out}");
     assert!(out.contains("foo=bar\n"), "{out}");
     assert!(out.contains("\n1\n"), "one proc mount: {out}");
@@ -53,13 +59,25 @@ async fn first_process_is_pid_1_with_the_specs_hostname_mounts_cwd_env_and_uid()
 async fn exit_codes_come_back_exactly_and_sigkill_gives_137() {
     let pod = pod().await;
     for code in [0, 1, 42] {
-        let (_, status) = pod.run(&format!("exit{code}"), &default_spec(&["sh", "-c", &format!("exit {code}")])).await;
+        let (_, status) = pod
+            .run(
+                &format!("exit{code}"),
+                &default_spec(&["sh", "-c", &format!("exit {code}")]),
+            )
+            .await;
         assert_eq!(status, code);
     }
     let c = &pod.containers;
-    c.create_container(ctx(), &create_req("k", &default_spec(&["sleep", "1000"]), stdio(false, false, false)))
-        .await
-        .unwrap();
+    c.create_container(
+        ctx(),
+        &create_req(
+            "k",
+            &default_spec(&["sleep", "1000"]),
+            stdio(false, false, false),
+        ),
+    )
+    .await
+    .unwrap();
     c.start_container(ctx(), &creq("k")).await.unwrap();
     pod.signal("k", "", libc::SIGKILL, false).await.unwrap();
     let w = c.wait_process(ctx(), &preq("k", "")).await.unwrap();
@@ -70,12 +88,24 @@ async fn exit_codes_come_back_exactly_and_sigkill_gives_137() {
     // The exit events arrive, in order, after the output.
     let mut seen = Vec::new();
     while seen.len() < 4 {
-        let e = pod.events.get_event(ctx(), &GetEventRequest::new()).await.unwrap();
+        let e = pod
+            .events
+            .get_event(ctx(), &GetEventRequest::new())
+            .await
+            .unwrap();
         if e.has_exit() {
             seen.push((e.exit().container_id.clone(), e.exit().exit_status));
         }
     }
-    assert_eq!(seen, [("exit0".into(), 0), ("exit1".into(), 1), ("exit42".into(), 42), ("k".into(), 137)]);
+    assert_eq!(
+        seen,
+        [
+            ("exit0".into(), 0),
+            ("exit1".into(), 1),
+            ("exit42".into(), 42),
+            ("k".into(), 137)
+        ]
+    );
     c.remove_container(ctx(), &creq("k")).await.unwrap();
 }
 
@@ -83,16 +113,35 @@ async fn exit_codes_come_back_exactly_and_sigkill_gives_137() {
 async fn cat_echoes_stdin_and_10_mib_arrive_byte_exact_before_the_exit() {
     let pod = pod().await;
     let c = &pod.containers;
-    c.create_container(ctx(), &create_req("cat", &default_spec(&["cat"]), stdio(true, true, false))).await.unwrap();
-    let mut input = pod.agent.open_stream("cat", "", StreamKind::STDIN).await.unwrap();
-    let mut out = pod.agent.open_stream("cat", "", StreamKind::STDOUT).await.unwrap();
+    c.create_container(
+        ctx(),
+        &create_req("cat", &default_spec(&["cat"]), stdio(true, true, false)),
+    )
+    .await
+    .unwrap();
+    let mut input = pod
+        .agent
+        .open_stream("cat", "", StreamKind::STDIN)
+        .await
+        .unwrap();
+    let mut out = pod
+        .agent
+        .open_stream("cat", "", StreamKind::STDOUT)
+        .await
+        .unwrap();
     c.start_container(ctx(), &creq("cat")).await.unwrap();
     input.write_all(b"hello veil\n").await.unwrap();
     input.shutdown().await.unwrap();
     let mut s = String::new();
     out.read_to_string(&mut s).await.unwrap();
     assert_eq!(s, "hello veil\n");
-    assert_eq!(c.wait_process(ctx(), &preq("cat", "")).await.unwrap().exit_status, 0);
+    assert_eq!(
+        c.wait_process(ctx(), &preq("cat", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
 
     // 10 MiB: the exit is reported only once all of it was delivered; the
     // reader is slow on purpose.
@@ -108,8 +157,14 @@ async fn cat_echoes_stdin_and_10_mib_arrive_byte_exact_before_the_exit() {
         .collect();
     std::fs::write(pod.agent.scratch().join("busybox/data"), &expected).unwrap();
     let spec = default_spec(&["cat", "/data"]);
-    c.create_container(ctx(), &create_req("big", &spec, stdio(false, true, false))).await.unwrap();
-    let out = pod.agent.open_stream("big", "", StreamKind::STDOUT).await.unwrap();
+    c.create_container(ctx(), &create_req("big", &spec, stdio(false, true, false)))
+        .await
+        .unwrap();
+    let out = pod
+        .agent
+        .open_stream("big", "", StreamKind::STDOUT)
+        .await
+        .unwrap();
     c.start_container(ctx(), &creq("big")).await.unwrap();
     let reader = tokio::spawn(async move {
         let mut out = out;
@@ -133,7 +188,10 @@ async fn cat_echoes_stdin_and_10_mib_arrive_byte_exact_before_the_exit() {
     assert_eq!(w.exit_status, 0);
     // When the exit is known, every byte is already in the connection: the
     // reader reaches EOF without the process.
-    let got = tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.len(), N);
     assert!(got == expected, "output differs from what was written");
 }
@@ -144,8 +202,14 @@ async fn stty_size_sees_resizes_on_a_terminal() {
     let c = &pod.containers;
     let mut spec = default_spec(&["sh", "-c", "stty size; read x; stty size"]);
     spec["process"]["terminal"] = json!(true);
-    c.create_container(ctx(), &create_req("tty", &spec, stdio(true, true, false))).await.unwrap();
-    let mut term = pod.agent.open_stream("tty", "", StreamKind::TERMINAL).await.unwrap();
+    c.create_container(ctx(), &create_req("tty", &spec, stdio(true, true, false)))
+        .await
+        .unwrap();
+    let mut term = pod
+        .agent
+        .open_stream("tty", "", StreamKind::TERMINAL)
+        .await
+        .unwrap();
     let resize = |rows, cols| {
         let mut r = ResizeTerminalRequest::new();
         r.container_id = "tty".into();
@@ -158,18 +222,30 @@ async fn stty_size_sees_resizes_on_a_terminal() {
     let mut seen = String::new();
     let mut buf = [0u8; 1024];
     while !seen.contains("40 100") {
-        let n = tokio::time::timeout(Duration::from_secs(10), term.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), term.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "terminal closed early: {seen:?}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     c.resize_terminal(ctx(), &resize(50, 120)).await.unwrap();
     term.write_all(b"go\n").await.unwrap();
     while !seen.contains("50 120") {
-        let n = tokio::time::timeout(Duration::from_secs(10), term.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), term.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "terminal closed early: {seen:?}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    assert_eq!(c.wait_process(ctx(), &preq("tty", "")).await.unwrap().exit_status, 0);
+    assert_eq!(
+        c.wait_process(ctx(), &preq("tty", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
     let st = c.state_process(ctx(), &preq("tty", "")).await.unwrap();
     assert!(st.terminal);
 }
@@ -179,15 +255,25 @@ async fn capabilities_and_seccomp_hold() {
     let pod = pod().await;
     // CAP_SYS_TIME is not in the default set: setting the clock fails.
     // (busybox date reports the failure but exits 0: check the message.)
-    let (out, _) = pod.run("time", &default_spec(&["sh", "-c", "date -s 2001-01-01 2>&1 >/dev/null"])).await;
+    let (out, _) = pod
+        .run(
+            "time",
+            &default_spec(&["sh", "-c", "date -s 2001-01-01 2>&1 >/dev/null"]),
+        )
+        .await;
     assert_eq!(out, "date: can't set date: Operation not permitted\n");
     let mut spec = default_spec(&["sh", "-c", "grep CapEff /proc/self/status"]);
-    spec["process"]["capabilities"] = json!({"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]});
+    spec["process"]["capabilities"] =
+        json!({"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]});
     let (out, _) = pod.run("caps", &spec).await;
     assert_eq!(out, "CapEff:\t0000000000000020\n", "only CAP_KILL (bit 5)");
 
     // A profile denying mkdir/mkdirat makes them fail with EPERM.
-    let mut spec = default_spec(&["sh", "-c", "mkdir /tmp/d 2>&1; echo rc=$?; touch /tmp/f && echo touch-ok"]);
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/d 2>&1; echo rc=$?; touch /tmp/f && echo touch-ok",
+    ]);
     spec["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
@@ -203,21 +289,43 @@ async fn capabilities_and_seccomp_hold() {
 async fn exec_signals_pause_resume_and_stats() {
     let pod = pod().await;
     let c = &pod.containers;
-    let spec = default_spec(&["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.02; done"]);
-    c.create_container(ctx(), &create_req("w", &spec, stdio(false, false, false))).await.unwrap();
+    let spec = default_spec(&[
+        "sh",
+        "-c",
+        "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.02; done",
+    ]);
+    c.create_container(ctx(), &create_req("w", &spec, stdio(false, false, false)))
+        .await
+        .unwrap();
     c.start_container(ctx(), &creq("w")).await.unwrap();
     let count_file = pod.agent.state_dir.join("containers/w/upper/tmp/count");
-    let count = || std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    let count = || {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // exec sees the container's world.
     let mut ex = ExecProcessRequest::new();
     ex.container_id = "w".into();
     ex.exec_id = "e1".into();
-    ex.process = serde_json::to_vec(&default_spec(&["sh", "-c", "cat /tmp/count; echo pid1=$(cat /proc/1/cmdline | tr '\\0' ' ')"])["process"]).unwrap();
+    ex.process = serde_json::to_vec(
+        &default_spec(&[
+            "sh",
+            "-c",
+            "cat /tmp/count; echo pid1=$(cat /proc/1/cmdline | tr '\\0' ' ')",
+        ])["process"],
+    )
+    .unwrap();
     ex.stdio = Some(stdio(false, true, false)).into();
     c.exec_process(ctx(), &ex).await.unwrap();
-    let mut out = pod.agent.open_stream("w", "e1", StreamKind::STDOUT).await.unwrap();
+    let mut out = pod
+        .agent
+        .open_stream("w", "e1", StreamKind::STDOUT)
+        .await
+        .unwrap();
     let pid = c.start_process(ctx(), &preq("w", "e1")).await.unwrap().pid;
     assert!(pid > 0);
     let w = c.wait_process(ctx(), &preq("w", "e1")).await.unwrap();
@@ -234,8 +342,19 @@ async fn exec_signals_pause_resume_and_stats() {
     c.exec_process(ctx(), &ex).await.unwrap();
     c.start_process(ctx(), &preq("w", "e2")).await.unwrap();
     pod.signal("w", "e2", libc::SIGTERM, false).await.unwrap();
-    assert_eq!(c.wait_process(ctx(), &preq("w", "e2")).await.unwrap().exit_status, 128 + libc::SIGTERM);
-    assert!(c.list_pids(ctx(), &creq("w")).await.unwrap().pids.len() >= 1);
+    assert_eq!(
+        c.wait_process(ctx(), &preq("w", "e2"))
+            .await
+            .unwrap()
+            .exit_status,
+        128 + libc::SIGTERM
+    );
+    assert!(!c
+        .list_pids(ctx(), &creq("w"))
+        .await
+        .unwrap()
+        .pids
+        .is_empty());
 
     // Pause stops progress; resume continues it.
     c.pause_container(ctx(), &creq("w")).await.unwrap();
@@ -253,7 +372,13 @@ async fn exec_signals_pause_resume_and_stats() {
 
     // Signal all: SIGKILL ends the container.
     pod.signal("w", "", libc::SIGKILL, true).await.unwrap();
-    assert_eq!(c.wait_process(ctx(), &preq("w", "")).await.unwrap().exit_status, 137);
+    assert_eq!(
+        c.wait_process(ctx(), &preq("w", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        137
+    );
     c.remove_container(ctx(), &creq("w")).await.unwrap();
     assert!(!pod.agent.state_dir.join("containers/w").exists());
 }
@@ -267,31 +392,71 @@ async fn bad_input_gets_a_clear_error_and_a_valid_request_still_works() {
     let mut bad = create_req("bad", &spec, stdio(false, false, false));
     bad.oci_spec = b"{\"ociVersion\": 12".to_vec();
     let r = c.create_container(ctx(), &bad).await;
-    assert!(message_of(r.clone()).contains("malformed OCI spec"), "{r:?}");
+    assert!(
+        message_of(r.clone()).contains("malformed OCI spec"),
+        "{r:?}"
+    );
     assert_eq!(code_of(r), ttrpc::Code::INVALID_ARGUMENT);
 
     let mut missing = create_req("bad", &spec, stdio(false, false, false));
     missing.rootfs.as_mut().unwrap().storage_id = "nope".into();
     let r = c.create_container(ctx(), &missing).await;
-    assert!(message_of(r.clone()).contains("rootfs storage 'nope' not found"), "{r:?}");
+    assert!(
+        message_of(r.clone()).contains("rootfs storage 'nope' not found"),
+        "{r:?}"
+    );
     assert_eq!(code_of(r), ttrpc::Code::NOT_FOUND);
     missing.rootfs.as_mut().unwrap().storage_id = "bb".into();
     missing.rootfs.as_mut().unwrap().subpath = "no/such/dir".into();
-    assert_eq!(code_of(c.create_container(ctx(), &missing).await), ttrpc::Code::NOT_FOUND);
+    assert_eq!(
+        code_of(c.create_container(ctx(), &missing).await),
+        ttrpc::Code::NOT_FOUND
+    );
     missing.rootfs.as_mut().unwrap().subpath = "../../etc".into();
-    assert_eq!(code_of(c.create_container(ctx(), &missing).await), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code_of(c.create_container(ctx(), &missing).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
 
-    assert_eq!(code_of(c.start_container(ctx(), &creq("ghost")).await), ttrpc::Code::NOT_FOUND);
-    assert_eq!(code_of(c.create_container(ctx(), &create_req("../x", &spec, stdio(false, false, false))).await), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code_of(c.start_container(ctx(), &creq("ghost")).await),
+        ttrpc::Code::NOT_FOUND
+    );
+    assert_eq!(
+        code_of(
+            c.create_container(
+                ctx(),
+                &create_req("../x", &spec, stdio(false, false, false))
+            )
+            .await
+        ),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
 
-    c.create_container(ctx(), &create_req("dup", &default_spec(&["sleep", "1000"]), stdio(false, false, false))).await.unwrap();
-    let r = c.create_container(ctx(), &create_req("dup", &spec, stdio(false, false, false))).await;
+    c.create_container(
+        ctx(),
+        &create_req(
+            "dup",
+            &default_spec(&["sleep", "1000"]),
+            stdio(false, false, false),
+        ),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .create_container(ctx(), &create_req("dup", &spec, stdio(false, false, false)))
+        .await;
     assert_eq!(code_of(r), ttrpc::Code::ALREADY_EXISTS);
 
     // exec into a stopped container.
     let (_, status) = pod.run("stopped", &spec).await;
     assert_eq!(status, 0);
-    c.create_container(ctx(), &create_req("stopped", &spec, stdio(false, false, false))).await.unwrap();
+    c.create_container(
+        ctx(),
+        &create_req("stopped", &spec, stdio(false, false, false)),
+    )
+    .await
+    .unwrap();
     c.start_container(ctx(), &creq("stopped")).await.unwrap();
     c.wait_process(ctx(), &preq("stopped", "")).await.unwrap();
     let mut ex = ExecProcessRequest::new();
@@ -302,16 +467,36 @@ async fn bad_input_gets_a_clear_error_and_a_valid_request_still_works() {
     assert!(message_of(r.clone()).contains("not running"), "{r:?}");
     assert_eq!(code_of(r), ttrpc::Code::FAILED_PRECONDITION);
     // A missing program is reported at start.
-    let (_, _) = (c.create_container(ctx(), &create_req("noprog", &default_spec(&["/no/such/prog"]), stdio(false, false, false))).await.unwrap(), ());
+    let (_, _) = (
+        c.create_container(
+            ctx(),
+            &create_req(
+                "noprog",
+                &default_spec(&["/no/such/prog"]),
+                stdio(false, false, false),
+            ),
+        )
+        .await
+        .unwrap(),
+        (),
+    );
     let r = c.start_container(ctx(), &creq("noprog")).await;
     assert!(message_of(r).contains("/no/such/prog"));
     // Removing a running container is refused.
     c.start_container(ctx(), &creq("dup")).await.unwrap();
-    assert_eq!(code_of(c.remove_container(ctx(), &creq("dup")).await), ttrpc::Code::FAILED_PRECONDITION);
-    assert_eq!(code_of(pod.signal("dup", "", 0, false).await), ttrpc::Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code_of(c.remove_container(ctx(), &creq("dup")).await),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        code_of(pod.signal("dup", "", 0, false).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
 
     // ... and a valid request right after all that works.
-    let (out, status) = pod.run("good", &default_spec(&["echo", "still fine"])).await;
+    let (out, status) = pod
+        .run("good", &default_spec(&["echo", "still fine"]))
+        .await;
     assert_eq!((out.as_str(), status), ("still fine\n", 0));
 }
 
@@ -328,28 +513,57 @@ async fn shared_pid_namespace_and_teardown_leave_nothing_behind() {
     sb.sandbox_id = "shared".into();
     sb.shared_pid_namespace = true;
     sandbox.create_sandbox(ctx(), &sb).await.unwrap();
-    assert_eq!(code_of(sandbox.create_sandbox(ctx(), &sb).await), ttrpc::Code::ALREADY_EXISTS);
+    assert_eq!(
+        code_of(sandbox.create_sandbox(ctx(), &sb).await),
+        ttrpc::Code::ALREADY_EXISTS
+    );
     let mut st = AddStorageRequest::new();
     st.storage_id = "bb".into();
     st.source = StorageSource::DIRECTORY.into();
     st.locator = rootfs_dir.to_string_lossy().into_owned();
     sandbox.add_storage(ctx(), &st).await.unwrap();
     containers
-        .create_container(ctx(), &create_req("a", &default_spec(&["sleep", "1000"]), stdio(false, false, false)))
+        .create_container(
+            ctx(),
+            &create_req(
+                "a",
+                &default_spec(&["sleep", "1000"]),
+                stdio(false, false, false),
+            ),
+        )
         .await
         .unwrap();
     containers.start_container(ctx(), &creq("a")).await.unwrap();
     containers
-        .create_container(ctx(), &create_req("b", &default_spec(&["sh", "-c", "ps -o comm"]), stdio(false, true, false)))
+        .create_container(
+            ctx(),
+            &create_req(
+                "b",
+                &default_spec(&["sh", "-c", "ps -o comm"]),
+                stdio(false, true, false),
+            ),
+        )
         .await
         .unwrap();
-    let mut out = agent.open_stream("b", "", StreamKind::STDOUT).await.unwrap();
+    let mut out = agent
+        .open_stream("b", "", StreamKind::STDOUT)
+        .await
+        .unwrap();
     containers.start_container(ctx(), &creq("b")).await.unwrap();
     let mut s = String::new();
     out.read_to_string(&mut s).await.unwrap();
     assert!(s.contains("sleep"), "b should see a's sleep: {s}");
 
-    sandbox.destroy_sandbox(ctx(), &DestroySandboxRequest::new()).await.unwrap();
-    assert!(!agent.cgroup_parent.exists() || std::fs::read_dir(&agent.cgroup_parent).unwrap().flatten().all(|e| !e.path().is_dir()));
+    sandbox
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .await
+        .unwrap();
+    assert!(
+        !agent.cgroup_parent.exists()
+            || std::fs::read_dir(&agent.cgroup_parent)
+                .unwrap()
+                .flatten()
+                .all(|e| !e.path().is_dir())
+    );
     assert!(!agent.state_dir.join("containers/a").exists());
 }

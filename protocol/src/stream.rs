@@ -111,7 +111,9 @@ mod tests {
         let got: StreamOpen = read_frame(&mut b).await.unwrap();
         assert_eq!(got, m);
 
-        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes()).await.unwrap();
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
         let e = read_frame::<_, StreamOpen>(&mut b).await.unwrap_err();
         assert!(matches!(e, FrameError::TooLarge(n) if n == MAX_FRAME + 1));
     }

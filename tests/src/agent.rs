@@ -59,13 +59,18 @@ impl HostAgent {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("host-mode agent tests need root (namespaces, mounts, cgroups)");
         }
-        let dir = tempfile::Builder::new().prefix("veil-agent-test.").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("veil-agent-test.")
+            .tempdir()?;
         let socket = dir.path().join("agent.sock");
         let state_dir = dir.path().join("state");
         let cgroup_parent = cgroup2_mount()?.join(format!(
             "veil-test-{}-{}",
             std::process::id(),
-            dir.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         let child = Command::new(bin)
@@ -81,9 +86,17 @@ impl HostAgent {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut agent = HostAgent { child, socket, state_dir, cgroup_parent, dir };
+        let mut agent = HostAgent {
+            child,
+            socket,
+            state_dir,
+            cgroup_parent,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !agent.socket.exists() || !veil_protocol::stream::host_stream_socket(&agent.socket).exists() {
+        while !agent.socket.exists()
+            || !veil_protocol::stream::host_stream_socket(&agent.socket).exists()
+        {
             if let Some(st) = agent.child.try_wait()? {
                 bail!("agent exited with {st}; log:\n{}", agent.log());
             }
@@ -112,8 +125,14 @@ impl HostAgent {
     }
 
     /// Opens a stdio stream of a process (handshake done).
-    pub async fn open_stream(&self, container_id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream> {
-        let mut conn = UnixStream::connect(veil_protocol::stream::host_stream_socket(&self.socket)).await?;
+    pub async fn open_stream(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream> {
+        let mut conn =
+            UnixStream::connect(veil_protocol::stream::host_stream_socket(&self.socket)).await?;
         veil_protocol::stream::open(&mut conn, container_id, exec_id, kind).await?;
         Ok(conn)
     }

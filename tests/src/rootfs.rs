@@ -24,12 +24,19 @@ pub fn busybox_rootfs(dir: &Path) -> Result<()> {
     if !bb.is_file() {
         bail!("{BUSYBOX} is missing: install Debian's busybox-static (ci/setup.sh does)");
     }
-    let list = Command::new(bb).arg("--list").output().context("running busybox --list")?;
+    let list = Command::new(bb)
+        .arg("--list")
+        .output()
+        .context("running busybox --list")?;
     if !list.status.success() {
         bail!("{BUSYBOX} --list failed: is it busybox-static?");
     }
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "home", "run", "var"] {
-        fs::create_dir_all(dir.join(d)).with_context(|| format!("creating {d} in {}", dir.display()))?;
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root", "home",
+        "run", "var",
+    ] {
+        fs::create_dir_all(dir.join(d))
+            .with_context(|| format!("creating {d} in {}", dir.display()))?;
     }
     fs::set_permissions(dir.join("tmp"), fs::Permissions::from_mode(0o1777))?;
     let target = dir.join("bin/busybox");
@@ -49,7 +56,10 @@ pub fn busybox_rootfs(dir: &Path) -> Result<()> {
         dir.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
     )?;
-    fs::write(dir.join("etc/group"), "root:x:0:\nuser:x:1000:\nnobody:x:65534:\n")?;
+    fs::write(
+        dir.join("etc/group"),
+        "root:x:0:\nuser:x:1000:\nnobody:x:65534:\n",
+    )?;
     Ok(())
 }
 

@@ -127,7 +127,8 @@ pub fn create_with(
     .map_err(|e| EngineError::Io(e.into()))?;
     let timeout = nix::sys::time::TimeVal::new(REPORT_TIMEOUT.as_secs() as i64, 0);
     setsockopt(&ours, sockopt::ReceiveTimeout, &timeout).map_err(|e| EngineError::Io(e.into()))?;
-    setsockopt(&ours, sockopt::SndBufForce, &(MAX_MESSAGE * 2)).map_err(|e| EngineError::Io(e.into()))?;
+    setsockopt(&ours, sockopt::SndBufForce, &(MAX_MESSAGE * 2))
+        .map_err(|e| EngineError::Io(e.into()))?;
 
     let theirs_fd: RawFd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -157,32 +158,37 @@ pub fn create_with(
     drop(theirs);
 
     send(ours.as_raw_fd(), &body, MsgFlags::empty()).map_err(|e| EngineError::Io(e.into()))?;
+    // The helper sends the PID and the container process sends Ready; they
+    // race, so take them in either order.
     let mut pid = None;
+    let mut ready = false;
     loop {
         match read_message(&ours) {
             Ok(Some(ChildMessage::Pid(p))) => pid = Some(p),
-            Ok(Some(ChildMessage::Ready)) => {
-                return match pid {
-                    Some(pid) => Ok(Created {
-                        pid,
-                        helper_pid,
-                        control: ours,
-                    }),
-                    None => Err(EngineError::Vanished("its pid")),
-                };
-            }
+            Ok(Some(ChildMessage::Ready)) => ready = true,
             Ok(Some(ChildMessage::Error(e))) => {
                 kill_quietly(pid);
                 return Err(EngineError::Child(e));
             }
             Ok(None) => {
                 kill_quietly(pid);
-                return Err(EngineError::Vanished("readiness"));
+                return Err(EngineError::Vanished(if pid.is_none() {
+                    "its pid"
+                } else {
+                    "readiness"
+                }));
             }
             Err(e) => {
                 kill_quietly(pid);
                 return Err(e);
             }
+        }
+        if let (Some(pid), true) = (pid, ready) {
+            return Ok(Created {
+                pid,
+                helper_pid,
+                control: ours,
+            });
         }
     }
 }

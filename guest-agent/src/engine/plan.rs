@@ -49,7 +49,10 @@ fn invalid(s: impl Into<String>) -> PlanError {
 pub trait Context {
     /// Turns a bind mount source from the spec into a path in the agent's
     /// mount namespace (`sandbox:NAME`, `storage:ID/SUB`, host paths in host mode).
-    fn bind_source(&self, source: &str) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>>;
+    fn bind_source(
+        &self,
+        source: &str,
+    ) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>>;
     /// Whether namespace paths and other host-side paths are honoured.
     fn host_mode(&self) -> bool;
     /// The pod's hostname, used when the spec sets none.
@@ -60,30 +63,46 @@ pub trait Context {
 
 /// Parses and validates a spec from JSON.
 pub fn parse_spec(json: &[u8]) -> Result<Spec, PlanError> {
-    let spec: Spec = serde_json::from_slice(json).map_err(|e| invalid(format!("malformed OCI spec: {e}")))?;
-    let p = spec.process().as_ref().ok_or_else(|| invalid("spec has no process"))?;
+    let spec: Spec =
+        serde_json::from_slice(json).map_err(|e| invalid(format!("malformed OCI spec: {e}")))?;
+    let p = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| invalid("spec has no process"))?;
     check_process(p)?;
     Ok(spec)
 }
 
 /// Parses and validates an OCI `Process` (exec) from JSON.
 pub fn parse_process(json: &[u8]) -> Result<Process, PlanError> {
-    let p: Process = serde_json::from_slice(json).map_err(|e| invalid(format!("malformed OCI process: {e}")))?;
+    let p: Process =
+        serde_json::from_slice(json).map_err(|e| invalid(format!("malformed OCI process: {e}")))?;
     check_process(&p)?;
     Ok(p)
 }
 
 fn check_process(p: &Process) -> Result<(), PlanError> {
-    let args = p.args().as_ref().filter(|a| !a.is_empty()).ok_or_else(|| invalid("process.args is empty"))?;
+    let args = p
+        .args()
+        .as_ref()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| invalid("process.args is empty"))?;
     let strings = args.iter().chain(p.env().iter().flatten());
     if strings.clone().any(|s| s.contains('\0')) {
         return Err(invalid("NUL byte in process args or env"));
     }
     if !p.cwd().is_absolute() {
-        return Err(invalid(format!("process.cwd {} is not absolute", p.cwd().display())));
+        return Err(invalid(format!(
+            "process.cwd {} is not absolute",
+            p.cwd().display()
+        )));
     }
-    crate::engine::security::to_caps(p.capabilities().as_ref().and_then(|c| c.bounding().as_ref()))
-        .map_err(invalid)?;
+    crate::engine::security::to_caps(
+        p.capabilities()
+            .as_ref()
+            .and_then(|c| c.bounding().as_ref()),
+    )
+    .map_err(invalid)?;
     Ok(())
 }
 
@@ -100,7 +119,11 @@ pub fn plan_init(
     }
     let mut new_namespaces = Vec::new();
     let mut join_namespaces = Vec::new();
-    for ns in linux.and_then(|l| l.namespaces().as_ref()).into_iter().flatten() {
+    for ns in linux
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let kind = match ns.typ() {
             LinuxNamespaceType::Mount => Namespace::Mount,
             LinuxNamespaceType::Pid => Namespace::Pid,
@@ -119,7 +142,10 @@ pub fn plan_init(
                 tracing::debug!("network namespace path ignored: sharing the VM's network");
             }
             Some(p) => {
-                return Err(invalid(format!("namespace path {} (only honoured in host mode)", p.display())))
+                return Err(invalid(format!(
+                    "namespace path {} (only honoured in host mode)",
+                    p.display()
+                )))
             }
             None if kind == Namespace::Pid => match ctx.shared_pid_namespace() {
                 Some(p) => join_namespaces.push((Namespace::Pid, p)),
@@ -129,12 +155,19 @@ pub fn plan_init(
         }
     }
     if !new_namespaces.contains(&Namespace::Mount) {
-        return Err(PlanError::Unsupported("a container without its own mount namespace".into()));
+        return Err(PlanError::Unsupported(
+            "a container without its own mount namespace".into(),
+        ));
     }
     let hostname = if new_namespaces.contains(&Namespace::Uts) {
-        let h = spec.hostname().clone().filter(|h| !h.is_empty()).or_else(|| ctx.sandbox_hostname());
+        let h = spec
+            .hostname()
+            .clone()
+            .filter(|h| !h.is_empty())
+            .or_else(|| ctx.sandbox_hostname());
         if let Some(h) = &h {
-            crate::validate::max_len("hostname", h.len(), 64).map_err(|e| invalid(e.to_string()))?;
+            crate::validate::max_len("hostname", h.len(), 64)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         h
     } else {
@@ -148,15 +181,26 @@ pub fn plan_init(
     let paths = |v: Option<&Vec<String>>, what: &str| -> Result<Vec<PathBuf>, PlanError> {
         v.into_iter()
             .flatten()
-            .map(|p| crate::validate::absolute_path("path", p).map_err(|_| invalid(format!("{what} {p}"))))
+            .map(|p| {
+                crate::validate::absolute_path("path", p)
+                    .map_err(|_| invalid(format!("{what} {p}")))
+            })
             .collect()
     };
     let masked_paths = paths(linux.and_then(|l| l.masked_paths().as_ref()), "masked path")?;
-    let readonly_paths = paths(linux.and_then(|l| l.readonly_paths().as_ref()), "read-only path")?;
+    let readonly_paths = paths(
+        linux.and_then(|l| l.readonly_paths().as_ref()),
+        "read-only path",
+    )?;
     let mut sysctls = Vec::new();
-    for (k, v) in linux.and_then(|l| l.sysctl().as_ref()).into_iter().flatten() {
+    for (k, v) in linux
+        .and_then(|l| l.sysctl().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let ok = !k.is_empty()
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
             && !k.split('.').any(|c| c.is_empty() || c == "..");
         if !ok || v.contains('\0') {
             return Err(invalid(format!("sysctl {k}")));
@@ -165,9 +209,15 @@ pub fn plan_init(
     }
     sysctls.sort();
     let mut devices = Vec::new();
-    for d in linux.and_then(|l| l.devices().as_ref()).into_iter().flatten() {
+    for d in linux
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+    {
         let kind = match d.typ() {
-            oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U => libc::S_IFCHR,
+            oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U => {
+                libc::S_IFCHR
+            }
             oci_spec::runtime::LinuxDeviceType::B => libc::S_IFBLK,
             other => return Err(PlanError::Unsupported(format!("device type {other:?}"))),
         };
@@ -200,7 +250,11 @@ pub fn plan_init(
             hostname,
             masked_paths,
             readonly_paths,
-            readonly_root: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+            readonly_root: spec
+                .root()
+                .as_ref()
+                .and_then(|r| r.readonly())
+                .unwrap_or(false),
             sysctls,
             devices,
             root_propagation: root_propagation.bits(),
@@ -308,13 +362,19 @@ fn plan_mount(m: &Mount, ctx: &dyn Context) -> Result<MountPlan, PlanError> {
     let (flags, propagation, data) = parse_options(m.options().as_deref().unwrap_or_default());
     let typ = m.typ().clone().unwrap_or_default();
     let is_bind = typ == "bind" || flags.contains(MsFlags::MS_BIND);
-    let source_str = m.source().as_ref().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let source_str = m
+        .source()
+        .as_ref()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if is_bind {
-        let source = ctx.bind_source(&source_str).map_err(|cause| PlanError::BindSource {
-            source_name: source_str.clone(),
-            destination: dest.clone(),
-            cause,
-        })?;
+        let source = ctx
+            .bind_source(&source_str)
+            .map_err(|cause| PlanError::BindSource {
+                source_name: source_str.clone(),
+                destination: dest.clone(),
+                cause,
+            })?;
         return Ok(MountPlan {
             destination,
             fstype: "bind".into(),
@@ -328,14 +388,22 @@ fn plan_mount(m: &Mount, ctx: &dyn Context) -> Result<MountPlan, PlanError> {
         "proc" | "sysfs" | "tmpfs" | "devpts" | "mqueue" | "cgroup2" => typ.clone(),
         "cgroup" => "cgroup2".into(),
         "" => return Err(invalid(format!("mount on {dest} has no type"))),
-        other => return Err(PlanError::Unsupported(format!("mount type {other} on {dest}"))),
+        other => {
+            return Err(PlanError::Unsupported(format!(
+                "mount type {other} on {dest}"
+            )))
+        }
     };
     if data.contains('\0') {
         return Err(invalid(format!("mount options for {dest}")));
     }
     Ok(MountPlan {
         destination,
-        source: PathBuf::from(if source_str.is_empty() { fstype.clone() } else { source_str }),
+        source: PathBuf::from(if source_str.is_empty() {
+            fstype.clone()
+        } else {
+            source_str
+        }),
         fstype,
         flags: flags.bits(),
         propagation: propagation.bits(),
@@ -349,7 +417,10 @@ mod tests {
 
     struct Ctx;
     impl Context for Ctx {
-        fn bind_source(&self, s: &str) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+        fn bind_source(
+            &self,
+            s: &str,
+        ) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
             match s.strip_prefix("sandbox:") {
                 Some(n) => Ok(PathBuf::from("/run/sb").join(n)),
                 None => Err("not allowed".into()),
@@ -376,7 +447,9 @@ mod tests {
 
     #[test]
     fn options_split_into_flags_propagation_and_data() {
-        let o: Vec<String> = ["nosuid", "ro", "rprivate", "mode=755", "size=65536k"].map(String::from).into();
+        let o: Vec<String> = ["nosuid", "ro", "rprivate", "mode=755", "size=65536k"]
+            .map(String::from)
+            .into();
         let (f, p, d) = parse_options(&o);
         assert_eq!(f, MsFlags::MS_NOSUID | MsFlags::MS_RDONLY);
         assert_eq!(p, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
@@ -387,22 +460,58 @@ mod tests {
     fn plans_a_minimal_spec_with_the_sandbox_hostname() {
         let s = parse_spec(&spec(r#","mounts":[{"destination":"/etc/hosts","type":"bind","source":"sandbox:hosts","options":["rbind","ro"]}]"#)).unwrap();
         let r = plan_init(&s, Path::new("/r"), None, &Ctx).unwrap();
-        let Setup::Init(init) = r.setup else { panic!("not init") };
+        let Setup::Init(init) = r.setup else {
+            panic!("not init")
+        };
         assert_eq!(init.hostname.as_deref(), Some("pod"));
         assert_eq!(init.mounts[0].source, PathBuf::from("/run/sb/hosts"));
-        assert_eq!(r.new_namespaces, vec![Namespace::Mount, Namespace::Pid, Namespace::Uts]);
+        assert_eq!(
+            r.new_namespaces,
+            vec![Namespace::Mount, Namespace::Pid, Namespace::Uts]
+        );
     }
 
     #[test]
     fn refuses_bad_specs_with_the_right_kind() {
-        assert_eq!(parse_spec(b"{not json").unwrap_err().kind(), Kind::InvalidArgument);
-        let no_args = br#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#;
-        assert_eq!(parse_spec(no_args).unwrap_err().kind(), Kind::InvalidArgument);
-        let s = parse_spec(&spec(r#","mounts":[{"destination":"/x","type":"bind","source":"/etc"}]"#)).unwrap();
-        assert_eq!(plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(), Kind::InvalidArgument);
-        let s = parse_spec(&spec(r#","mounts":[{"destination":"/x","type":"nfs","source":"h:/"}]"#)).unwrap();
-        assert_eq!(plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(), Kind::Unimplemented);
-        let s = parse_spec(&spec(r#","mounts":[{"destination":"/../x","type":"tmpfs"}]"#)).unwrap();
-        assert_eq!(plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(), Kind::InvalidArgument);
+        assert_eq!(
+            parse_spec(b"{not json").unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
+        let no_args =
+            br#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#;
+        assert_eq!(
+            parse_spec(no_args).unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
+        let s = parse_spec(&spec(
+            r#","mounts":[{"destination":"/x","type":"bind","source":"/etc"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            plan_init(&s, Path::new("/r"), None, &Ctx)
+                .unwrap_err()
+                .kind(),
+            Kind::InvalidArgument
+        );
+        let s = parse_spec(&spec(
+            r#","mounts":[{"destination":"/x","type":"nfs","source":"h:/"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            plan_init(&s, Path::new("/r"), None, &Ctx)
+                .unwrap_err()
+                .kind(),
+            Kind::Unimplemented
+        );
+        let s = parse_spec(&spec(
+            r#","mounts":[{"destination":"/../x","type":"tmpfs"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            plan_init(&s, Path::new("/r"), None, &Ctx)
+                .unwrap_err()
+                .kind(),
+            Kind::InvalidArgument
+        );
     }
 }

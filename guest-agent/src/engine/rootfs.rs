@@ -50,15 +50,20 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
     for d in &init.devices {
         let dest = resolve_in_root(root, &d.path)?;
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).map_err(|e| format!("mkdir for {}: {e}", d.path.display()))?;
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("mkdir for {}: {e}", d.path.display()))?;
         }
         let kind = SFlag::from_bits_truncate(d.mode & libc::S_IFMT);
         let perm = Mode::from_bits_truncate(d.mode & 0o7777);
         let _ = fs::remove_file(&dest);
         mknod(&dest, kind, perm, makedev(d.major, d.minor))
             .map_err(|e| format!("mknod {}: {e}", d.path.display()))?;
-        chown(&dest, Some(Uid::from_raw(d.uid)), Some(Gid::from_raw(d.gid)))
-            .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
+        chown(
+            &dest,
+            Some(Uid::from_raw(d.uid)),
+            Some(Gid::from_raw(d.gid)),
+        )
+        .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
     }
     console(root)?;
 
@@ -129,14 +134,8 @@ fn leave_initramfs(root: &Path) -> Result<(), String> {
     )
     .map_err(|e| format!("binding / for pivot_root: {e}"))?;
     chdir(&holder).map_err(|e| format!("chdir {}: {e}", holder.display()))?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("moving the root bind: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving the root bind: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))
 }
@@ -144,7 +143,11 @@ fn leave_initramfs(root: &Path) -> Result<(), String> {
 fn do_mount(root: &Path, m: &MountPlan) -> Result<(), String> {
     let dest = resolve_in_root(root, &m.destination)?;
     let ctx = |what: &str, e: &dyn std::fmt::Display| {
-        format!("mount {} on {}: {what}: {e}", m.fstype, m.destination.display())
+        format!(
+            "mount {} on {}: {what}: {e}",
+            m.fstype,
+            m.destination.display()
+        )
     };
     let flags = MsFlags::from_bits_truncate(m.flags);
     if m.is_bind() {
@@ -381,9 +384,18 @@ mod tests {
         symlink("/etc", root.join("abs")).unwrap();
         symlink("../../../../etc", root.join("rel")).unwrap();
         symlink("loop", root.join("loop")).unwrap();
-        assert_eq!(resolve_in_root(root, Path::new("/abs/x")).unwrap(), root.join("etc/x"));
-        assert_eq!(resolve_in_root(root, Path::new("/rel/x")).unwrap(), root.join("etc/x"));
-        assert_eq!(resolve_in_root(root, Path::new("/../../x")).unwrap(), root.join("x"));
+        assert_eq!(
+            resolve_in_root(root, Path::new("/abs/x")).unwrap(),
+            root.join("etc/x")
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new("/rel/x")).unwrap(),
+            root.join("etc/x")
+        );
+        assert_eq!(
+            resolve_in_root(root, Path::new("/../../x")).unwrap(),
+            root.join("x")
+        );
         assert!(resolve_in_root(root, Path::new("/loop/x")).is_err());
     }
 }

@@ -5,7 +5,9 @@
 use std::{ffi::CString, path::Path, str::FromStr};
 
 use caps::{CapSet, CapsHashSet};
-use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+use libseccomp::{
+    ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall,
+};
 use nix::unistd::{chdir, setgroups, setresgid, setresuid, Gid, Uid};
 use oci_spec::runtime::{
     Capabilities, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompOperator, PosixRlimitType, Process,
@@ -56,7 +58,11 @@ pub(super) fn apply(p: &Process, seccomp: Option<&LinuxSeccomp>) -> Result<(), S
         };
         // SAFETY: setrlimit reads the struct we pass by pointer.
         if unsafe { libc::setrlimit(res, &lim) } != 0 {
-            return Err(format!("setrlimit {:?}: {}", r.typ(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "setrlimit {:?}: {}",
+                r.typ(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     let nnp = p.no_new_privileges().unwrap_or(false);
@@ -87,9 +93,12 @@ pub(super) fn apply(p: &Process, seccomp: Option<&LinuxSeccomp>) -> Result<(), S
         let effective = to_caps(c.effective().as_ref())?;
         let permitted = to_caps(c.permitted().as_ref())?;
         let ambient = to_caps(c.ambient().as_ref())?;
-        caps::set(None, CapSet::Inheritable, &inheritable).map_err(|e| format!("inheritable caps: {e}"))?;
-        caps::set(None, CapSet::Effective, &effective).map_err(|e| format!("effective caps: {e}"))?;
-        caps::set(None, CapSet::Permitted, &permitted).map_err(|e| format!("permitted caps: {e}"))?;
+        caps::set(None, CapSet::Inheritable, &inheritable)
+            .map_err(|e| format!("inheritable caps: {e}"))?;
+        caps::set(None, CapSet::Effective, &effective)
+            .map_err(|e| format!("effective caps: {e}"))?;
+        caps::set(None, CapSet::Permitted, &permitted)
+            .map_err(|e| format!("permitted caps: {e}"))?;
         caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient caps: {e}"))?;
         for cap in ambient {
             // Only caps both permitted and inheritable can be ambient.
@@ -210,7 +219,8 @@ pub(crate) fn build_seccomp(s: &LinuxSeccomp) -> Result<ScmpFilterContext, Strin
             let _ = f.add_arch(arch);
         }
     }
-    f.set_ctl_nnp(false).map_err(|e| format!("seccomp nnp: {e}"))?;
+    f.set_ctl_nnp(false)
+        .map_err(|e| format!("seccomp nnp: {e}"))?;
     for rule in s.syscalls().iter().flatten() {
         let act = action(rule.action(), rule.errno_ret())?;
         if act == default {

@@ -1,6 +1,11 @@
 //! Shared helpers for the agent's host-mode tests: a started agent with a
 //! sandbox and a busybox storage, and short calls for the common requests.
-#![allow(dead_code, missing_docs)]
+#![allow(
+    dead_code,
+    missing_docs,
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is the test failing"
+)]
 
 use std::time::Duration;
 
@@ -85,13 +90,30 @@ pub fn preq(id: &str, exec: &str) -> ProcessRequest {
 impl Pod {
     /// Creates `id` with stdout attached, starts it, returns (stdout, exit status).
     pub async fn run(&self, id: &str, spec: &Value) -> (String, i32) {
-        self.containers.create_container(ctx(), &create_req(id, spec, stdio(false, true, false))).await.unwrap();
-        let mut out = self.agent.open_stream(id, "", StreamKind::STDOUT).await.unwrap();
-        self.containers.start_container(ctx(), &creq(id)).await.unwrap();
-        let w = self.containers.wait_process(ctx(), &preq(id, "")).await.unwrap();
+        self.containers
+            .create_container(ctx(), &create_req(id, spec, stdio(false, true, false)))
+            .await
+            .unwrap();
+        let mut out = self
+            .agent
+            .open_stream(id, "", StreamKind::STDOUT)
+            .await
+            .unwrap();
+        self.containers
+            .start_container(ctx(), &creq(id))
+            .await
+            .unwrap();
+        let w = self
+            .containers
+            .wait_process(ctx(), &preq(id, ""))
+            .await
+            .unwrap();
         let mut s = String::new();
         out.read_to_string(&mut s).await.unwrap();
-        self.containers.remove_container(ctx(), &creq(id)).await.unwrap();
+        self.containers
+            .remove_container(ctx(), &creq(id))
+            .await
+            .unwrap();
         (s, w.exit_status)
     }
 
