@@ -22,6 +22,7 @@ use nix::{
 };
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::UnixStream,
     sync::{watch, Notify},
 };
 use veil_protocol::agent::{Stdio, StreamKind};
@@ -33,6 +34,8 @@ use crate::{
 
 /// Copy buffer size: large enough that a 100 MiB stream costs few syscalls.
 const COPY_BUF: usize = 256 * 1024;
+/// Most bytes moved by one splice(2).
+const SPLICE_CHUNK: usize = 1024 * 1024;
 /// Pipe capacity asked for output pipes (the kernel may give less).
 const PIPE_SIZE: i32 = 1024 * 1024;
 
@@ -241,6 +244,88 @@ where
     let _ = to.shutdown().await;
 }
 
+/// Moves a pipe's data into the connection with splice(2): the pages go from
+/// the pipe to the socket without passing through the agent (the stream
+/// benchmark's reason). Falls back to copying where the socket cannot splice.
+async fn splice_output(pipe: FdIo, mut conn: UnixStream) {
+    let pfd = pipe.fd.get_ref().as_raw_fd();
+    let sfd = conn.as_raw_fd();
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    let splice = move || {
+        // SAFETY: splice(2) between two fds we own (the pipe's read end and
+        // the connected socket), no offsets (both are streams).
+        let n = unsafe {
+            libc::splice(
+                pfd,
+                std::ptr::null_mut(),
+                sfd,
+                std::ptr::null_mut(),
+                SPLICE_CHUNK,
+                flags,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    };
+    loop {
+        let Ok(mut guard) = pipe.fd.readable().await else {
+            break;
+        };
+        if pipe_available(pfd) == 0 {
+            // Empty: either EOF (writers gone) or a stale readiness.
+            match splice() {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    continue;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    drop(guard);
+                    return copy_output(pipe, conn).await;
+                }
+                Err(_) => break,
+            }
+        }
+        drop(guard);
+        // The pipe has data: a WouldBlock now means the socket is full.
+        if conn.writable().await.is_err() {
+            break;
+        }
+        match conn.try_io(tokio::io::Interest::WRITABLE, splice) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return copy_output(pipe, conn).await
+            }
+            Err(_) => {
+                // The shim went away: drain so the process is not blocked.
+                let mut pipe = pipe;
+                let mut buf = vec![0u8; COPY_BUF];
+                while matches!(pipe.read(&mut buf).await, Ok(n) if n > 0) {}
+                return;
+            }
+        }
+    }
+    let _ = conn.shutdown().await;
+}
+
+/// Bytes waiting in a pipe (FIONREAD); 0 on error.
+fn pipe_available(fd: std::os::fd::RawFd) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc < 0 {
+        0
+    } else {
+        n
+    }
+}
+
 async fn copy_stdin<R, W>(mut from: R, mut to: W, close: Arc<Notify>)
 where
     R: AsyncRead + Unpin,
@@ -337,10 +422,7 @@ pub struct Attachment {
 
 impl Attachment {
     /// Starts copying between the process and `conn`.
-    pub fn run<C>(mut self, conn: C) -> Result<(), StdioError>
-    where
-        C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    pub fn run(mut self, conn: UnixStream) -> Result<(), StdioError> {
         let Some(fd) = self.fd.take() else {
             return Ok(());
         };
@@ -378,7 +460,7 @@ impl Attachment {
             _ => {
                 tokio::spawn(async move {
                     if let Ok(pipe) = FdIo::new(fd) {
-                        copy_output(pipe, conn).await;
+                        splice_output(pipe, conn).await;
                     }
                     io.output_done();
                 });
