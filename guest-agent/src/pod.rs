@@ -355,6 +355,7 @@ impl Pod {
                 other => other.into(),
             })?;
 
+        tracing::debug!(container = %id, lower = %lower.display(), "rootfs lower layer");
         // From here on, undo what was done if a later step fails.
         let storage_id = rootfs_req.storage_id.clone();
         let overlay = match OverlayRoot::mount(dir, &lower) {

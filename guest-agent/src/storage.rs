@@ -161,6 +161,9 @@ impl Storages {
                 req.fstype.chars().take(32).collect::<String>()
             )));
         }
+        // An autoclear loop device detaches when its last opener goes: keep our
+        // fd open until the mount holds it.
+        let mut _loop_fd = None;
         let device = match source {
             StorageSource::BLOCK_SERIAL => {
                 let wait = if req.wait_ms == 0 {
@@ -187,7 +190,9 @@ impl Storages {
                 if !p.is_file() {
                     return Err(StorageError::NoSource(p));
                 }
-                attach_loop(&p, req.read_only)?
+                let (dev, fd) = attach_loop(&p, req.read_only)?;
+                _loop_fd = Some(fd);
+                dev
             }
             _ => {
                 return Err(StorageError::Refused(
@@ -341,7 +346,7 @@ struct LoopConfig {
 }
 
 /// Attaches `file` to a free loop device that detaches itself when unmounted.
-fn attach_loop(file: &Path, read_only: bool) -> Result<PathBuf, StorageError> {
+fn attach_loop(file: &Path, read_only: bool) -> Result<(PathBuf, fs::File), StorageError> {
     let img = fs::OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -371,7 +376,7 @@ fn attach_loop(file: &Path, read_only: bool) -> Result<PathBuf, StorageError> {
         // which points at a live, correctly laid out local.
         let rc = unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
         if rc == 0 {
-            return Ok(dev);
+            return Ok((dev, loopdev));
         }
         let err = std::io::Error::last_os_error();
         // Another process took this device between GET_FREE and CONFIGURE.

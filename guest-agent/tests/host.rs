@@ -567,3 +567,64 @@ async fn shared_pid_namespace_and_teardown_leave_nothing_behind() {
     );
     assert!(!agent.state_dir.join("containers/a").exists());
 }
+
+#[tokio::test]
+async fn an_ext4_image_file_is_a_read_only_lower_layer_with_a_writable_upper() {
+    let pod = pod().await;
+    let img = pod.agent.scratch().join("bb.img");
+    veil_test_support::rootfs::ext4_image(&pod.agent.scratch().join("busybox"), &img, 16).unwrap();
+    let mut st = AddStorageRequest::new();
+    st.storage_id = "img".into();
+    st.source = StorageSource::IMAGE_FILE.into();
+    st.locator = img.to_string_lossy().into_owned();
+    st.fstype = "ext4".into();
+    st.read_only = true;
+    let mp = pod
+        .sandbox
+        .add_storage(ctx(), &st)
+        .await
+        .unwrap()
+        .mount_point;
+    assert!(mp.ends_with("/storage/img"), "{mp}");
+    let spec = default_spec(&[
+        "sh",
+        "-c",
+        "echo hi > /etc/new && cat /etc/new && grep -c root /etc/passwd",
+    ]);
+    let mut req = create_req("c", &spec, stdio(false, true, false));
+    req.rootfs.as_mut().unwrap().storage_id = "img".into();
+    pod.containers.create_container(ctx(), &req).await.unwrap();
+    let mut out = pod
+        .agent
+        .open_stream("c", "", StreamKind::STDOUT)
+        .await
+        .unwrap();
+    pod.containers
+        .start_container(ctx(), &creq("c"))
+        .await
+        .unwrap();
+    let mut s = String::new();
+    out.read_to_string(&mut s).await.unwrap();
+    assert_eq!(
+        pod.containers
+            .wait_process(ctx(), &preq("c", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        0,
+        "{s}"
+    );
+    assert_eq!(s, "hi\n1\n");
+    // In use: cannot be removed; after the container is gone it can.
+    let mut rm = RemoveStorageRequest::new();
+    rm.storage_id = "img".into();
+    assert_eq!(
+        code_of(pod.sandbox.remove_storage(ctx(), &rm).await),
+        ttrpc::Code::FAILED_PRECONDITION
+    );
+    pod.containers
+        .remove_container(ctx(), &creq("c"))
+        .await
+        .unwrap();
+    pod.sandbox.remove_storage(ctx(), &rm).await.unwrap();
+}

@@ -69,6 +69,7 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     let dir = tempfile::tempdir().unwrap();
     let mut opts = VmOptions::agent(&a);
     opts.initrd = initrd_with_busybox(&a, dir.path());
+    opts.extra_cmdline = "veil.log=veil_agent=debug".into();
     let vm = TestVm::boot(&a, &opts).unwrap();
     let client = vm.agent_client(Duration::from_secs(60)).await.unwrap();
     let sandbox = SandboxClient::new(client.clone());
@@ -85,7 +86,10 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     st.locator = "/images/busybox.img".into();
     st.fstype = "ext4".into();
     st.read_only = true;
-    sandbox.add_storage(ctx(), &st).await.unwrap_or_else(|e| panic!("{e:?}\n{}", vm.console()));
+    sandbox
+        .add_storage(ctx(), &st)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", vm.console()));
 
     // PID 1, hostname and output over a vsock stream connection.
     let mut spec = rootfs::default_spec(&["sh", "-c", "echo pid=$$ host=$(hostname); exit 42"]);
@@ -93,8 +97,13 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     c.create_container(ctx(), &create("hello", &spec, true))
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", vm.console()));
-    let mut out = vm.connect(veil_protocol::STREAM_VSOCK_PORT, Duration::from_secs(10)).await.unwrap();
-    veil_protocol::stream::open(&mut out, "hello", "", StreamKind::STDOUT).await.unwrap();
+    let mut out = vm
+        .connect(veil_protocol::STREAM_VSOCK_PORT, Duration::from_secs(10))
+        .await
+        .unwrap();
+    veil_protocol::stream::open(&mut out, "hello", "", StreamKind::STDOUT)
+        .await
+        .unwrap();
     c.start_container(ctx(), &creq("hello")).await.unwrap();
     let w = c.wait_process(ctx(), &preq("hello", "")).await.unwrap();
     let mut s = String::new();
@@ -103,21 +112,51 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     c.remove_container(ctx(), &creq("hello")).await.unwrap();
 
     // Memory statistics grow when the process allocates (40 MiB into /dev/shm).
-    c.create_container(ctx(), &create("mem", &rootfs::default_spec(&["sleep", "1000"]), false)).await.unwrap();
+    c.create_container(
+        ctx(),
+        &create("mem", &rootfs::default_spec(&["sleep", "1000"]), false),
+    )
+    .await
+    .unwrap();
     c.start_container(ctx(), &creq("mem")).await.unwrap();
-    let before = c.stats_container(ctx(), &creq("mem")).await.unwrap().memory.usage;
+    let before = c
+        .stats_container(ctx(), &creq("mem"))
+        .await
+        .unwrap()
+        .memory
+        .usage;
     let mut ex = ExecProcessRequest::new();
     ex.container_id = "mem".into();
     ex.exec_id = "alloc".into();
     ex.process = serde_json::to_vec(
-        &rootfs::default_spec(&["dd", "if=/dev/zero", "of=/dev/shm/fill", "bs=1M", "count=40"])["process"],
+        &rootfs::default_spec(&[
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/shm/fill",
+            "bs=1M",
+            "count=40",
+        ])["process"],
     )
     .unwrap();
     c.exec_process(ctx(), &ex).await.unwrap();
     c.start_process(ctx(), &preq("mem", "alloc")).await.unwrap();
-    assert_eq!(c.wait_process(ctx(), &preq("mem", "alloc")).await.unwrap().exit_status, 0);
-    let after = c.stats_container(ctx(), &creq("mem")).await.unwrap().memory.usage;
-    assert!(after >= before + 40 * 1024 * 1024, "memory usage {before} -> {after}");
+    assert_eq!(
+        c.wait_process(ctx(), &preq("mem", "alloc"))
+            .await
+            .unwrap()
+            .exit_status,
+        0
+    );
+    let after = c
+        .stats_container(ctx(), &creq("mem"))
+        .await
+        .unwrap()
+        .memory
+        .usage;
+    assert!(
+        after >= before + 40 * 1024 * 1024,
+        "memory usage {before} -> {after}"
+    );
     c.signal_process(ctx(), &{
         let mut r = SignalProcessRequest::new();
         r.container_id = "mem".into();
@@ -126,14 +165,22 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     })
     .await
     .unwrap();
-    assert_eq!(c.wait_process(ctx(), &preq("mem", "")).await.unwrap().exit_status, 137);
+    assert_eq!(
+        c.wait_process(ctx(), &preq("mem", ""))
+            .await
+            .unwrap()
+            .exit_status,
+        137
+    );
     c.remove_container(ctx(), &creq("mem")).await.unwrap();
 
     // A 32 MiB limit: buffering 200 MiB gets the process OOM-killed, and the
     // OOM is reported before the exit.
     let mut spec = rootfs::default_spec(&["sh", "-c", "head -c 200m /dev/zero | tail; exit $?"]);
     spec["linux"]["resources"] = json!({"memory": {"limit": 32 * 1024 * 1024}});
-    c.create_container(ctx(), &create("oom", &spec, false)).await.unwrap();
+    c.create_container(ctx(), &create("oom", &spec, false))
+        .await
+        .unwrap();
     c.start_container(ctx(), &creq("oom")).await.unwrap();
     let w = c.wait_process(ctx(), &preq("oom", "")).await.unwrap();
     assert_eq!(w.exit_status, 137, "console:\n{}", vm.console());
@@ -142,7 +189,10 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     assert_eq!(stats.memory.limit, 32 * 1024 * 1024);
     let mut saw_oom = false;
     loop {
-        let e = events.get_event(ctx(), &GetEventRequest::new()).await.unwrap();
+        let e = events
+            .get_event(ctx(), &GetEventRequest::new())
+            .await
+            .unwrap();
         if e.has_oom() && e.oom().container_id == "oom" {
             saw_oom = true;
         }
@@ -152,5 +202,8 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     }
     assert!(saw_oom, "no OOM event before the exit event");
     c.remove_container(ctx(), &creq("oom")).await.unwrap();
-    sandbox.destroy_sandbox(ctx(), &DestroySandboxRequest::new()).await.unwrap();
+    sandbox
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .await
+        .unwrap();
 }

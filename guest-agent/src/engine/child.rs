@@ -19,6 +19,20 @@ use super::{
     wire::{ChildMessage, Setup, SpawnRequest, MAX_MESSAGE},
 };
 
+/// Set (by an agent logging at TRACE level) to make the helper and container
+/// process trace their steps to the kernel log.
+pub(super) const TRACE_ENV: &str = "VEIL_ENGINE_TRACE";
+
+/// Writes a step to the kernel log when tracing is on.
+pub(super) fn trace(step: &str) {
+    if std::env::var_os(TRACE_ENV).is_some() {
+        let _ = std::fs::write(
+            "/dev/kmsg",
+            format!("<3>veil-engine[{}]: {step}\n", std::process::id()),
+        );
+    }
+}
+
 /// The control socket's fd number in the helper.
 const CONTROL_FD: i32 = 3;
 
@@ -55,11 +69,17 @@ fn run_helper(control: &OwnedFd) -> Result<(), String> {
     let req: SpawnRequest =
         serde_json::from_slice(&buf[..n]).map_err(|e| format!("decoding the plan: {e}"))?;
     drop(buf);
+    trace("plan received");
 
-    if let Some(cg) = &req.cgroup {
-        std::fs::write(cg.join("cgroup.procs"), "0")
-            .map_err(|e| format!("joining cgroup {}: {e}", cg.display()))?;
-    }
+    // The container process is created directly in its cgroup
+    // (CLONE_INTO_CGROUP): no migration of a running task, which needs a
+    // write lock on the cgroup core that can stall for long under emulation.
+    let cgroup_dir = match &req.cgroup {
+        Some(cg) => Some(
+            std::fs::File::open(cg).map_err(|e| format!("opening cgroup {}: {e}", cg.display()))?,
+        ),
+        None => None,
+    };
     // Open every namespace first: after joining the mount namespace the agent's
     // /proc paths may no longer resolve.
     let mut ns_fds = Vec::new();
@@ -68,33 +88,59 @@ fn run_helper(control: &OwnedFd) -> Result<(), String> {
             .map_err(|e| format!("opening {:?} namespace {}: {e}", kind, path.display()))?;
         ns_fds.push((*kind, OwnedFd::from(f)));
     }
-    for (kind, fd) in &ns_fds {
-        setns(fd, CloneFlags::from_bits_truncate(kind.clone_flag()))
+    // The cgroup namespace is joined by the child, after CLONE_INTO_CGROUP:
+    // from inside it, the helper's own cgroup would be out of view and the
+    // kernel refuses the clone (ENOENT).
+    let mut cgroup_ns = None;
+    for (kind, fd) in ns_fds {
+        if kind == super::wire::Namespace::Cgroup {
+            cgroup_ns = Some(fd);
+            continue;
+        }
+        setns(&fd, CloneFlags::from_bits_truncate(kind.clone_flag()))
             .map_err(|e| format!("joining {kind:?} namespace: {e}"))?;
     }
-    drop(ns_fds);
+    trace("cgroup and namespaces joined");
 
-    let mut flags = libc::CLONE_PARENT;
+    let mut flags = libc::CLONE_PARENT as u64;
     for ns in &req.new_namespaces {
-        flags |= ns.clone_flag();
+        flags |= ns.clone_flag() as u64;
     }
-    // SAFETY: a fork-like clone (no new stack, no CLONE_VM) of this
-    // single-threaded process: the child gets a copy of our memory and continues
-    // here, exactly as after fork(2).
+    // With CLONE_PARENT the exit signal must be 0: the child inherits ours
+    // (SIGCHLD), which goes to our parent, the agent.
+    let mut args = CloneArgs {
+        flags,
+        ..CloneArgs::default()
+    };
+    if let Some(dir) = &cgroup_dir {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    // SAFETY: a fork-like clone3 (no new stack, no CLONE_VM) of this
+    // single-threaded process: the child gets a copy of our memory and
+    // continues here, exactly as after fork(2). `args` is a live, correctly
+    // laid out `struct clone_args` whose size we pass.
     let pid = unsafe {
         libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_int>(),
-            std::ptr::null_mut::<libc::c_int>(),
-            0 as libc::c_ulong,
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
         )
     };
+    drop(cgroup_dir);
     if pid < 0 {
         return Err(format!("clone: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
+        if let Some(fd) = &cgroup_ns {
+            if let Err(e) = setns(fd, CloneFlags::CLONE_NEWCGROUP) {
+                report(
+                    control,
+                    &ChildMessage::Error(format!("joining the cgroup namespace: {e}")),
+                );
+                std::process::exit(127);
+            }
+        }
         let code = match container_main(control, &req) {
             Ok(never) => match never {},
             Err(e) => {
@@ -104,8 +150,29 @@ fn run_helper(control: &OwnedFd) -> Result<(), String> {
         };
         std::process::exit(code);
     }
+    trace("cloned");
     report(control, &ChildMessage::Pid(pid as i32));
     Ok(())
+}
+
+/// `CLONE_INTO_CGROUP` (linux/sched.h, since 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` (linux/sched.h), version 2 (with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
 
 /// Uninhabited: `container_main` only returns on error.
@@ -119,7 +186,9 @@ fn container_main(control: &OwnedFd, req: &SpawnRequest) -> Result<Never, String
             pid_holder_loop()
         }
         Setup::Init(init) => {
+            trace("container process: filesystem");
             rootfs::setup(init)?;
+            trace("container process: filesystem done");
             finish(control, req)
         }
         Setup::Exec => finish(control, req),

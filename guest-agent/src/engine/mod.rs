@@ -132,9 +132,11 @@ pub fn create_with(
 
     let theirs_fd: RawFd = theirs.as_raw_fd();
     let mut cmd = Command::new(exe);
-    cmd.arg(HELPER_ARG)
-        .env_clear()
-        .stdin(Stdio::from(fds.stdin))
+    cmd.arg(HELPER_ARG).env_clear();
+    if tracing::enabled!(tracing::Level::TRACE) {
+        cmd.env(child::TRACE_ENV, "1");
+    }
+    cmd.stdin(Stdio::from(fds.stdin))
         .stdout(Stdio::from(fds.stdout))
         .stderr(Stdio::from(fds.stderr));
     // SAFETY: the closure runs in the forked child before exec and only calls
@@ -153,6 +155,7 @@ pub fn create_with(
     }
     let child = cmd.spawn().map_err(EngineError::Io)?;
     let helper_pid = child.id() as i32;
+    tracing::debug!(helper_pid, exe = %exe.display(), "engine helper started");
     // The helper is reaped by the agent's reaper, not by `Child::wait`.
     drop(child);
     drop(theirs);
@@ -163,7 +166,9 @@ pub fn create_with(
     let mut pid = None;
     let mut ready = false;
     loop {
-        match read_message(&ours) {
+        let msg = read_message(&ours);
+        tracing::debug!(?msg, "engine helper message");
+        match msg {
             Ok(Some(ChildMessage::Pid(p))) => pid = Some(p),
             Ok(Some(ChildMessage::Ready)) => ready = true,
             Ok(Some(ChildMessage::Error(e))) => {
