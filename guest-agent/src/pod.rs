@@ -163,7 +163,8 @@ impl plan::Context for PlanCtx<'_> {
                 .storages
                 .root(id)
                 .ok_or_else(|| format!("storage '{id}' not found"))?;
-            let p = root.join(sub);
+            // Symlinks in the (host-provided) storage resolve inside it.
+            let p = crate::engine::rootfs::resolve_in_root(root, &Path::new("/").join(sub))?;
             if !p.exists() {
                 return Err(format!("{} does not exist", p.display()).into());
             }

@@ -260,7 +260,10 @@ impl Storages {
             .entries
             .get_mut(id)
             .ok_or_else(|| StorageError::NotFound(id.to_string()))?;
-        let p = e.root.join(sub);
+        // The storage's content comes from the host: follow its symlinks as if
+        // its root were `/`, so a link cannot point the lower layer elsewhere.
+        let p = crate::engine::rootfs::resolve_in_root(&e.root, &Path::new("/").join(sub))
+            .map_err(StorageError::Refused)?;
         if !p.is_dir() {
             return Err(StorageError::NoSource(p));
         }
@@ -492,6 +495,10 @@ mod tests {
             s.acquire("img", "../x").unwrap_err().kind(),
             Kind::InvalidArgument
         );
+        // A symlink in the storage cannot lead out of it.
+        std::os::unix::fs::symlink("/", d.path().join("escape")).unwrap();
+        assert_eq!(s.acquire("img", "escape").unwrap(), d.path().to_path_buf());
+        s.release_use("img");
         assert_eq!(
             s.remove("img").unwrap_err().kind(),
             Kind::FailedPrecondition

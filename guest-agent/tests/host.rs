@@ -299,10 +299,18 @@ async fn exec_signals_pause_resume_and_stats() {
         .unwrap();
     c.start_container(ctx(), &creq("w")).await.unwrap();
     let count_file = pod.agent.state_dir.join("containers/w/upper/tmp/count");
+    // The file is rewritten all the time: retry a read that caught it empty.
     let count = || {
-        std::fs::read_to_string(&count_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
+        (0..50)
+            .find_map(|_| {
+                let v = std::fs::read_to_string(&count_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok());
+                if v.is_none() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                v
+            })
             .unwrap_or(0)
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -364,8 +372,15 @@ async fn exec_signals_pause_resume_and_stats() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count(), a, "the counter moved while paused");
     c.resume_container(ctx(), &creq("w")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(count() > a, "the counter did not move after resume");
+    let mut moved = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if count() > a {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "the counter did not move after resume");
 
     let stats = c.stats_container(ctx(), &creq("w")).await.unwrap();
     assert!(stats.cpu.usage_usec > 0, "{stats:?}");

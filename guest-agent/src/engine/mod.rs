@@ -21,7 +21,7 @@
 
 mod child;
 pub mod plan;
-mod rootfs;
+pub mod rootfs;
 mod security;
 pub mod wire;
 

@@ -329,7 +329,7 @@ fn readonly(p: &Path) -> Result<(), String> {
 /// Resolves `path` (absolute, as the container sees it) to a path under
 /// `root`, following symlinks as if `root` were `/`: a symlink in the image
 /// cannot make a mount land outside the rootfs.
-pub(super) fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, String> {
+pub fn resolve_in_root(root: &Path, path: &Path) -> Result<PathBuf, String> {
     let mut pending: Vec<PathBuf> = path
         .components()
         .rev()
