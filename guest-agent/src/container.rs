@@ -173,6 +173,14 @@ impl Container {
         self.cgroup.stats()
     }
 
+    /// Drops the streams of every process that were never attached.
+    pub fn abandon_streams(&self) {
+        self.init.io.abandon();
+        for e in self.execs().values() {
+            e.process.io.abandon();
+        }
+    }
+
     /// Kills every process and waits for the init's exit to complete.
     pub async fn kill_all_and_wait(&self) {
         if self.init.state().pid().is_some() && !self.init.has_exited() {

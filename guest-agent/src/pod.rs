@@ -520,6 +520,7 @@ impl Pod {
     }
 
     async fn dispose(&self, inner: &mut Inner, c: &Container) {
+        c.abandon_streams();
         if let Err(e) = c.cgroup.remove().await {
             tracing::warn!(container = %c.id, error = %crate::error_chain(&e), "cannot remove cgroup");
         }
@@ -601,6 +602,11 @@ impl Pod {
         if !c.is_running() {
             return Err(PodError::State(format!(
                 "container '{container_id}' is not running"
+            )));
+        }
+        if c.cgroup.is_frozen() {
+            return Err(PodError::State(format!(
+                "container '{container_id}' is paused"
             )));
         }
         let init_pid = c

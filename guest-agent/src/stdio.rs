@@ -187,6 +187,19 @@ impl ProcessIo {
         })
     }
 
+    /// Gives up on streams never attached (the process is being removed):
+    /// their pipes close and the exit no longer waits for them.
+    pub fn abandon(&self) {
+        let mut s = self.lock();
+        let outputs = [s.stdout.take(), s.stderr.take(), s.terminal.take()];
+        drop(s.stdin.take());
+        drop(s);
+        for fd in outputs.into_iter().flatten() {
+            drop(fd);
+            self.output_done();
+        }
+    }
+
     fn output_done(&self) {
         self.pending.send_modify(|n| *n = n.saturating_sub(1));
     }

@@ -368,6 +368,12 @@ async fn exec_signals_pause_resume_and_stats() {
     c.pause_container(ctx(), &creq("w")).await.unwrap();
     let st = c.state_process(ctx(), &preq("w", "")).await.unwrap();
     assert_eq!(st.status.enum_value(), Ok(ProcessStatus::PAUSED));
+    // An exec into a paused container is refused at start.
+    ex.exec_id = "e3".into();
+    c.exec_process(ctx(), &ex).await.unwrap();
+    let r = c.start_process(ctx(), &preq("w", "e3")).await;
+    assert_eq!(code_of(r), ttrpc::Code::FAILED_PRECONDITION);
+    c.delete_process(ctx(), &preq("w", "e3")).await.unwrap();
     let a = count();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count(), a, "the counter moved while paused");
@@ -506,6 +512,19 @@ async fn bad_input_gets_a_clear_error_and_a_valid_request_still_works() {
     assert_eq!(
         code_of(pod.signal("dup", "", 0, false).await),
         ttrpc::Code::INVALID_ARGUMENT
+    );
+
+    // A created container whose output was never attached can be removed.
+    c.create_container(
+        ctx(),
+        &create_req("unstarted", &spec, stdio(true, true, true)),
+    )
+    .await
+    .unwrap();
+    c.remove_container(ctx(), &creq("unstarted")).await.unwrap();
+    assert_eq!(
+        code_of(c.state_process(ctx(), &preq("unstarted", "")).await),
+        ttrpc::Code::NOT_FOUND
     );
 
     // ... and a valid request right after all that works.
