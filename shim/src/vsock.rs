@@ -119,17 +119,25 @@ impl Drop for HybridVsockBackend {
 /// Connects to guest port `port` through a hybrid vsock unix socket, retrying
 /// until the guest listens or `timeout` passes. Returns the stream positioned
 /// right after the handshake.
+///
+/// Each attempt has its own deadline: a request sent before the guest's vsock
+/// driver is up can stay unanswered forever, so an attempt that hears nothing
+/// is abandoned and retried. The per-attempt deadline starts short (a guest that
+/// is up answers in milliseconds) and doubles, so a slow but live guest is not
+/// retried in a loop.
 pub async fn connect_hybrid(
     uds_path: &Path,
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, VsockError> {
     let deadline = Instant::now() + timeout;
+    let mut attempt_timeout = Duration::from_millis(200);
     loop {
-        match try_connect_hybrid(uds_path, port).await {
-            Ok(s) => return Ok(s),
-            Err(HandshakeAttempt::Fatal(e)) => return Err(e),
-            Err(HandshakeAttempt::Retry) => {}
+        match tokio::time::timeout(attempt_timeout, try_connect_hybrid(uds_path, port)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(HandshakeAttempt::Fatal(e))) => return Err(e),
+            Ok(Err(HandshakeAttempt::Retry)) => {}
+            Err(_elapsed) => attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(3)),
         }
         if Instant::now() >= deadline {
             return Err(VsockError::ConnectTimeout { port, timeout });
@@ -206,6 +214,27 @@ mod tests {
         let mut rest = [0u8; 5];
         s.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"hello");
+    }
+
+    /// A backend that swallows the first request without answering (as when the
+    /// guest driver was not up yet) must not hang the caller.
+    #[tokio::test]
+    async fn an_unanswered_attempt_is_abandoned_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (silent, _) = listener.accept().await.unwrap();
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"OK 5\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(silent);
+        });
+        connect_hybrid(&path, 1024, Duration::from_secs(5))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -37,11 +37,12 @@ pub struct VmOptions {
 }
 
 impl VmOptions {
-    /// Defaults: the agent initrd, 1 vCPU, 256 MiB, accel auto.
+    /// Defaults: the agent initrd, 1 vCPU, 256 MiB, accel auto. Extra kernel
+    /// command-line words come from `VEIL_TEST_CMDLINE` (e.g. `veil.log=debug`).
     pub fn agent(a: &Artefacts) -> Self {
         VmOptions {
             initrd: a.initrd.clone(),
-            extra_cmdline: String::new(),
+            extra_cmdline: std::env::var("VEIL_TEST_CMDLINE").unwrap_or_default(),
             vcpus: 1,
             memory_mib: 256,
             accel: AccelChoice::Auto,
