@@ -1,7 +1,7 @@
 //! Locating the built artefacts: guest kernel, initrds, QEMU, vhost-device-vsock.
 //!
 //! `ci/build-artefacts.sh` builds them (cached) and records their paths in
-//! `target/veil-artefacts.env`; an environment variable of the same name
+//! `$CARGO_TARGET_DIR/veil-artefacts.env` (default `target/`); an environment variable of the same name
 //! overrides each entry.
 
 use std::{
@@ -34,7 +34,10 @@ const HINT: &str =
 impl Artefacts {
     /// Finds the artefacts, failing with a message that names what is missing.
     pub fn locate() -> Result<Self> {
-        let env_file = crate::workspace_root().join("target/veil-artefacts.env");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::workspace_root().join("target"));
+        let env_file = target.join("veil-artefacts.env");
         let recorded = read_env_file(&env_file).unwrap_or_default();
         let get = |key: &str| -> Result<PathBuf> {
             let v = std::env::var(key)

@@ -38,18 +38,20 @@ pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
     // -no-reboot turns into QEMU exiting.
     //
     // Under KVM, kvmclock gives the guest its TSC frequency and the PIT stays
-    // off. Under TCG there is no kvmclock: the guest calibrates its TSC against
-    // the PIT, and that calibration fails (and the boot hangs) when the host is
-    // busy, because emulated PIT reads are slow and get preempted. Instruction
-    // counting (-icount) runs the guest's TSC and PIT on the same virtual clock,
-    // which makes the calibration deterministic; sleep=on keeps idle time real.
+    // off. Under TCG there is no kvmclock: the guest needs the PIT, wired to
+    // IRQ 0 through the PIC (without the PIC the kernel cannot register its
+    // legacy timer interrupt, the LAPIC timer fails verification, and an idle
+    // guest never wakes up). It also calibrates its TSC against the PIT, which
+    // fails when the host is busy because emulated PIT reads get preempted;
+    // instruction counting (-icount) runs the guest's TSC and PIT on one virtual
+    // clock, which makes the calibration deterministic; sleep=on keeps idle time real.
     let (machine, cpu): (&str, &str) = match spec.accel {
         Accel::Kvm => (
             "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
             "host",
         ),
         Accel::Tcg => (
-            "microvm,x-option-roms=off,pit=on,pic=off,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
+            "microvm,x-option-roms=off,pit=on,pic=on,rtc=off,isa-serial=on,acpi=off,memory-backend=mem",
             "max",
         ),
     };
