@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
 
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/snp");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/snp");
     let text = std::fs::read_to_string(fixtures.join("report_milan.hex"))?;
     let raw = hex::decode(
         text.chars()

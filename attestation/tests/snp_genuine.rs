@@ -1,5 +1,5 @@
 //! SEV-SNP verification against a genuine AMD-signed Milan report and its VCEK
-//! (`/work/shared/fixtures/snp`, see its README): accepted as is, rejected after any one-bit flip
+//! (`tests/data/snp`, copied from the shared fixtures; see its README): accepted as is, rejected after any one-bit flip
 //! in the signed part or the signature.
 
 #![allow(
@@ -19,7 +19,7 @@ use veil_attestation::verify::snp::{
 fn fixtures() -> PathBuf {
     let dir = std::env::var_os("VEIL_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data"));
     assert!(
         dir.join("snp/report_milan.hex").exists(),
         "missing fixture {}/snp/report_milan.hex (set VEIL_FIXTURES to the shared fixtures dir)",
