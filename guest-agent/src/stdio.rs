@@ -35,9 +35,9 @@ use crate::{
 /// Copy buffer size: large enough that a 100 MiB stream costs few syscalls.
 const COPY_BUF: usize = 256 * 1024;
 /// Most bytes moved by one splice(2).
-const SPLICE_CHUNK: usize = 1024 * 1024;
+const SPLICE_CHUNK: usize = 4 * 1024 * 1024;
 /// Pipe capacity asked for output pipes (the kernel may give less).
-const PIPE_SIZE: i32 = 1024 * 1024;
+const PIPE_SIZE: i32 = 4 * 1024 * 1024;
 
 /// Errors of stdio handling.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,10 @@ pub fn prepare(want: &Stdio, terminal: bool) -> Result<(ProcessFds, Arc<ProcessI
                     return dev_null().map_err(StdioError::Create);
                 }
                 let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
-                let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+                // As large as allowed (root may exceed pipe-max-size), else the default.
+                if fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).is_err() {
+                    let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1024 * 1024));
+                }
                 *slot = Some(r);
                 pending += 1;
                 Ok(w)
@@ -257,16 +260,25 @@ where
     let _ = to.shutdown().await;
 }
 
-/// Moves a pipe's data into the connection with splice(2): the pages go from
-/// the pipe to the socket without passing through the agent (the stream
-/// benchmark's reason). Falls back to copying where the socket cannot splice.
-async fn splice_output(pipe: FdIo, mut conn: UnixStream) {
-    let pfd = pipe.fd.get_ref().as_raw_fd();
-    let sfd = conn.as_raw_fd();
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
-    let splice = move || {
+/// Moves a pipe's data into the connection with splice(2) until EOF, then
+/// shuts the connection down for writing. Blocking; runs on its own thread.
+/// Falls back to read/write where the socket cannot splice. If the shim goes
+/// away, the pipe is drained so the process is not blocked.
+fn splice_output(pipe: OwnedFd, conn: std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    // Room for a whole pipe's worth per splice: fewer wake-ups per MiB.
+    // (Best effort: the default still works, only slower.)
+    let _ = nix::sys::socket::setsockopt(
+        &conn,
+        nix::sys::socket::sockopt::SndBufForce,
+        &(2 * SPLICE_CHUNK),
+    );
+    let (pfd, sfd) = (pipe.as_raw_fd(), conn.as_raw_fd());
+    let mut pipe = std::fs::File::from(pipe);
+    let mut conn = conn;
+    loop {
         // SAFETY: splice(2) between two fds we own (the pipe's read end and
-        // the connected socket), no offsets (both are streams).
+        // the connected socket), without offsets (both are streams).
         let n = unsafe {
             libc::splice(
                 pfd,
@@ -274,69 +286,48 @@ async fn splice_output(pipe: FdIo, mut conn: UnixStream) {
                 sfd,
                 std::ptr::null_mut(),
                 SPLICE_CHUNK,
-                flags,
+                libc::SPLICE_F_MOVE,
             )
         };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        if n > 0 {
+            continue;
         }
-    };
-    loop {
-        let Ok(mut guard) = pipe.fd.readable().await else {
-            break;
-        };
-        if pipe_available(pfd) == 0 {
-            // Empty: either EOF (writers gone) or a stale readiness.
-            match splice() {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    guard.clear_ready();
-                    continue;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    drop(guard);
-                    return copy_output(pipe, conn).await;
-                }
-                Err(_) => break,
-            }
-        }
-        drop(guard);
-        // The pipe has data: a WouldBlock now means the socket is full.
-        if conn.writable().await.is_err() {
+        if n == 0 {
             break;
         }
-        match conn.try_io(tokio::io::Interest::WRITABLE, splice) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                return copy_output(pipe, conn).await
-            }
-            Err(_) => {
-                // The shim went away: drain so the process is not blocked.
-                let mut pipe = pipe;
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EINVAL) => {
+                // This socket cannot splice: copy.
                 let mut buf = vec![0u8; COPY_BUF];
-                while matches!(pipe.read(&mut buf).await, Ok(n) if n > 0) {}
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                drain(&mut pipe);
+                                return;
+                            }
+                        }
+                    }
+                }
+                break;
+            }
+            _ => {
+                drain(&mut pipe);
                 return;
             }
         }
     }
-    let _ = conn.shutdown().await;
+    let _ = conn.shutdown(std::net::Shutdown::Write);
 }
 
-/// Bytes waiting in a pipe (FIONREAD); 0 on error.
-fn pipe_available(fd: std::os::fd::RawFd) -> libc::c_int {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which points at a live local.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
-    if rc < 0 {
-        0
-    } else {
-        n
-    }
+/// Reads a pipe to EOF, discarding: its writer must never block on a reader
+/// that went away.
+fn drain(pipe: &mut std::fs::File) {
+    use std::io::Read;
+    let mut buf = vec![0u8; COPY_BUF];
+    while matches!(pipe.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 async fn copy_stdin<R, W>(mut from: R, mut to: W, close: Arc<Notify>)
@@ -471,12 +462,21 @@ impl Attachment {
                 });
             }
             _ => {
-                tokio::spawn(async move {
-                    if let Ok(pipe) = FdIo::new(fd) {
-                        splice_output(pipe, conn).await;
-                    }
-                    io.output_done();
-                });
+                // A thread of its own, blocking in splice(2): the kernel moves
+                // the pipe's pages into the socket and wakes it only when there
+                // is data or room, as if the process wrote to the socket itself.
+                let conn = conn.into_std().map_err(StdioError::Create)?;
+                conn.set_nonblocking(false).map_err(StdioError::Create)?;
+                let spawned = std::thread::Builder::new()
+                    .name("veil-stdout".into())
+                    .spawn(move || {
+                        splice_output(fd, conn);
+                        io.output_done();
+                    });
+                if let Err(e) = spawned {
+                    self.io.output_done();
+                    return Err(StdioError::Create(e));
+                }
             }
         }
         Ok(())
