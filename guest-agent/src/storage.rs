@@ -293,7 +293,24 @@ fn release(e: &Entry) {
     }
 }
 
-/// Finds the virtio-blk disk whose serial is `serial`, waiting for it.
+/// The serial a disk reports: virtio-blk's `serial` attribute, or a SCSI
+/// disk's unit serial number (VPD page 0x80: a 4-byte header, then the
+/// serial). Hot-added disks are SCSI (`scsi-hd,serial=...`).
+fn disk_serial(block: &Path) -> Option<String> {
+    if let Ok(s) = fs::read_to_string(block.join("serial")) {
+        return Some(s.trim_end_matches(['\n', '\0']).to_string());
+    }
+    let page = fs::read(block.join("device/vpd_pg80")).ok()?;
+    let body = page.get(4..)?;
+    let len = usize::from(u16::from_be_bytes([*page.get(2)?, *page.get(3)?])).min(body.len());
+    Some(
+        String::from_utf8_lossy(&body[..len])
+            .trim_end_matches(['\0', ' '])
+            .to_string(),
+    )
+}
+
+/// Finds the disk (virtio-blk or SCSI) whose serial is `serial`, waiting for it.
 async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, StorageError> {
     if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(StorageError::Refused(
@@ -304,8 +321,7 @@ async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, Storage
     loop {
         if let Ok(dir) = fs::read_dir("/sys/block") {
             for entry in dir.flatten() {
-                let s = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
-                if s.trim_end_matches(['\n', '\0']) == serial {
+                if disk_serial(&entry.path()).as_deref() == Some(serial) {
                     return Ok(Path::new("/dev").join(entry.file_name()));
                 }
             }
