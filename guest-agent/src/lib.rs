@@ -27,6 +27,7 @@ pub mod pod;
 pub mod power;
 pub mod process;
 pub mod reaper;
+pub mod ready;
 pub mod sandbox;
 pub mod server;
 pub mod service;

@@ -100,6 +100,9 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         }
     };
     tracing::info!(%addr, "agent API serving");
+    if matches!(config.listen, Listen::Vsock(_)) {
+        crate::ready::announce();
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ServerError::Io)?;

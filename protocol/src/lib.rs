@@ -13,6 +13,18 @@ pub const API_VERSION: u32 = 1;
 /// vsock port on which the agent serves the API.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Host vsock port the agent dials once its API is serving, to say it is ready.
+///
+/// The host must not dial the guest before then: with hybrid vsock
+/// (vhost-device-vsock), a `CONNECT` sent before the guest's vsock driver is up
+/// can wedge the backend for good. The agent writes one line,
+/// `READY <agent version>\n`, and keeps the connection open (a channel for
+/// agent logs). With hybrid vsock the host listens on `<uds path>_1026`.
+pub const AGENT_READY_VSOCK_PORT: u32 = 1026;
+
+/// First line the agent writes on the readiness connection.
+pub const AGENT_READY_LINE_PREFIX: &str = "READY ";
+
 /// vsock port on which the agent accepts stdio stream connections.
 pub const STREAM_VSOCK_PORT: u32 = 1025;
 

@@ -266,3 +266,134 @@ mod tests {
         assert!(matches!(e, VsockError::ConnectTimeout { port: 1024, .. }));
     }
 }
+
+/// Errors waiting for the agent's readiness call.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    /// The host-side socket for guest-initiated connections could not be bound.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent did not call within the deadline.
+    #[error("the agent did not report ready within {0:?}")]
+    Timeout(Duration),
+    /// Accepting or reading the call failed.
+    #[error("reading the agent's readiness call failed")]
+    Io(#[source] std::io::Error),
+    /// The first line was not `READY <version>`.
+    #[error("unexpected readiness line {0:?}")]
+    BadLine(String),
+}
+
+/// Waits for the agent's readiness call over hybrid vsock.
+///
+/// The agent dials host port [`veil_protocol::AGENT_READY_VSOCK_PORT`] once its
+/// API serves; vhost-device-vsock forwards guest-initiated connections to host
+/// port P to the unix socket `<uds path>_P`. Bind this before the VM starts, and
+/// dial the agent only after [`ReadyListener::wait`] returns: a host `CONNECT`
+/// sent before the guest's vsock driver is up can wedge the backend for good.
+#[derive(Debug)]
+pub struct ReadyListener {
+    listener: Option<std::os::unix::net::UnixListener>,
+    path: PathBuf,
+}
+
+/// The agent's readiness call: its version and the open connection.
+#[derive(Debug)]
+pub struct AgentReady {
+    /// The agent's version, from its `READY` line.
+    pub version: String,
+    /// The connection the agent keeps open (its log channel).
+    pub connection: UnixStream,
+}
+
+impl ReadyListener {
+    /// Binds `<uds_path>_<AGENT_READY_VSOCK_PORT>`.
+    pub fn bind(uds_path: &Path) -> Result<Self, ReadyError> {
+        let mut name = uds_path.as_os_str().to_owned();
+        name.push(format!("_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
+        let path = PathBuf::from(name);
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .map_err(|source| ReadyError::Bind { path: path.clone(), source })?;
+        Ok(ReadyListener { listener: Some(listener), path })
+    }
+
+    /// Waits up to `timeout` for the agent's call and its `READY` line.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<AgentReady, ReadyError> {
+        let std_listener = self.listener.take().ok_or(ReadyError::Timeout(Duration::ZERO))?;
+        std_listener.set_nonblocking(true).map_err(ReadyError::Io)?;
+        let listener = tokio::net::UnixListener::from_std(std_listener).map_err(ReadyError::Io)?;
+        let accept_and_read = async {
+            let (mut conn, _) = listener.accept().await.map_err(ReadyError::Io)?;
+            let mut line = Vec::with_capacity(32);
+            loop {
+                let mut b = [0u8; 1];
+                if conn.read(&mut b).await.map_err(ReadyError::Io)? == 0 || b[0] == b'\n' {
+                    break;
+                }
+                line.push(b[0]);
+                if line.len() > 128 {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            match text.strip_prefix(veil_protocol::AGENT_READY_LINE_PREFIX) {
+                Some(version) => Ok(AgentReady { version: version.to_string(), connection: conn }),
+                None => Err(ReadyError::BadLine(text)),
+            }
+        };
+        tokio::time::timeout(timeout, accept_and_read)
+            .await
+            .map_err(|_| ReadyError::Timeout(timeout))?
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod ready_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_the_ready_line_on_the_forwarded_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let mut ready = ReadyListener::bind(&uds).unwrap();
+        let forwarded = dir.path().join(format!("vsock.sock_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
+        tokio::spawn(async move {
+            let mut s = UnixStream::connect(forwarded).await.unwrap();
+            s.write_all(b"READY 0.1.0\nlog line\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let r = ready.wait(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r.version, "0.1.0");
+    }
+
+    #[tokio::test]
+    async fn a_silent_guest_times_out_and_a_wrong_line_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let mut ready = ReadyListener::bind(&uds).unwrap();
+        let e = ready.wait(Duration::from_millis(100)).await.unwrap_err();
+        assert!(matches!(e, ReadyError::Timeout(_)), "{e}");
+
+        let mut ready = ReadyListener::bind(&uds).unwrap();
+        let forwarded = dir.path().join(format!("vsock.sock_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
+        tokio::spawn(async move {
+            let mut s = UnixStream::connect(forwarded).await.unwrap();
+            s.write_all(b"HELLO\n").await.unwrap();
+        });
+        let e = ready.wait(Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, ReadyError::BadLine(ref l) if l == "HELLO"), "{e}");
+    }
+}

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use veil_shim::{
     process::SpawnOptions,
     vmm::{accel, qemu::Qemu, Accel, AccelChoice, RunningVm, VmSpec, Vmm, VsockDevice},
-    vsock::{connect_hybrid, HybridVsockBackend},
+    vsock::{connect_hybrid, AgentReady, HybridVsockBackend, ReadyListener},
 };
 
 use crate::Artefacts;
@@ -61,7 +61,15 @@ pub struct TestVm {
     pub started: Instant,
     /// The accelerator used.
     pub accel: Accel,
+    ready: std::sync::Mutex<ReadyState>,
     dir: tempfile::TempDir,
+}
+
+/// Where the agent's readiness call stands.
+enum ReadyState {
+    Waiting(ReadyListener),
+    Ready(#[allow(dead_code)] AgentReady),
+    Taken,
 }
 
 impl TestVm {
@@ -74,6 +82,8 @@ impl TestVm {
         };
         let backend = HybridVsockBackend::start(&a.vhost_device_vsock, dir.path(), 3, spawn)
             .context("starting vhost-device-vsock")?;
+        // Listen for the agent's readiness call before the guest can make it.
+        let ready = ReadyListener::bind(&backend.uds_path)?;
         let accel = accel::resolve(opts.accel);
         let console_log = dir.path().join("console.log");
         let spec = VmSpec {
@@ -104,13 +114,41 @@ impl TestVm {
             console_log,
             started,
             accel,
+            ready: std::sync::Mutex::new(ReadyState::Waiting(ready)),
             dir,
         })
     }
 
-    /// Connects to guest vsock `port`, waiting up to `timeout` for the guest to listen.
+    /// Waits up to `timeout` for the agent's readiness call (once; later calls
+    /// return at once). Returns the agent's version the first time.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<Option<String>> {
+        let state = std::mem::replace(&mut *self.lock_ready(), ReadyState::Taken);
+        let mut listener = match state {
+            ReadyState::Waiting(l) => l,
+            other => {
+                *self.lock_ready() = other;
+                return Ok(None);
+            }
+        };
+        let r = listener
+            .wait(timeout)
+            .await
+            .with_context(|| format!("waiting for the agent; console:\n{}", self.console()))?;
+        let version = r.version.clone();
+        *self.lock_ready() = ReadyState::Ready(r);
+        Ok(Some(version))
+    }
+
+    fn lock_ready(&self) -> std::sync::MutexGuard<'_, ReadyState> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connects to guest vsock `port` once the agent has reported ready, both
+    /// within `timeout`.
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
-        connect_hybrid(&self.backend.uds_path, port, timeout)
+        let start = std::time::Instant::now();
+        self.wait_ready(timeout).await?;
+        connect_hybrid(&self.backend.uds_path, port, timeout.saturating_sub(start.elapsed()))
             .await
             .with_context(|| {
                 format!(
