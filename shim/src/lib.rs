@@ -1,11 +1,32 @@
 //! containerd-shim-veil-v2: the host side of a veil pod.
 //!
 //! containerd runs one shim per pod; the shim boots the pod's microVM and relays
-//! the containerd task API to the agent inside it. Module map: [`vmm`] (the VMM
-//! backend and accelerator choice), [`vsock`] (reaching the agent), [`process`]
-//! (child processes the shim owns).
+//! the containerd task API to the agent inside it. Module map:
+//! - process life as containerd expects it: [`args`], [`bootstrap`];
+//! - the task API: [`task`] (the edge: containerd's types become ours there),
+//!   [`status`] (errors to ttrpc codes), [`events`] (task events to containerd);
+//! - the pod: [`sandbox`] (the VM and what is attached to it), [`agent`] (the
+//!   agent client), [`spec`] (host spec to guest spec), [`rootfs`] (root
+//!   images), [`stdio`] (FIFOs to agent streams), [`state`] (the pod directory),
+//!   [`phases`] (pod start timestamps);
+//! - below: [`vmm`] (the VMM backend, QMP, accelerator choice), [`vsock`]
+//!   (reaching the agent), [`process`] (child processes the shim owns);
+//! - [`config`]: `/etc/veil/config.toml`.
 
+pub mod agent;
+pub mod args;
+pub mod bootstrap;
+pub mod config;
+pub mod events;
+pub mod phases;
 pub mod process;
+pub mod rootfs;
+pub mod sandbox;
+pub mod spec;
+pub mod state;
+pub mod status;
+pub mod stdio;
+pub mod task;
 pub mod vmm;
 pub mod vsock;
 

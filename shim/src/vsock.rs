@@ -46,6 +46,151 @@ pub enum VsockError {
     /// The backend answered the handshake with something else than `OK`.
     #[error("bad hybrid vsock handshake reply {0:?}")]
     Handshake(String),
+    /// `/dev/vhost-vsock` could not be opened or configured.
+    #[error("cannot {what} /dev/vhost-vsock")]
+    VhostDevice {
+        /// What failed.
+        what: &'static str,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every candidate guest CID is taken.
+    #[error("no free guest CID between {first} and {last}")]
+    NoFreeCid {
+        /// First CID tried.
+        first: u32,
+        /// Last CID tried.
+        last: u32,
+    },
+}
+
+/// How the host reaches the guest's vsock ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VsockTransport {
+    /// Kernel vhost-vsock: dial `AF_VSOCK` at this guest CID.
+    Vhost {
+        /// The guest's CID.
+        cid: u32,
+    },
+    /// Hybrid vsock: dial this unix socket and send `CONNECT <port>`.
+    Hybrid {
+        /// The backend's host-side unix socket.
+        uds_path: PathBuf,
+    },
+}
+
+impl VsockTransport {
+    /// Connects to guest port `port`, retrying until the guest listens or
+    /// `timeout` passes.
+    pub async fn connect(&self, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+        match self {
+            VsockTransport::Hybrid { uds_path } => connect_hybrid(uds_path, port, timeout).await,
+            VsockTransport::Vhost { cid } => connect_vhost(*cid, port, timeout).await,
+        }
+    }
+
+    /// Where the guest's connections to host port `port` arrive (hybrid vsock:
+    /// `<uds>_<port>`, where vhost-device-vsock forwards them). `None` for
+    /// kernel vhost-vsock, where the host listens with `AF_VSOCK` instead.
+    /// Host-side services for the guest (the simulated firmware) bind here.
+    pub fn host_listener_path(&self, port: u32) -> Option<PathBuf> {
+        match self {
+            VsockTransport::Hybrid { uds_path } => {
+                let mut p = uds_path.as_os_str().to_owned();
+                p.push(format!("_{port}"));
+                Some(PathBuf::from(p))
+            }
+            VsockTransport::Vhost { .. } => None,
+        }
+    }
+}
+
+/// True when the kernel's vhost-vsock device is available.
+pub fn vhost_available() -> bool {
+    Path::new(VHOST_VSOCK).exists()
+}
+
+const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+
+mod ioctl {
+    // VHOST_VSOCK_SET_GUEST_CID = _IOW(VHOST_VIRTIO, 0x60, __u64), VHOST_VIRTIO = 0xAF.
+    nix::ioctl_write_ptr!(vhost_vsock_set_guest_cid, 0xAF, 0x60, u64);
+}
+use ioctl::vhost_vsock_set_guest_cid;
+
+/// Claims a free guest CID on `/dev/vhost-vsock`: opens the device and sets
+/// CIDs from `first` on until the kernel accepts one (a CID in use by another
+/// VM gives `EADDRINUSE`). The returned descriptor holds the CID; hand it to
+/// QEMU (`vhostfd=`) and keep it open until QEMU has started.
+pub fn allocate_cid(first: u32, count: u32) -> Result<(u32, std::fs::File), VsockError> {
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(VHOST_VSOCK)
+        .map_err(|source| VsockError::VhostDevice {
+            what: "open",
+            source,
+        })?;
+    let first = first.max(3);
+    let last = first.saturating_add(count.saturating_sub(1));
+    for cid in first..=last {
+        let value = u64::from(cid);
+        // SAFETY: `dev` is an open vhost-vsock descriptor and `value` outlives
+        // the call; the ioctl only reads the u64 it points to.
+        match unsafe { vhost_vsock_set_guest_cid(dev.as_raw_fd(), &value) } {
+            Ok(_) => return Ok((cid, dev)),
+            Err(nix::errno::Errno::EADDRINUSE) => continue,
+            Err(e) => {
+                return Err(VsockError::VhostDevice {
+                    what: "set the guest CID on",
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    Err(VsockError::NoFreeCid { first, last })
+}
+
+/// Connects to `cid:port` over `AF_VSOCK`, retrying until `timeout`.
+async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = tokio::task::spawn_blocking(move || {
+            let fd = socket(
+                AddressFamily::Vsock,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            connect(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &VsockAddr::new(cid, port),
+            )?;
+            Ok::<_, nix::Error>(fd)
+        })
+        .await;
+        if let Ok(Ok(fd)) = attempt {
+            // SAFETY: `fd` is a connected stream socket we own; a UnixStream
+            // only reads, writes, shuts down and closes it, which AF_VSOCK
+            // stream sockets support like unix ones.
+            let std_stream =
+                unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd.into_raw_fd()) };
+            let ok = std_stream
+                .set_nonblocking(true)
+                .and_then(|_| UnixStream::from_std(std_stream));
+            if let Ok(s) = ok {
+                return Ok(s);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(VsockError::ConnectTimeout { port, timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A running `vhost-device-vsock` backend for one VM.
@@ -299,7 +444,8 @@ pub enum ReadyError {
 /// sent before the guest's vsock driver is up can wedge the backend for good.
 #[derive(Debug)]
 pub struct ReadyListener {
-    listener: Option<std::os::unix::net::UnixListener>,
+    std_listener: Option<std::os::unix::net::UnixListener>,
+    listener: Option<tokio::net::UnixListener>,
     path: PathBuf,
 }
 
@@ -319,17 +465,33 @@ impl ReadyListener {
         name.push(format!("_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
         let path = PathBuf::from(name);
         let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path)
-            .map_err(|source| ReadyError::Bind { path: path.clone(), source })?;
-        Ok(ReadyListener { listener: Some(listener), path })
+        let listener =
+            std::os::unix::net::UnixListener::bind(&path).map_err(|source| ReadyError::Bind {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(ReadyListener {
+            std_listener: Some(listener),
+            listener: None,
+            path,
+        })
     }
 
-    /// Waits up to `timeout` for the agent's call and its `READY` line.
+    /// Waits up to `timeout` for the agent's call and its `READY` line. After a
+    /// timeout the listener stays bound and can be waited on again.
     pub async fn wait(&mut self, timeout: Duration) -> Result<AgentReady, ReadyError> {
-        let std_listener = self.listener.take().ok_or(ReadyError::Timeout(Duration::ZERO))?;
-        std_listener.set_nonblocking(true).map_err(ReadyError::Io)?;
-        let listener = tokio::net::UnixListener::from_std(std_listener).map_err(ReadyError::Io)?;
+        if let Some(std_listener) = self.std_listener.take() {
+            std_listener.set_nonblocking(true).map_err(ReadyError::Io)?;
+            self.listener =
+                Some(tokio::net::UnixListener::from_std(std_listener).map_err(ReadyError::Io)?);
+        }
+        let Some(listener) = self.listener.as_ref() else {
+            return Err(ReadyError::Io(std::io::Error::other(
+                "readiness listener is gone",
+            )));
+        };
         let accept_and_read = async {
+            // accept() is cancel-safe: a timeout here loses no connection.
             let (mut conn, _) = listener.accept().await.map_err(ReadyError::Io)?;
             let mut line = Vec::with_capacity(32);
             loop {
@@ -344,7 +506,10 @@ impl ReadyListener {
             }
             let text = String::from_utf8_lossy(&line).into_owned();
             match text.strip_prefix(veil_protocol::AGENT_READY_LINE_PREFIX) {
-                Some(version) => Ok(AgentReady { version: version.to_string(), connection: conn }),
+                Some(version) => Ok(AgentReady {
+                    version: version.to_string(),
+                    connection: conn,
+                }),
                 None => Err(ReadyError::BadLine(text)),
             }
         };
@@ -369,7 +534,10 @@ mod ready_tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vsock.sock");
         let mut ready = ReadyListener::bind(&uds).unwrap();
-        let forwarded = dir.path().join(format!("vsock.sock_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
+        let forwarded = dir.path().join(format!(
+            "vsock.sock_{}",
+            veil_protocol::AGENT_READY_VSOCK_PORT
+        ));
         tokio::spawn(async move {
             let mut s = UnixStream::connect(forwarded).await.unwrap();
             s.write_all(b"READY 0.1.0\nlog line\n").await.unwrap();
@@ -387,13 +555,19 @@ mod ready_tests {
         let e = ready.wait(Duration::from_millis(100)).await.unwrap_err();
         assert!(matches!(e, ReadyError::Timeout(_)), "{e}");
 
-        let mut ready = ReadyListener::bind(&uds).unwrap();
-        let forwarded = dir.path().join(format!("vsock.sock_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
+        // Still listening after a timeout: the call is taken by the next wait.
+        let forwarded = dir.path().join(format!(
+            "vsock.sock_{}",
+            veil_protocol::AGENT_READY_VSOCK_PORT
+        ));
         tokio::spawn(async move {
             let mut s = UnixStream::connect(forwarded).await.unwrap();
             s.write_all(b"HELLO\n").await.unwrap();
         });
         let e = ready.wait(Duration::from_secs(5)).await.unwrap_err();
-        assert!(matches!(e, ReadyError::BadLine(ref l) if l == "HELLO"), "{e}");
+        assert!(
+            matches!(e, ReadyError::BadLine(ref l) if l == "HELLO"),
+            "{e}"
+        );
     }
 }

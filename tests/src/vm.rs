@@ -101,6 +101,9 @@ impl TestVm {
             console_log: console_log.clone(),
             vmm_log: dir.path().join("qemu.log"),
             qmp_socket: None,
+            machine: Default::default(),
+            scsi_controller: false,
+            disks: Vec::new(),
         };
         let started = Instant::now();
         let vm = Qemu {

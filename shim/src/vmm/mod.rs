@@ -5,11 +5,14 @@
 //! vsock backend (see [`crate::vsock`]) nor what runs inside the guest.
 
 pub mod accel;
+pub mod confidential;
 pub mod qemu;
+pub mod qmp;
 
 use std::path::PathBuf;
 
 pub use accel::{Accel, AccelChoice};
+pub use confidential::{SnpParams, TdxParams, Tee};
 
 /// Errors of the VMM backend.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,9 @@ pub enum VmmError {
     /// The spec asks for something this VMM or machine type cannot do.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
+    /// A QMP exchange failed.
+    #[error("QMP {0}")]
+    Qmp(#[from] qmp::QmpError),
 }
 
 /// How the guest's vsock device is provided.
@@ -37,12 +43,45 @@ pub enum VsockDevice {
     Vhost {
         /// Guest context ID (≥ 3).
         cid: u32,
+        /// An open `/dev/vhost-vsock` whose CID is already set (see
+        /// [`crate::vsock::allocate_cid`]), inherited by QEMU as this fd number.
+        fd: Option<i32>,
     },
     /// A vhost-user backend (vhost-device-vsock) listening on this socket.
     VhostUser {
         /// The backend's vhost-user socket.
         socket: PathBuf,
     },
+}
+
+/// The machine model the VM is built on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// QEMU `microvm`: no firmware, no PCI, virtio-mmio, PVH kernel entry.
+    /// Plain and simulated-TEE pods.
+    #[default]
+    Microvm,
+    /// QEMU `q35` with firmware and a confidential-guest object (SEV-SNP or
+    /// TDX pods). Needs KVM and the matching host support.
+    Q35 {
+        /// Which TEE and its launch parameters.
+        tee: Tee,
+        /// Guest firmware (OVMF built for the TEE).
+        firmware: PathBuf,
+    },
+}
+
+/// A disk attached when the VM starts (cold-plugged): the pod's scratch disk
+/// (issue 6) rides here. Container images are hot-added instead (see
+/// [`qmp::Qmp::hot_add_disk`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDisk {
+    /// Image file on the host.
+    pub path: PathBuf,
+    /// Serial the guest finds it by (1-20 printable ASCII characters).
+    pub serial: String,
+    /// Attached read-only.
+    pub read_only: bool,
 }
 
 /// Everything needed to launch one pod VM.
@@ -68,6 +107,12 @@ pub struct VmSpec {
     pub vmm_log: PathBuf,
     /// QMP control socket, if wanted.
     pub qmp_socket: Option<PathBuf>,
+    /// Machine model (microvm unless the pod is SNP or TDX).
+    pub machine: Machine,
+    /// Add a virtio-scsi controller (`scsi0`) so disks can be hot-added.
+    pub scsi_controller: bool,
+    /// Disks attached at start.
+    pub disks: Vec<BootDisk>,
 }
 
 /// A running VM. Dropping it stops the VM.

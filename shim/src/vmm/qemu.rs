@@ -1,4 +1,5 @@
-//! QEMU as the VMM: the `microvm` machine for plain and simulated-TEE pods.
+//! QEMU as the VMM: the `microvm` machine for plain and simulated-TEE pods,
+//! `q35` with firmware for SEV-SNP and TDX pods.
 //!
 //! microvm has no PCI and no firmware: the kernel's PVH entry is booted
 //! directly and devices are virtio-mmio, announced on the kernel command line by
@@ -11,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use super::{Accel, RunningVm, VmSpec, Vmm, VmmError, VsockDevice};
+use super::{
+    confidential::{self, Tee},
+    Accel, Machine, RunningVm, VmSpec, Vmm, VmmError, VsockDevice,
+};
 use crate::process::{ManagedChild, SpawnOptions};
 
 /// QEMU, found at `binary`.
@@ -26,6 +30,19 @@ impl Default for Qemu {
         Qemu {
             binary: PathBuf::from("qemu-system-x86_64"),
         }
+    }
+}
+
+/// QEMU option values are comma-separated: a literal comma is doubled.
+fn escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+/// The QEMU arguments for `spec`: microvm or q35 per its machine.
+pub fn qemu_args(spec: &VmSpec) -> Result<Vec<String>, VmmError> {
+    match &spec.machine {
+        Machine::Microvm => Ok(microvm_args(spec)),
+        Machine::Q35 { tee, firmware } => q35_args(spec, tee, firmware),
     }
 }
 
@@ -69,6 +86,65 @@ pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
             "memory-backend-memfd,id=mem,size={}M,share=on",
             spec.memory_mib
         ),
+    ]);
+    common_args(spec, &mut a);
+    devices(spec, Bus::Mmio, &mut a);
+    a
+}
+
+/// The QEMU arguments for a q35 confidential guest (SNP or TDX): firmware,
+/// the TEE object, PCI virtio devices that use the platform IOMMU (bounce
+/// buffers through shared memory).
+pub fn q35_args(spec: &VmSpec, tee: &Tee, firmware: &Path) -> Result<Vec<String>, VmmError> {
+    if spec.accel != Accel::Kvm {
+        return Err(VmmError::InvalidSpec(
+            "SEV-SNP and TDX guests need KVM; TCG cannot run them".into(),
+        ));
+    }
+    if matches!(spec.vsock, VsockDevice::VhostUser { .. }) {
+        return Err(VmmError::InvalidSpec(
+            "confidential guests need kernel vhost-vsock: a vhost-user backend cannot map private memory".into(),
+        ));
+    }
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    push(&[
+        "-machine",
+        &confidential::machine_arg(tee),
+        "-accel",
+        "kvm",
+        "-cpu",
+        &confidential::cpu_arg(tee),
+        "-smp",
+        &spec.vcpus.to_string(),
+        "-m",
+        &format!("{}M", spec.memory_mib),
+    ]);
+    if let Tee::Snp(_) = tee {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=true,prealloc=false",
+                spec.memory_mib
+            ),
+        ]);
+    }
+    push(&[
+        "-object",
+        &confidential::object_arg(tee),
+        "-bios",
+        &escape(&firmware.display().to_string()),
+    ]);
+    common_args(spec, &mut a);
+    devices(spec, Bus::Pci, &mut a);
+    Ok(a)
+}
+
+/// Arguments every machine shares: no defaults, kernel, initrd, command line,
+/// serial console to a file, QMP.
+fn common_args(spec: &VmSpec, a: &mut Vec<String>) {
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    push(&[
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -82,24 +158,76 @@ pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
         "-serial",
         &format!("file:{}", spec.console_log.display()),
     ]);
-    match &spec.vsock {
-        VsockDevice::VhostUser { socket } => push(&[
-            "-chardev",
-            &format!("socket,id=vsock0,path={}", socket.display()),
-            "-device",
-            "vhost-user-vsock-device,chardev=vsock0",
-        ]),
-        VsockDevice::Vhost { cid } => {
-            push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
-        }
-    }
     if let Some(qmp) = &spec.qmp_socket {
         push(&[
             "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp.display()),
+            &format!(
+                "unix:{},server=on,wait=off",
+                escape(&qmp.display().to_string())
+            ),
         ]);
     }
-    a
+}
+
+/// How virtio devices are attached: virtio-mmio (microvm) or PCI (q35, with
+/// the platform IOMMU flag confidential guests need).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bus {
+    Mmio,
+    Pci,
+}
+
+impl Bus {
+    fn device(self, kind: &str) -> String {
+        match self {
+            Bus::Mmio => format!("{kind}-device"),
+            Bus::Pci => format!("{kind}-pci,disable-legacy=on,iommu_platform=on"),
+        }
+    }
+}
+
+fn devices(spec: &VmSpec, bus: Bus, a: &mut Vec<String>) {
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    match &spec.vsock {
+        VsockDevice::VhostUser { socket } => push(&[
+            "-chardev",
+            &format!(
+                "socket,id=vsock0,path={}",
+                escape(&socket.display().to_string())
+            ),
+            "-device",
+            &format!("{},chardev=vsock0", bus.device("vhost-user-vsock")),
+        ]),
+        VsockDevice::Vhost { cid, fd } => {
+            let mut dev = format!("{},guest-cid={cid}", bus.device("vhost-vsock"));
+            if let Some(fd) = fd {
+                dev.push_str(&format!(",vhostfd={fd}"));
+            }
+            push(&["-device", &dev])
+        }
+    }
+    if spec.scsi_controller {
+        push(&[
+            "-device",
+            &format!("{},id=scsi0", bus.device("virtio-scsi")),
+        ]);
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        let ro = if d.read_only { ",readonly=on" } else { "" };
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=boot{i},format=raw{ro}",
+                escape(&d.path.display().to_string())
+            ),
+            "-device",
+            &format!(
+                "{},drive=boot{i},serial={}",
+                bus.device("virtio-blk"),
+                escape(&d.serial)
+            ),
+        ]);
+    }
 }
 
 fn require_file(what: &'static str, path: &Path) -> Result<(), VmmError> {
@@ -123,8 +251,26 @@ impl Vmm for Qemu {
                 spec.vcpus, spec.memory_mib
             )));
         }
+        if let Machine::Q35 { firmware, .. } = &spec.machine {
+            require_file("firmware", firmware)?;
+        }
         let mut cmd = Command::new(&self.binary);
-        cmd.args(microvm_args(spec));
+        cmd.args(qemu_args(spec)?);
+        if let VsockDevice::Vhost { fd: Some(fd), .. } = spec.vsock {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs between fork and exec and only calls fcntl(2), which
+            // is async-signal-safe; `fd` is an open descriptor owned by the
+            // caller for at least as long as this spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let process =
             ManagedChild::spawn("qemu", cmd, &spec.vmm_log, opts).map_err(VmmError::Spawn)?;
         Ok(Box::new(QemuVm { process }))
@@ -169,6 +315,9 @@ mod tests {
             console_log: "/run/v/console.log".into(),
             vmm_log: "/run/v/qemu.log".into(),
             qmp_socket: Some("/run/v/qmp.sock".into()),
+            machine: Machine::Microvm,
+            scsi_controller: false,
+            disks: Vec::new(),
         }
     }
 
@@ -214,13 +363,112 @@ mod tests {
     #[test]
     fn kernel_vhost_vsock_uses_the_cid() {
         let mut s = spec();
-        s.vsock = VsockDevice::Vhost { cid: 7 };
+        s.vsock = VsockDevice::Vhost { cid: 7, fd: None };
         s.accel = Accel::Kvm;
         let a = microvm_args(&s);
         assert_eq!(after(&a, "-device"), ["vhost-vsock-device,guest-cid=7"]);
         assert_eq!(after(&a, "-cpu"), ["host"]);
         assert!(after(&a, "-M")[0].contains("pit=off"));
         assert!(after(&a, "-icount").is_empty());
+    }
+
+    #[test]
+    fn scsi_controller_and_boot_disks_on_virtio_mmio() {
+        let mut s = spec();
+        s.scsi_controller = true;
+        s.disks.push(super::super::BootDisk {
+            path: "/run/v/scratch,1.img".into(),
+            serial: "scratch".into(),
+            read_only: false,
+        });
+        let a = microvm_args(&s);
+        assert_eq!(
+            after(&a, "-device"),
+            [
+                "vhost-user-vsock-device,chardev=vsock0",
+                "virtio-scsi-device,id=scsi0",
+                "virtio-blk-device,drive=boot0,serial=scratch"
+            ]
+        );
+        assert_eq!(
+            after(&a, "-drive"),
+            ["file=/run/v/scratch,,1.img,if=none,id=boot0,format=raw"]
+        );
+    }
+
+    #[test]
+    fn snp_guest_on_q35_in_the_documented_form() {
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        s.vsock = VsockDevice::Vhost {
+            cid: 9,
+            fd: Some(5),
+        };
+        s.scsi_controller = true;
+        s.machine = Machine::Q35 {
+            tee: Tee::Snp(confidential::SnpParams::default()),
+            firmware: "/opt/veil/OVMF.fd".into(),
+        };
+        let a = qemu_args(&s).unwrap();
+        assert_eq!(
+            after(&a, "-machine"),
+            ["q35,confidential-guest-support=sev0,memory-backend=mem"]
+        );
+        assert_eq!(
+            after(&a, "-object"),
+            [
+                "memory-backend-memfd,id=mem,size=256M,share=true,prealloc=false",
+                "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1,policy=0x30000,kernel-hashes=on"
+            ]
+        );
+        assert_eq!(after(&a, "-bios"), ["/opt/veil/OVMF.fd"]);
+        assert_eq!(after(&a, "-cpu"), ["EPYC-v4"]);
+        assert_eq!(after(&a, "-accel"), ["kvm"]);
+        assert_eq!(
+            after(&a, "-device"),
+            [
+                "vhost-vsock-pci,disable-legacy=on,iommu_platform=on,guest-cid=9,vhostfd=5",
+                "virtio-scsi-pci,disable-legacy=on,iommu_platform=on,id=scsi0"
+            ]
+        );
+        assert!(after(&a, "-M").is_empty() && after(&a, "-icount").is_empty());
+    }
+
+    #[test]
+    fn tdx_guest_on_q35_in_the_documented_form() {
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        s.vsock = VsockDevice::Vhost { cid: 4, fd: None };
+        s.machine = Machine::Q35 {
+            tee: Tee::Tdx(confidential::TdxParams {
+                sept_ve_disable: true,
+                mrconfigid_b64: None,
+            }),
+            firmware: "/opt/veil/OVMF.tdx.fd".into(),
+        };
+        let a = qemu_args(&s).unwrap();
+        assert_eq!(
+            after(&a, "-machine"),
+            ["q35,kernel-irqchip=split,confidential-guest-support=tdx0"]
+        );
+        assert_eq!(
+            after(&a, "-object"),
+            ["tdx-guest,id=tdx0,sept-ve-disable=on"]
+        );
+        assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert_eq!(after(&a, "-bios"), ["/opt/veil/OVMF.tdx.fd"]);
+    }
+
+    #[test]
+    fn confidential_guests_refuse_tcg_and_vhost_user() {
+        let mut s = spec();
+        s.machine = Machine::Q35 {
+            tee: Tee::Snp(confidential::SnpParams::default()),
+            firmware: "/f".into(),
+        };
+        assert!(matches!(qemu_args(&s), Err(VmmError::InvalidSpec(_))));
+        s.accel = Accel::Kvm;
+        assert!(matches!(qemu_args(&s), Err(VmmError::InvalidSpec(_))));
     }
 
     #[test]

@@ -1,0 +1,186 @@
+//! The shim's client of the agent API inside the pod VM (ttrpc over vsock
+//! port 1024, stdio streams over port 1025).
+//!
+//! This module owns the connection and the call conventions (timeouts,
+//! error wrapping). What to ask the agent is the sandbox's and task's business.
+
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use veil_protocol::{
+    agent::{self, CheckRequest, StreamKind},
+    agent_ttrpc::{ContainersClient, EventsClient, GuestClient, HealthClient, SandboxClient},
+};
+
+use crate::vsock::{VsockError, VsockTransport};
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent's port could not be reached.
+    #[error("cannot reach the agent")]
+    Connect(#[source] VsockError),
+    /// A call failed (transport or the agent's own error status).
+    #[error("agent {call} failed")]
+    Rpc {
+        /// The RPC.
+        call: &'static str,
+        /// ttrpc error; an `RpcStatus` carries the agent's status code.
+        #[source]
+        source: ttrpc::Error,
+    },
+    /// A stdio stream could not be opened.
+    #[error("cannot open the {kind:?} stream of {container}/{exec}")]
+    Stream {
+        /// Container id.
+        container: String,
+        /// Exec id.
+        exec: String,
+        /// Which stream.
+        kind: StreamKind,
+        /// Why.
+        #[source]
+        source: veil_protocol::stream::FrameError,
+    },
+    /// The agent did not answer its health check in time.
+    #[error("the agent did not become ready within {0:?}")]
+    NotReady(Duration),
+}
+
+impl AgentError {
+    /// The status code the agent answered with, if the call reached it.
+    pub fn status_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Rpc {
+                source: ttrpc::Error::RpcStatus(s),
+                ..
+            } => Some(s.code()),
+            AgentError::Stream {
+                source: veil_protocol::stream::FrameError::Refused { code, .. },
+                ..
+            } => <ttrpc::Code as protobuf::Enum>::from_i32(i32::try_from(*code).unwrap_or(2)),
+            _ => None,
+        }
+    }
+}
+
+/// Context for a short call.
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+}
+
+/// Context for a call that blocks as long as a process runs (no timeout).
+pub fn ctx_unbounded() -> ttrpc::context::Context {
+    ttrpc::context::Context::default()
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct Agent {
+    transport: VsockTransport,
+    /// Sandbox service.
+    pub sandbox: SandboxClient,
+    /// Containers service.
+    pub containers: ContainersClient,
+    /// Events service.
+    pub events: EventsClient,
+    /// Guest service.
+    pub guest: GuestClient,
+}
+
+fn client_from(stream: UnixStream) -> std::io::Result<ttrpc::asynchronous::Client> {
+    let std_stream = stream.into_std()?;
+    std_stream.set_nonblocking(true)?;
+    Ok(ttrpc::asynchronous::Client::new(
+        std::os::fd::IntoRawFd::into_raw_fd(std_stream),
+    ))
+}
+
+impl Agent {
+    /// Connects to the agent and waits until it answers its health check,
+    /// for at most `timeout`.
+    pub async fn connect(transport: VsockTransport, timeout: Duration) -> Result<Self, AgentError> {
+        let deadline = Instant::now() + timeout;
+        let stream = transport
+            .connect(veil_protocol::AGENT_VSOCK_PORT, timeout)
+            .await
+            .map_err(AgentError::Connect)?;
+        let client = client_from(stream)
+            .map_err(|e| AgentError::Connect(VsockError::Handshake(e.to_string())))?;
+        let health = HealthClient::new(client.clone());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let c = ttrpc::context::with_timeout(
+                left.max(Duration::from_millis(100)).as_nanos() as i64
+            );
+            match health.check(c, &CheckRequest::new()).await {
+                Ok(r)
+                    if r.status.enum_value_or_default()
+                        == agent::check_response::ServingStatus::SERVING =>
+                {
+                    break
+                }
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => return Err(AgentError::NotReady(timeout)),
+            }
+        }
+        Ok(Agent {
+            transport,
+            sandbox: SandboxClient::new(client.clone()),
+            containers: ContainersClient::new(client.clone()),
+            events: EventsClient::new(client.clone()),
+            guest: GuestClient::new(client),
+        })
+    }
+
+    /// Opens the `kind` stdio stream of process (`container`, `exec`).
+    pub async fn open_stream(
+        &self,
+        container: &str,
+        exec: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream, AgentError> {
+        let wrap = |source| AgentError::Stream {
+            container: container.to_string(),
+            exec: exec.to_string(),
+            kind,
+            source,
+        };
+        let mut conn = self
+            .transport
+            .connect(veil_protocol::STREAM_VSOCK_PORT, Duration::from_secs(10))
+            .await
+            .map_err(AgentError::Connect)?;
+        veil_protocol::stream::open(&mut conn, container, exec, kind)
+            .await
+            .map_err(wrap)?;
+        Ok(conn)
+    }
+}
+
+/// Wraps a ttrpc result of the RPC `call`.
+pub fn rpc<T>(call: &'static str, r: ttrpc::Result<T>) -> Result<T, AgentError> {
+    r.map_err(|source| AgentError::Rpc { call, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_status_code_is_kept() {
+        let e = rpc::<()>(
+            "RemoveContainer",
+            Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "running",
+            ))),
+        )
+        .unwrap_err();
+        assert_eq!(e.status_code(), Some(ttrpc::Code::FAILED_PRECONDITION));
+        let transport = rpc::<()>("X", Err(ttrpc::Error::LocalClosed)).unwrap_err();
+        assert_eq!(transport.status_code(), None);
+    }
+}

@@ -1,0 +1,269 @@
+//! The container's OCI runtime spec, from the host's bundle to what the agent
+//! runs in the guest.
+//!
+//! containerd writes a spec for a host runtime: namespace paths of the pause
+//! process, bind mounts of host files, a host cgroup path. Inside the pod VM
+//! those mean nothing, so this module rewrites them — once, here:
+//! - namespace paths: the pod's containers share the VM's network, IPC and
+//!   UTS namespaces (the VM *is* the pod), so joined namespaces are dropped;
+//!   a joined PID namespace becomes a new one;
+//! - bind mounts of the pod's `hosts`, `resolv.conf` and `hostname` become
+//!   `sandbox:` sources the agent provides; a bind of the pod's `/dev/shm`
+//!   becomes a tmpfs; other host binds cannot reach the guest and are dropped
+//!   with a warning (volumes arrive with the scratch disk, issue 6);
+//! - the root path and hooks are left for the agent to ignore.
+//!
+//! It also reads the annotations the shim needs (the pod grouping).
+
+use serde_json::{json, Value};
+
+/// containerd's CRI annotation naming a container's pod.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// containerd's CRI annotation saying `sandbox` or `container`.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+
+/// Errors reading a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The bundle's `config.json` could not be read.
+    #[error("cannot read the bundle spec {path}")]
+    Read {
+        /// Path.
+        path: std::path::PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not a JSON object.
+    #[error("the bundle spec is not valid JSON")]
+    Json(#[from] serde_json::Error),
+    /// It is JSON but not a spec.
+    #[error("the bundle spec is not an object")]
+    NotObject,
+}
+
+/// A container's spec as the host gave it.
+#[derive(Debug, Clone)]
+pub struct HostSpec(Value);
+
+/// What the guest-side spec translation decided.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestSpec {
+    /// The spec to send to the agent (JSON).
+    pub json: Vec<u8>,
+    /// Whether the process wants a terminal.
+    pub terminal: bool,
+    /// Host bind mounts that were dropped (destinations).
+    pub dropped_mounts: Vec<String>,
+}
+
+impl HostSpec {
+    /// Parses `config.json` text.
+    pub fn parse(bytes: &[u8]) -> Result<Self, SpecError> {
+        let v: Value = serde_json::from_slice(bytes)?;
+        if !v.is_object() {
+            return Err(SpecError::NotObject);
+        }
+        Ok(HostSpec(v))
+    }
+
+    /// Reads `<bundle>/config.json`.
+    pub fn read(bundle: &std::path::Path) -> Result<Self, SpecError> {
+        let path = bundle.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|source| SpecError::Read { path, source })?;
+        Self::parse(&bytes)
+    }
+
+    /// An annotation's value.
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.0.get("annotations")?.get(key)?.as_str()
+    }
+
+    /// The pod this container belongs to: the CRI sandbox id, or `own_id`
+    /// (a container run without CRI is its own pod).
+    pub fn sandbox_id<'a>(&'a self, own_id: &'a str) -> &'a str {
+        self.annotation(SANDBOX_ID_ANNOTATION)
+            .filter(|s| !s.is_empty())
+            .unwrap_or(own_id)
+    }
+
+    /// The hostname the spec asks for.
+    pub fn hostname(&self) -> Option<&str> {
+        self.0.get("hostname")?.as_str().filter(|h| !h.is_empty())
+    }
+
+    /// The spec as the guest should see it.
+    pub fn for_guest(&self) -> Result<GuestSpec, SpecError> {
+        let mut v = self.0.clone();
+        let terminal = v
+            .pointer("/process/terminal")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut dropped = Vec::new();
+        if let Some(mounts) = v.get_mut("mounts").and_then(Value::as_array_mut) {
+            let mut kept = Vec::with_capacity(mounts.len());
+            for m in mounts.drain(..) {
+                match guest_mount(m) {
+                    MountFate::Keep(m) => kept.push(m),
+                    MountFate::Drop(dest) => dropped.push(dest),
+                }
+            }
+            *mounts = kept;
+        }
+        if let Some(nss) = v
+            .pointer_mut("/linux/namespaces")
+            .and_then(Value::as_array_mut)
+        {
+            nss.retain_mut(|ns| {
+                let joined = ns
+                    .get("path")
+                    .is_some_and(|p| p.as_str().is_some_and(|s| !s.is_empty()));
+                if !joined {
+                    return true;
+                }
+                match ns.get("type").and_then(Value::as_str) {
+                    // A pod-shared PID namespace: a new one per container (the
+                    // agent's shared_pid_namespace covers pod sharing).
+                    Some("pid") => {
+                        if let Some(o) = ns.as_object_mut() {
+                            o.remove("path");
+                        }
+                        true
+                    }
+                    // network, ipc, uts: the VM's own are the pod's.
+                    _ => false,
+                }
+            });
+        }
+        if let Some(o) = v.get_mut("linux").and_then(Value::as_object_mut) {
+            o.remove("cgroupsPath");
+        }
+        for d in &dropped {
+            tracing::warn!(destination = %d, "host bind mount cannot reach the pod VM; dropped");
+        }
+        Ok(GuestSpec {
+            json: serde_json::to_vec(&v)?,
+            terminal,
+            dropped_mounts: dropped,
+        })
+    }
+}
+
+enum MountFate {
+    Keep(Value),
+    Drop(String),
+}
+
+fn guest_mount(mut m: Value) -> MountFate {
+    let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
+    let opts: Vec<&str> = m
+        .get("options")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let is_bind = typ == "bind" || opts.iter().any(|o| *o == "bind" || *o == "rbind");
+    if !is_bind {
+        return MountFate::Keep(m);
+    }
+    let dest = m
+        .get("destination")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let source = m.get("source").and_then(Value::as_str).unwrap_or("");
+    if source.starts_with("sandbox:") || source.starts_with("storage:") {
+        return MountFate::Keep(m);
+    }
+    let named = match dest.as_str() {
+        "/etc/hosts" => Some("sandbox:hosts"),
+        "/etc/resolv.conf" => Some("sandbox:resolv.conf"),
+        "/etc/hostname" => Some("sandbox:hostname"),
+        _ => None,
+    };
+    if let Some(src) = named {
+        m["source"] = json!(src);
+        return MountFate::Keep(m);
+    }
+    if dest == "/dev/shm" {
+        return MountFate::Keep(json!({
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        }));
+    }
+    MountFate::Drop(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cri_container() -> HostSpec {
+        HostSpec::parse(
+            br#"{
+            "ociVersion": "1.0.2",
+            "process": {"terminal": true, "args": ["sh"], "cwd": "/"},
+            "annotations": {
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.sandbox-id": "pod1"
+            },
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/pod1/hosts", "options": ["rbind", "rw"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/x/pod1/shm", "options": ["rbind", "ro"]},
+                {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/k/term", "options": ["rbind"]}
+            ],
+            "linux": {
+                "cgroupsPath": "/k8s.io/c1",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                    {"type": "uts", "path": "/proc/42/ns/uts"},
+                    {"type": "mount"},
+                    {"type": "network", "path": "/proc/42/ns/net"}
+                ]
+            }
+        }"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_grouping_from_cri_annotations() {
+        assert_eq!(cri_container().sandbox_id("c1"), "pod1");
+        let pause = HostSpec::parse(
+            br#"{"annotations": {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "pod1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(pause.sandbox_id("pod1"), "pod1");
+        let plain = HostSpec::parse(br#"{"annotations": {}}"#).unwrap();
+        assert_eq!(plain.sandbox_id("ctr-1"), "ctr-1");
+    }
+
+    #[test]
+    fn host_paths_are_rewritten_for_the_guest() {
+        let g = cri_container().for_guest().unwrap();
+        assert!(g.terminal);
+        assert_eq!(g.dropped_mounts, ["/dev/termination-log"]);
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        let mounts = v["mounts"].as_array().unwrap();
+        assert_eq!(mounts.len(), 3);
+        assert_eq!(mounts[1]["source"], "sandbox:hosts");
+        assert_eq!(mounts[2]["type"], "tmpfs");
+        let types: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["pid", "mount"]);
+        assert!(v["linux"].get("cgroupsPath").is_none());
+    }
+
+    #[test]
+    fn not_a_spec_is_an_error() {
+        assert!(matches!(HostSpec::parse(b"[1]"), Err(SpecError::NotObject)));
+        assert!(matches!(HostSpec::parse(b"{"), Err(SpecError::Json(_))));
+    }
+}

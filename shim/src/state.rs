@@ -1,0 +1,205 @@
+//! A pod's runtime directory, `<state_dir>/<sandbox-id>`: sockets, logs, and
+//! the PIDs of the processes the shim started, so that `delete` can clean up
+//! after a shim that crashed.
+//!
+//! A recorded PID carries the process's start time (from `/proc/PID/stat`),
+//! so a PID reused by an unrelated process is never signalled.
+
+use std::{
+    fs,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+
+/// Errors of the pod directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file operation failed.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The id would escape the state directory.
+    #[error("invalid sandbox id '{0}'")]
+    BadId(String),
+}
+
+/// `<state_dir>/<sandbox-id>`.
+#[derive(Debug, Clone)]
+pub struct PodDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+/// True for ids that are safe as one path component.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl PodDir {
+    /// The directory of `sandbox_id` (not created).
+    pub fn at(state_dir: &Path, sandbox_id: &str) -> Result<Self, StateError> {
+        if !valid_id(sandbox_id) {
+            return Err(StateError::BadId(sandbox_id.to_string()));
+        }
+        Ok(PodDir {
+            path: state_dir.join(sandbox_id),
+        })
+    }
+
+    /// Creates it (mode 0700).
+    pub fn create(&self) -> Result<(), StateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+            .map_err(|source| StateError::Io {
+                what: "create",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// A file in it.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Records that the process `name` (e.g. `qemu`) is `pid`.
+    pub fn record_pid(&self, name: &str, pid: u32) -> Result<(), StateError> {
+        let path = self.file(&format!("{name}.pid"));
+        let start = start_time(pid).unwrap_or(0);
+        fs::write(&path, format!("{pid} {start}\n")).map_err(|source| StateError::Io {
+            what: "write",
+            path,
+            source,
+        })
+    }
+
+    /// Kills every recorded process that is still the one recorded, unmounts
+    /// what is mounted below the directory and removes it. Used by `delete`
+    /// after a crash and by the shim's own teardown; idempotent.
+    pub fn cleanup(&self) {
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".pid") {
+                continue;
+            }
+            if let Some((pid, start)) = fs::read_to_string(e.path())
+                .ok()
+                .as_deref()
+                .and_then(parse_pid_record)
+            {
+                if start_time(pid) == Some(start) {
+                    if let Ok(p) = i32::try_from(pid) {
+                        tracing::info!(pid, file = %name, "killing leftover process");
+                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                        wait_gone(pid, start);
+                    }
+                }
+            }
+        }
+        unmount_below(&self.path);
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove pod dir");
+            }
+        }
+    }
+}
+
+fn parse_pid_record(s: &str) -> Option<(u32, u64)> {
+    let mut it = s.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// The start time (field 22 of `/proc/PID/stat`, clock ticks since boot).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces: count from its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is index 19.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn wait_gone(pid: u32, start: u64) {
+    for _ in 0..200 {
+        if start_time(pid) != Some(start) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Lazily unmounts every mount point below `dir` (deepest first).
+fn unmount_below(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_stay_one_component() {
+        assert!(valid_id("abc-1_2.x"));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+        assert!(PodDir::at(Path::new("/run/veil"), "../etc").is_err());
+    }
+
+    #[test]
+    fn cleanup_kills_a_recorded_process_and_removes_the_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let pod = PodDir::at(d.path(), "pod").unwrap();
+        pod.create().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        pod.record_pid("sleeper", child.id()).unwrap();
+        // A stale record for a PID whose start time does not match is left alone.
+        fs::write(pod.file("stale.pid"), format!("{} 1\n", std::process::id())).unwrap();
+        pod.cleanup();
+        assert!(child.wait().unwrap().code().is_none(), "killed by a signal");
+        assert!(!pod.path.exists());
+    }
+}
