@@ -61,8 +61,16 @@ pub fn announce() {
 }
 
 fn dial(port: u32) -> nix::Result<std::fs::File> {
-    let fd: OwnedFd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &VsockAddr::new(HOST_CID, port))?;
+    let fd: OwnedFd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &VsockAddr::new(HOST_CID, port),
+    )?;
     // SAFETY: `into_raw_fd` hands over sole ownership of a valid, open socket
     // descriptor, which the File now owns and closes.
     Ok(unsafe { std::fs::File::from_raw_fd(fd.into_raw_fd()) })

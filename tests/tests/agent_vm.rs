@@ -2,6 +2,10 @@
 //! containers from an ext4 image carried in the (test) initrd, with the
 //! guest's cgroup v2 memory controller — memory limits, OOM kills and OOM
 //! events, and memory statistics — and stdout over a vsock stream connection.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is the test failing"
+)]
 
 use std::{path::Path, process::Command, time::Duration};
 
