@@ -133,10 +133,16 @@ impl TestVm {
                 return Ok(None);
             }
         };
-        let r = listener
-            .wait(timeout)
-            .await
-            .with_context(|| format!("waiting for the agent; console:\n{}", self.console()))?;
+        let r = match listener.wait(timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep listening: a later wait may still see the call.
+                *self.lock_ready() = ReadyState::Waiting(listener);
+                return Err(e).with_context(|| {
+                    format!("waiting for the agent; console:\n{}", self.console())
+                });
+            }
+        };
         let version = r.version.clone();
         *self.lock_ready() = ReadyState::Ready(r);
         Ok(Some(version))
@@ -151,14 +157,18 @@ impl TestVm {
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
         let start = std::time::Instant::now();
         self.wait_ready(timeout).await?;
-        connect_hybrid(&self.backend.uds_path, port, timeout.saturating_sub(start.elapsed()))
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to guest port {port}; console:\n{}",
-                    self.console()
-                )
-            })
+        connect_hybrid(
+            &self.backend.uds_path,
+            port,
+            timeout.saturating_sub(start.elapsed()),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to guest port {port}; console:\n{}",
+                self.console()
+            )
+        })
     }
 
     /// A ttrpc client to the agent API (vsock port 1024).
