@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 packages=(
   # build
   build-essential pkg-config git curl ca-certificates python3 python3-venv python3-pip
+  # protoc, for the CRI client (k8s-cri) used by the tests
+  protobuf-compiler
   # guest kernel (Linux 6.12 source and what its build needs)
   linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio xz-utils kmod
   # VMM and firmware
