@@ -343,8 +343,8 @@ mod tests {
         );
         assert_eq!(after(&a, "-accel"), ["tcg"]);
         assert!(
-            after(&a, "-M")[0].contains("pit=on"),
-            "TCG guests calibrate their TSC on the PIT"
+            after(&a, "-M")[0].contains("pit=on,pic=on,rtc=on"),
+            "TCG guests need the PIT on IRQ 0 and the RTC as wall clock"
         );
         assert_eq!(after(&a, "-icount"), ["shift=auto,sleep=on"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
