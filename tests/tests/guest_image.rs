@@ -1,6 +1,9 @@
 //! The guest image build: the kernel script refuses a configuration that lost a
 //! requested option, and the initrd is reproducible.
-#![allow(clippy::unwrap_used, reason = "test helpers: a failure is the test failing")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failure is the test failing"
+)]
 
 use std::process::Command;
 
