@@ -145,14 +145,24 @@ pub enum Transport {
         /// The name sent in SNI (any name; the pin is what authenticates).
         server_name: String,
     },
+    /// TLS accepting only the broker certificate whose DER has this SHA-256
+    /// digest (what a guest carries in its measured configuration, where a
+    /// whole certificate would not fit).
+    TlsSha256 {
+        /// SHA-256 of the broker's certificate, DER.
+        cert_sha256: [u8; 32],
+        /// The name sent in SNI (any name; the pin is what authenticates).
+        server_name: String,
+    },
     /// Plain HTTP (tests, or a relay that is itself protected).
     Plain,
 }
 
-/// Accepts exactly one end-entity certificate; TLS signatures are still verified.
+/// Accepts exactly one end-entity certificate (by the SHA-256 of its DER);
+/// TLS signatures are still verified.
 #[derive(Debug)]
 struct PinnedCert {
-    der: Vec<u8>,
+    sha256: [u8; 32],
     provider: Arc<CryptoProvider>,
 }
 
@@ -165,7 +175,10 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.der.as_slice() {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let digest: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if bool::from(digest.ct_eq(&self.sha256)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -248,18 +261,23 @@ impl KbsClient {
         transport: Transport,
         host: impl Into<String>,
     ) -> Result<Self, ClientError> {
-        let tls = match &transport {
+        let pin = match &transport {
             Transport::Plain => None,
             Transport::Tls { pinned_der, .. } => {
+                use sha2::Digest;
+                Some(<[u8; 32]>::from(sha2::Sha256::digest(pinned_der)))
+            }
+            Transport::TlsSha256 { cert_sha256, .. } => Some(*cert_sha256),
+        };
+        let tls = match pin {
+            None => None,
+            Some(sha256) => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
                 let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
                     .with_safe_default_protocol_versions()
                     .map_err(|e| ClientError::Tls(e.to_string()))?
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                        der: pinned_der.clone(),
-                        provider,
-                    }))
+                    .with_custom_certificate_verifier(Arc::new(PinnedCert { sha256, provider }))
                     .with_no_client_auth();
                 Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
             }
@@ -299,7 +317,10 @@ impl KbsClient {
             .await
             .map_err(ClientError::Connect)?;
         let io: Box<dyn Io> = match (&self.tls, &self.transport) {
-            (Some(tls), Transport::Tls { server_name, .. }) => {
+            (
+                Some(tls),
+                Transport::Tls { server_name, .. } | Transport::TlsSha256 { server_name, .. },
+            ) => {
                 let name = ServerName::try_from(server_name.clone())
                     .map_err(|e| ClientError::Tls(e.to_string()))?;
                 Box::new(

@@ -97,6 +97,37 @@ async fn rcar_client_attests_and_decrypts_over_pinned_tls() {
     let err = c3.attest(&attester).await.unwrap_err();
     assert!(matches!(err, ClientError::Tls(_)), "{err}");
     assert_eq!(b.releases(), 1);
+
+    // Pinning by the certificate's SHA-256 (what a guest's measured command line carries).
+    use sha2::Digest;
+    let digest: [u8; 32] = sha2::Sha256::digest(b.cert_der.clone().unwrap()).into();
+    let by_digest = |cert_sha256| {
+        KbsClient::new(
+            Box::new(TcpConnector {
+                addr: b.addr.to_string(),
+            }),
+            Transport::TlsSha256 {
+                cert_sha256,
+                server_name: "kbs".into(),
+            },
+            "kbs",
+        )
+        .unwrap()
+    };
+    let mut c4 = by_digest(digest);
+    c4.attest(&attester).await.unwrap();
+    assert_eq!(
+        c4.get_resource("default", "key", "disk")
+            .await
+            .unwrap()
+            .as_slice(),
+        SECRET
+    );
+    let mut flipped = digest;
+    flipped[31] ^= 1;
+    let err = by_digest(flipped).attest(&attester).await.unwrap_err();
+    assert!(matches!(err, ClientError::Tls(_)), "{err}");
+    assert_eq!(b.releases(), 2);
 }
 
 const QUOTE: &[u8] = include_bytes!("data/tdx/tdx_quote");
