@@ -4,6 +4,7 @@
 #   - the guest kernel (kernel-config/build.sh, cached by fragments + source)
 #   - the static veil-agent and the initrd with it as /init (cached by content)
 #   - the floor initrd: a trivial /init that prints and powers off (benchmarks)
+#   - the shim, containerd-shim-veil-v2 (release), for the containerd tests
 #
 # usage: ci/build-artefacts.sh
 set -euo pipefail
@@ -39,6 +40,11 @@ vdv=$(tool_path vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION")
 [ -x "$vdv" ] || die "vhost-device-vsock not installed at $vdv: run ci/setup.sh"
 qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found: run ci/setup.sh"
 
+log "building the shim"
+cargo build --quiet --release -p containerd-shim-veil-v2
+shim="$CARGO_TARGET_DIR/release/containerd-shim-veil-v2"
+[ -x "$shim" ] || die "shim binary $shim missing after build"
+
 mkdir -p "$CARGO_TARGET_DIR"
 cat > "$CARGO_TARGET_DIR/veil-artefacts.env" <<ENV
 VEIL_KERNEL=$kernel_dir/vmlinux
@@ -48,6 +54,7 @@ VEIL_FLOOR_INITRD=$floor_initrd
 VEIL_AGENT=$agent
 VEIL_VHOST_DEVICE_VSOCK=$vdv
 VEIL_QEMU=$qemu
+VEIL_SHIM=$shim
 ENV
 log "artefacts recorded in $CARGO_TARGET_DIR/veil-artefacts.env"
 cat "$CARGO_TARGET_DIR/veil-artefacts.env" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set veil up on this machine and run its main job: boot a pod microVM and talk
-# to the agent inside it over vsock.
+# Set veil up on this machine and run its main job: a private containerd runs a
+# container in a veil-sim microVM (through containerd-shim-veil-v2) and prints
+# what the container printed.
 #
 # usage: ci/demo.sh
 set -euo pipefail
@@ -9,4 +10,4 @@ cd "$(dirname "$0")/.."
 
 ci/setup.sh
 ci/build-artefacts.sh
-cargo run --quiet -p veil-tests --bin veil-boot-demo
+cargo run --quiet -p veil-tests --bin veil-pod-demo

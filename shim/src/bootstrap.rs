@@ -150,12 +150,21 @@ pub fn start(args: &Args) -> Result<(), BootstrapError> {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let fd = listener.as_raw_fd();
-        // SAFETY: runs between fork and exec; setsid(2) and dup2(2) are
-        // async-signal-safe, and `fd` is the open listener owned by this
+        // SAFETY: runs between fork and exec; setsid(2), dup2(2) and fcntl(2)
+        // are async-signal-safe, and `fd` is the open listener owned by this
         // process until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setsid() < 0 || libc::dup2(fd, LISTENER_FD) < 0 {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // dup2 onto itself would keep close-on-exec: clear it instead.
+                let ok = if fd == LISTENER_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(fd, LISTENER_FD) >= 0
+                };
+                if !ok {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -396,6 +396,19 @@ impl Sandbox {
 
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = p.id.to_string();
+        // The pod shares the node's network (no pod network yet): the node's
+        // resolver configuration, and localhost plus the pod's name.
+        req.hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+            p.hostname
+        )
+        .into_bytes();
+        req.resolv_conf = std::fs::read("/etc/resolv.conf")
+            .map(|mut r| {
+                r.truncate(64 * 1024);
+                r
+            })
+            .unwrap_or_default();
         req.hostname = p.hostname;
         agent::rpc(
             "CreateSandbox",

@@ -4,9 +4,10 @@
 //! containerd writes a spec for a host runtime: namespace paths of the pause
 //! process, bind mounts of host files, a host cgroup path. Inside the pod VM
 //! those mean nothing, so this module rewrites them — once, here:
-//! - namespace paths: the pod's containers share the VM's network, IPC and
-//!   UTS namespaces (the VM *is* the pod), so joined namespaces are dropped;
-//!   a joined PID namespace becomes a new one;
+//! - namespace paths: the pod's containers share the VM's network and IPC
+//!   namespaces (the VM *is* the pod), so joining those is dropped; a
+//!   joined PID or UTS namespace becomes a new one (the agent gives every UTS
+//!   namespace the pod's hostname);
 //! - bind mounts of the pod's `hosts`, `resolv.conf` and `hostname` become
 //!   `sandbox:` sources the agent provides; a bind of the pod's `/dev/shm`
 //!   becomes a tmpfs; other host binds cannot reach the guest and are dropped
@@ -123,8 +124,10 @@ impl HostSpec {
                 }
                 match ns.get("type").and_then(Value::as_str) {
                     // A pod-shared PID namespace: a new one per container (the
-                    // agent's shared_pid_namespace covers pod sharing).
-                    Some("pid") => {
+                    // agent's shared_pid_namespace covers pod sharing). The
+                    // pod's UTS namespace: a new one, which the agent gives
+                    // the pod's hostname.
+                    Some("pid") | Some("uts") => {
                         if let Some(o) = ns.as_object_mut() {
                             o.remove("path");
                         }
@@ -257,7 +260,7 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(types, ["pid", "mount"]);
+        assert_eq!(types, ["pid", "uts", "mount"]);
         assert!(v["linux"].get("cgroupsPath").is_none());
     }
 

@@ -26,6 +26,9 @@ pub struct Artefacts {
     pub vhost_device_vsock: PathBuf,
     /// `qemu-system-x86_64`.
     pub qemu: PathBuf,
+    /// The shim binary `containerd-shim-veil-v2` (empty if not recorded; see
+    /// [`Artefacts::require_shim`]).
+    pub shim: PathBuf,
 }
 
 const HINT: &str =
@@ -62,7 +65,17 @@ impl Artefacts {
             agent: get("VEIL_AGENT")?,
             vhost_device_vsock: get("VEIL_VHOST_DEVICE_VSOCK")?,
             qemu: get("VEIL_QEMU")?,
+            shim: get("VEIL_SHIM").unwrap_or_default(),
         })
+    }
+
+    /// The shim binary, failing with a hint when it was not built.
+    pub fn require_shim(&self) -> Result<&Path> {
+        if self.shim.is_file() {
+            Ok(&self.shim)
+        } else {
+            bail!("VEIL_SHIM (containerd-shim-veil-v2) is not built — {HINT}")
+        }
     }
 }
 

@@ -3,13 +3,17 @@
 //! One place for the fixtures every test needs: where the built artefacts are
 //! ([`artefacts`]), a booted pod VM with its vsock backend that cleans up after
 //! itself even when the test panics ([`vm`]), the agent in host mode
-//! ([`agent`]) and busybox root filesystems and OCI specs ([`rootfs`]).
+//! ([`agent`]), busybox root filesystems and OCI specs ([`rootfs`]), OCI
+//! image archives built offline ([`oci`]) and a private containerd with the
+//! veil runtime registered ([`containerd`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
 
 pub mod agent;
 pub mod artefacts;
+pub mod containerd;
+pub mod oci;
 pub mod rootfs;
 pub mod vm;
 

@@ -1,0 +1,408 @@
+//! A private containerd for end-to-end tests: its own root, state, sockets and
+//! config (CRI plugin with the overlayfs snapshotter, the `veil` and
+//! `veil-sim` handlers mapped to `io.containerd.veil.v2`, `runc` for
+//! baselines, a pause image built offline), started by the test and stopped
+//! by PID.
+//!
+//! [`Containerd`] owns it all: dropping it (also while a failing test
+//! unwinds) stops containerd, then the shims it started (found by their
+//! `-address` argument, killed by PID), cleans the pod directories those shims
+//! left under the veil state dir (whose recorded VMM and vsock-backend PIDs are
+//! checked against their start times), unmounts what is left below its root
+//! and removes it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::Artefacts;
+
+/// Where the shim keeps pod directories (the default `state_dir`).
+pub const VEIL_STATE_DIR: &str = "/run/veil";
+
+/// A running private containerd.
+pub struct Containerd {
+    child: Child,
+    /// containerd's gRPC socket.
+    pub socket: PathBuf,
+    /// The veil config the handlers use (`ConfigPath`, without `#handler`).
+    pub veil_config: PathBuf,
+    /// Image cache of the shims started by this containerd.
+    pub image_dir: PathBuf,
+    /// containerd's stdout/stderr (shim logs included).
+    pub log: PathBuf,
+    pods_before: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// The veil config for tests: the built kernel, initrd and tools.
+pub fn veil_config(a: &Artefacts, image_dir: &Path) -> String {
+    let handler = |name: &str, tee: &str| {
+        format!(
+            "[handlers.{name}]\ntee = \"{tee}\"\nkernel = {}\ninitrd = {}\nkernel_params = {:?}\n",
+            toml_str(&a.kernel),
+            toml_str(&a.initrd),
+            std::env::var("VEIL_TEST_CMDLINE").unwrap_or_default(),
+        )
+    };
+    format!(
+        "state_dir = \"{VEIL_STATE_DIR}\"\nimage_dir = {}\nqemu = {}\nvhost_device_vsock = {}\n\n{}\n{}",
+        toml_str(image_dir),
+        toml_str(&a.qemu),
+        toml_str(&a.vhost_device_vsock),
+        handler("veil", "none"),
+        handler("veil-sim", "sim"),
+    )
+}
+
+fn containerd_config(dir: &Path, veil_config: &Path) -> String {
+    let d = |s: &str| toml_str(&dir.join(s));
+    let runtime = |name: &str| {
+        format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}]\n  runtime_type = \"io.containerd.veil.v2\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}.options]\n    ConfigPath = \"{}#{name}\"\n",
+            veil_config.display()
+        )
+    };
+    format!(
+        r#"version = 2
+root = {root}
+state = {state}
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+
+[grpc]
+  address = {sock}
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = {debug}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {opt}
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+{veil}
+{veil_sim}
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = {cni_bin}
+    conf_dir = {cni_conf}
+"#,
+        root = d("root"),
+        state = d("state"),
+        sock = d("containerd.sock"),
+        ttrpc = d("containerd.sock.ttrpc"),
+        debug = d("debug.sock"),
+        opt = d("opt"),
+        pause = crate::oci::PAUSE_IMAGE,
+        veil = runtime("veil"),
+        veil_sim = runtime("veil-sim"),
+        cni_bin = d("cni/bin"),
+        cni_conf = d("cni/conf"),
+    )
+}
+
+fn list_pods() -> Vec<String> {
+    fs::read_dir(VEIL_STATE_DIR)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Command lines of every process, by PID.
+pub fn processes() -> Vec<(u32, String)> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = fs::read(e.path().join("cmdline")).ok()?;
+            if raw.is_empty() || !crate::vm::pid_alive(pid) {
+                return None;
+            }
+            Some((pid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+        })
+        .collect()
+}
+
+impl Containerd {
+    /// Starts containerd with a fresh root and state, the shim from the
+    /// artefacts on its PATH, and waits for it to answer.
+    pub fn start(a: &Artefacts) -> Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("containerd tests need root");
+        }
+        let bin = which("containerd").context("containerd not found: run ci/setup.sh")?;
+        which("ctr").context("ctr not found: run ci/setup.sh")?;
+        let dir = tempfile::Builder::new()
+            .prefix("veil-containerd.")
+            .tempdir()?;
+        let image_dir = dir.path().join("veil-images");
+        let veil_config = dir.path().join("veil.toml");
+        fs::write(&veil_config, veil_config_text(a, &image_dir))?;
+        let config = dir.path().join("config.toml");
+        fs::write(&config, containerd_config(dir.path(), &veil_config))?;
+        fs::create_dir_all(dir.path().join("cni/bin"))?;
+        fs::create_dir_all(dir.path().join("cni/conf"))?;
+        let log = dir.path().join("containerd.log");
+        let out = fs::File::create(&log)?;
+        let shim_dir = a
+            .require_shim()?
+            .parent()
+            .context("shim path has no parent")?
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+        );
+        let pods_before = list_pods();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting containerd")?;
+        let c = Containerd {
+            child,
+            socket: dir.path().join("containerd.sock"),
+            veil_config,
+            image_dir,
+            log,
+            pods_before,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if c.socket.exists() && c.ctr("default").arg("version").output()?.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not start; log:\n{}", c.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(c)
+    }
+
+    /// containerd's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The private directory (root, state, configs, logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `ctr` against this containerd in `namespace`.
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(namespace)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `ctr` and fails with its output unless it succeeds.
+    pub fn ctr_ok(&self, namespace: &str, args: &[&str]) -> Result<Output> {
+        let out = self.ctr(namespace).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "ctr {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// Imports an OCI archive into `namespace`.
+    pub fn import(&self, namespace: &str, archive: &Path) -> Result<()> {
+        let a = archive.display().to_string();
+        self.ctr_ok(namespace, &["images", "import", &a])?;
+        Ok(())
+    }
+
+    /// The `--runtime-config-path` value for `handler`.
+    pub fn runtime_config(&self, handler: &str) -> String {
+        format!("{}#{handler}", self.veil_config.display())
+    }
+
+    /// Shims started by this containerd that are still running.
+    pub fn shim_processes(&self) -> Vec<(u32, String)> {
+        let sock = self.socket.display().to_string();
+        processes()
+            .into_iter()
+            .filter(|(_, c)| c.contains("containerd-shim") && c.contains(&sock))
+            .collect()
+    }
+
+    /// Pod directories that appeared under the veil state dir since start.
+    pub fn new_pod_dirs(&self) -> Vec<String> {
+        list_pods()
+            .into_iter()
+            .filter(|p| !self.pods_before.contains(p))
+            .collect()
+    }
+
+    /// What is left of the pods `pods`: processes whose command line names
+    /// their state dir (QEMU, vhost-device-vsock), shims of this containerd,
+    /// the pod directories, mounts below them, images in the image cache.
+    /// Empty when everything was cleaned up.
+    pub fn leftovers(&self, pods: &[&str]) -> Vec<String> {
+        let mut left: Vec<String> = self
+            .shim_processes()
+            .into_iter()
+            .map(|(pid, c)| format!("shim process {pid}: {c}"))
+            .collect();
+        for pod in pods {
+            let dir = format!("{VEIL_STATE_DIR}/{pod}/");
+            left.extend(
+                processes()
+                    .into_iter()
+                    .filter(|(_, c)| c.contains(&dir))
+                    .map(|(pid, c)| format!("process {pid}: {c}")),
+            );
+            if Path::new(VEIL_STATE_DIR).join(pod).exists() {
+                left.push(format!("{VEIL_STATE_DIR}/{pod} exists"));
+            }
+        }
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for l in mounts.lines() {
+            if let Some(mp) = l.split_whitespace().nth(4) {
+                let under_pod = pods
+                    .iter()
+                    .any(|p| mp.starts_with(&format!("{VEIL_STATE_DIR}/{p}")));
+                if under_pod || mp.starts_with(&self.image_dir.display().to_string()) {
+                    left.push(format!("mount {mp}"));
+                }
+            }
+        }
+        if let Ok(rd) = fs::read_dir(&self.image_dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n != ".lock" {
+                    left.push(format!("image cache entry {n}"));
+                }
+            }
+        }
+        left
+    }
+
+    fn stop_child(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+fn veil_config_text(a: &Artefacts, image_dir: &Path) -> String {
+    veil_config(a, image_dir)
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!(
+                "containerd log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        self.stop_child();
+        for (pid, _) in self.shim_processes() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+        }
+        for pod in self.new_pod_dirs() {
+            if let Ok(d) = veil_shim::state::PodDir::at(Path::new(VEIL_STATE_DIR), &pod) {
+                d.cleanup();
+            }
+            for ns in ["k8s.io", "veil-test", "default"] {
+                let a = veil_shim::bootstrap::socket_address(
+                    &self.socket.display().to_string(),
+                    ns,
+                    &pod,
+                );
+                let _ = fs::remove_file(a.trim_start_matches("unix://"));
+            }
+        }
+        // Whatever is still mounted below our root (CRI's sandbox shm, ...).
+        let root = self.dir.path().display().to_string();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Finds `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([
+            "/usr/sbin".into(),
+            "/usr/bin".into(),
+            "/sbin".into(),
+            "/bin".into(),
+        ])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
