@@ -28,6 +28,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Parent cgroup of the containers (default `<cgroup2 mount>/veil`).
     pub cgroup_parent: Option<PathBuf>,
+    /// The kernel command line (PID 1), where the measured attestation
+    /// configuration is (see [`crate::attest`]); empty in host mode.
+    pub kernel_cmdline: String,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             log_filter: "info".to_string(),
             state_dir: PathBuf::from("/run/veil"),
             cgroup_parent: None,
+            kernel_cmdline: String::new(),
         };
         let mut it = args.into_iter();
         while let Some(a) = it.next() {
@@ -106,6 +110,7 @@ impl Config {
 
     /// Applies `veil.*` kernel parameters from a `/proc/cmdline` text.
     pub fn apply_kernel_cmdline(&mut self, cmdline: &str) {
+        self.kernel_cmdline = cmdline.trim().to_string();
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("veil.log=") {
                 self.log_filter = v.to_string();

@@ -12,8 +12,10 @@
 //! storage, containers, processes), [`sandbox`], [`storage`], [`container`],
 //! [`process`], [`stdio`], [`cgroup`], [`events`], [`engine`] (building container
 //! processes in a helper process), [`validate`] and [`status`] (request checks
-//! and the one error-to-status mapping), [`power`].
+//! and the one error-to-status mapping), [`power`], [`attest`] (remote
+//! attestation to the key broker; the released secrets stay in the guest).
 
+pub mod attest;
 pub mod cgroup;
 pub mod config;
 pub mod container;

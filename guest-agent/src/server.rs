@@ -54,6 +54,11 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         reaper,
     ));
     let services = crate::service::Services::new(Arc::clone(&pod));
+    let attestation = Arc::new(if config.kernel_cmdline.is_empty() {
+        crate::attest::Attestation::disabled()
+    } else {
+        crate::attest::Attestation::from_cmdline(&config.kernel_cmdline)
+    });
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let health = veil_protocol::agent_ttrpc::create_health(Arc::new(crate::health::HealthService));
     let guest = veil_protocol::agent_ttrpc::create_guest(Arc::new(crate::guest::GuestService {
@@ -76,6 +81,9 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         )))
         .register_service(veil_protocol::agent_ttrpc::create_events(Arc::new(
             services,
+        )))
+        .register_service(veil_protocol::agent_ttrpc::create_attestation(Arc::new(
+            crate::attest::service::AttestationService::new(attestation),
         )));
     server.start().await.map_err(ttrpc_err)?;
     let streams = match &config.listen {

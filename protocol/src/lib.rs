@@ -2,9 +2,11 @@
 //!
 //! The API is defined in `protos/agent.proto`; this crate holds the Rust types and
 //! the async ttrpc client and server bindings generated from it at build time,
-//! and the framing of the stdio stream connections ([`stream`]).
+//! the framing of the stdio stream connections ([`stream`]) and of the
+//! simulated TEE's firmware call ([`simfw`]).
 //! It owns the wire format only: validation of requests is the agent's job.
 
+pub mod simfw;
 pub mod stream;
 
 /// Version of the agent API. Bumped on incompatible change.
@@ -27,6 +29,17 @@ pub const AGENT_READY_LINE_PREFIX: &str = "READY ";
 
 /// vsock port on which the agent accepts stdio stream connections.
 pub const STREAM_VSOCK_PORT: u32 = 1025;
+
+/// Host vsock port of the simulated TEE's firmware (simulated-TEE pods only):
+/// the guest asks for a signed simulated report here ([`simfw`]). With hybrid
+/// vsock the shim listens on `<uds path>_1027`.
+pub const SIM_FIRMWARE_VSOCK_PORT: u32 = 1027;
+
+/// Host vsock port of the key broker relay: the shim connects each guest
+/// connection to the broker's TCP address and copies bytes both ways. TLS runs
+/// end to end between the guest and the broker; the relay sees ciphertext
+/// only. With hybrid vsock the shim listens on `<uds path>_1028`.
+pub const KBS_RELAY_VSOCK_PORT: u32 = 1028;
 
 /// Messages of the agent API (generated).
 #[allow(

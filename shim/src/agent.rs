@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use veil_protocol::{
     agent::{self, CheckRequest, StreamKind},
-    agent_ttrpc::{ContainersClient, EventsClient, GuestClient, HealthClient, SandboxClient},
+    agent_ttrpc::{
+        AttestationClient, ContainersClient, EventsClient, GuestClient, HealthClient, SandboxClient,
+    },
 };
 
 use crate::vsock::{VsockError, VsockTransport};
@@ -86,6 +88,8 @@ pub struct Agent {
     pub events: EventsClient,
     /// Guest service.
     pub guest: GuestClient,
+    /// Attestation service.
+    pub attestation: AttestationClient,
 }
 
 fn client_from(stream: UnixStream) -> std::io::Result<ttrpc::asynchronous::Client> {
@@ -131,6 +135,7 @@ impl Agent {
             sandbox: SandboxClient::new(client.clone()),
             containers: ContainersClient::new(client.clone()),
             events: EventsClient::new(client.clone()),
+            attestation: AttestationClient::new(client.clone()),
             guest: GuestClient::new(client),
         })
     }

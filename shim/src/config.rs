@@ -140,6 +140,26 @@ pub struct HandlerConfig {
     pub boot_timeout_ms: u64,
     /// Size of the pod's scratch disk in MiB; 0 = none (issue 6 uses it).
     pub scratch_disk_mib: u64,
+    /// Key broker `host:port` the shim relays the guest's connections to
+    /// (vsock host port 1028); "" = no broker. TEE handlers only.
+    #[serde(default)]
+    pub kbs_address: String,
+    /// The broker's TLS certificate, DER (`veil-kbs init-tls` writes
+    /// `cert.der`). The guest pins it: its SHA-256 goes on the measured
+    /// kernel command line. "" = no broker.
+    #[serde(default)]
+    pub kbs_cert: PathBuf,
+    /// Resources the guest fetches after attesting, name → `repo/type/tag`
+    /// (on the measured command line; the keys never leave the guest).
+    #[serde(default)]
+    pub kbs_resources: BTreeMap<String, String>,
+    /// The simulated TEE's keys (`veil sim-ca init --dir`); `tee = "sim"` only.
+    #[serde(default = "default_sim_ca_dir")]
+    pub sim_ca_dir: PathBuf,
+}
+
+fn default_sim_ca_dir() -> PathBuf {
+    "/opt/veil/sim-ca".into()
 }
 
 impl HandlerConfig {
@@ -158,9 +178,15 @@ impl HandlerConfig {
             rootfs_format: RootfsFormat::Erofs,
             boot_timeout_ms: 60_000,
             scratch_disk_mib: 0,
+            kbs_address: String::new(),
+            kbs_cert: PathBuf::new(),
+            kbs_resources: BTreeMap::new(),
+            sim_ca_dir: default_sim_ca_dir(),
         };
+        let disk_key = BTreeMap::from([("disk-key".to_string(), "default/key/disk".to_string())]);
         let confidential = |tee| HandlerConfig {
             tee,
+            kbs_resources: disk_key.clone(),
             kernel: "/opt/veil/share/bzImage".into(),
             firmware: "/opt/veil/share/OVMF.fd".into(),
             accel: AccelChoice::Kvm,
@@ -172,6 +198,7 @@ impl HandlerConfig {
             "veil" => Some(base),
             "veil-sim" => Some(HandlerConfig {
                 tee: TeeKind::Sim,
+                kbs_resources: disk_key,
                 ..base
             }),
             "veil-snp" => Some(confidential(TeeKind::Snp)),

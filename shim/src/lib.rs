@@ -11,10 +11,13 @@
 //!   [`phases`] (pod start timestamps);
 //! - below: [`vmm`] (the VMM backend, QMP, accelerator choice), [`vsock`]
 //!   (reaching the agent), [`process`] (child processes the shim owns);
-//! - [`config`]: `/etc/veil/config.toml`.
+//! - [`config`]: the configuration, `/etc/veil/config.toml`;
+//! - [`attest`]: the host's part in remote attestation (the guest's measured
+//!   attestation words, the simulated firmware, the key broker relay).
 
 pub mod agent;
 pub mod args;
+pub mod attest;
 pub mod bootstrap;
 pub mod config;
 pub mod events;

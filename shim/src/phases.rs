@@ -6,7 +6,8 @@
 //! (the shim's ttrpc server is up), `create` (task Create received),
 //! `vmm_spawned` (vsock backend and QEMU started), `kernel_booted` (the agent
 //! announced itself on the console: kernel boot plus agent start),
-//! `agent_ready` (first health answer over vsock), `rootfs_attached` (image
+//! `agent_ready` (first health answer over vsock), `attested` (TEE pods with
+//! a key broker: the agent attested and fetched its keys), `rootfs_attached` (image
 //! built or reused, hot-added, mounted by the agent), `container_created`,
 //! `container_started`. Marks that did not happen for this container (a
 //! second container of a pod has no VM boot) are absent.
@@ -28,6 +29,7 @@ pub const MARKS: &[&str] = &[
     "vmm_spawned",
     "kernel_booted",
     "agent_ready",
+    "attested",
     "rootfs_attached",
     "container_created",
     "container_started",

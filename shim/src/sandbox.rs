@@ -89,6 +89,9 @@ pub enum SandboxError {
     /// The VM ended while starting.
     #[error("the VM exited during boot; console:\n{0}")]
     Died(String),
+    /// The pod's attestation set-up (broker, simulated TEE keys).
+    #[error("attestation set-up")]
+    Attest(#[from] crate::attest::AttestSetupError),
 }
 
 /// Exactly what a pod VM was launched with: the input of the simulated TEE's
@@ -276,9 +279,13 @@ impl Sandbox {
                 firmware: h.firmware.clone(),
             },
         };
-        let cmdline = format!("{BASE_CMDLINE} {}", h.kernel_params)
-            .trim()
-            .to_string();
+        let attest_words = crate::attest::guest_cmdline(h)?;
+        let cmdline = [BASE_CMDLINE, attest_words.as_str(), h.kernel_params.trim()]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut disks = Vec::new();
         if h.scratch_disk_mib > 0 {
             let path = dir.file("scratch.img");
@@ -305,7 +312,8 @@ impl Sandbox {
             cmdline: cmdline.clone(),
             vcpus: h.vcpus,
         };
-        for svc in &p.host_services {
+        let attest_services = crate::attest::host_services(h)?;
+        for svc in p.host_services.iter().chain(&attest_services) {
             if let Some(path) = transport.host_listener_path(svc.port()) {
                 let l =
                     tokio::net::UnixListener::bind(&path).map_err(|source| SandboxError::File {
@@ -414,6 +422,7 @@ impl Sandbox {
             "CreateSandbox",
             agent.sandbox.create_sandbox(agent::ctx(), &req).await,
         )?;
+        crate::attest::attest_pod(&agent, h, phases).await?;
 
         let vm = partial.vm.take();
         let backend = partial.backend.take();

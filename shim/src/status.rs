@@ -34,6 +34,7 @@ pub fn code(e: &TaskError) -> Code {
             Code::INVALID_ARGUMENT
         }
         TaskError::Sandbox(SandboxError::NoSlot) => Code::RESOURCE_EXHAUSTED,
+        TaskError::Sandbox(SandboxError::Attest(_)) => Code::FAILED_PRECONDITION,
         TaskError::Sandbox(_) => Code::INTERNAL,
     }
 }
@@ -101,6 +102,12 @@ mod tests {
             (
                 TaskError::Sandbox(SandboxError::Died("x".into())),
                 Code::INTERNAL,
+            ),
+            (
+                TaskError::Sandbox(SandboxError::Attest(
+                    crate::attest::AttestSetupError::Incomplete,
+                )),
+                Code::FAILED_PRECONDITION,
             ),
         ];
         for (e, want) in cases {
