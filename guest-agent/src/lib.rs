@@ -10,7 +10,8 @@
 //! registration), [`health`], [`guest`] and [`service`] (the ttrpc services),
 //! [`streams`] (stdio stream connections), [`pod`] (the use cases: sandbox,
 //! storage, containers, processes), [`sandbox`], [`storage`], [`container`],
-//! [`process`], [`stdio`], [`cgroup`], [`events`], [`engine`] (building container
+//! [`process`], [`stdio`], [`cgroup`], [`events`], [`disk`] (dm-verity images
+//! and the encrypted scratch disk), [`engine`] (building container
 //! processes in a helper process), [`validate`] and [`status`] (request checks
 //! and the one error-to-status mapping), [`power`], [`attest`] (remote
 //! attestation to the key broker; the released secrets stay in the guest).
@@ -19,6 +20,7 @@ pub mod attest;
 pub mod cgroup;
 pub mod config;
 pub mod container;
+pub mod disk;
 pub mod engine;
 pub mod events;
 pub mod guest;

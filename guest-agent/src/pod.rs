@@ -19,6 +19,7 @@ use veil_protocol::agent::{
 use crate::{
     cgroup::{CgroupError, CgroupParent},
     container::{Container, Exec},
+    disk::{EphemeralKeys, KeySource},
     engine::{self, plan, EngineError},
     events::Events,
     process::{Process, State},
@@ -132,6 +133,8 @@ struct Inner {
 pub struct Pod {
     cfg: PodConfig,
     reaper: Reaper,
+    /// Where the scratch disk's key and the image policy come from.
+    keys: Arc<dyn KeySource>,
     /// Its event queue.
     pub events: Arc<Events>,
     inner: Mutex<Inner>,
@@ -164,9 +167,14 @@ impl plan::Context for PlanCtx<'_> {
                 .root(id)
                 .ok_or_else(|| format!("storage '{id}' not found"))?;
             // Symlinks in the (host-provided) storage resolve inside it.
-            let p = crate::engine::rootfs::resolve_in_root(root, &Path::new("/").join(sub))?;
+            let p = crate::engine::rootfs::resolve_in_root(root, &Path::new("/").join(&sub))?;
             if !p.exists() {
-                return Err(format!("{} does not exist", p.display()).into());
+                // On the scratch disk a volume is made on first use (emptyDir).
+                if !self.inner.storages.is_scratch(id) || sub.as_os_str().is_empty() {
+                    return Err(format!("{} does not exist", p.display()).into());
+                }
+                std::fs::create_dir_all(&p)
+                    .map_err(|e| format!("cannot create volume {}: {e}", p.display()))?;
             }
             return Ok(p);
         }
@@ -204,6 +212,7 @@ impl Pod {
         Pod {
             cfg,
             reaper,
+            keys: Arc::new(EphemeralKeys::default()),
             events: Arc::new(Events::default()),
             inner: Mutex::new(Inner {
                 sandbox: None,
@@ -212,6 +221,14 @@ impl Pod {
                 containers: HashMap::new(),
             }),
         }
+    }
+
+    /// Takes the scratch disk's key and the image policy from `keys` (the
+    /// broker-backed source of a confidential pod; tests) instead of an
+    /// ephemeral key and no policy.
+    pub fn with_key_source(mut self, keys: Arc<dyn KeySource>) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// The configuration.
@@ -297,10 +314,15 @@ impl Pod {
         Ok(())
     }
 
-    /// Attaches a storage.
+    /// Attaches a storage. Its secrets (scratch key, image policy) are
+    /// fetched before the pod is locked.
     pub async fn add_storage(&self, req: &AddStorageRequest) -> Result<PathBuf, PodError> {
+        validate::id("storage_id", &req.storage_id)?;
+        let layer = crate::disk::prepare(req, self.keys.as_ref())
+            .await
+            .map_err(StorageError::from)?;
         let mut inner = self.inner.lock().await;
-        Ok(inner.storages.add(req).await?)
+        Ok(inner.storages.add(req, layer).await?)
     }
 
     /// Detaches a storage.
@@ -329,11 +351,6 @@ impl Pod {
         }
         let spec = plan::parse_spec(&req.oci_spec)?;
         let rootfs_req = req.rootfs.as_ref().cloned().unwrap_or_default();
-        if !rootfs_req.upper_storage_id.is_empty() {
-            return Err(PodError::BadRequest(
-                "rootfs.upper_storage_id is not supported yet".into(),
-            ));
-        }
         let dir = self.cfg.state_dir.join("containers").join(&id);
         let cgroup_path = self.cfg.cgroup_parent.join(&id);
         let spawn_req = plan::plan_init(
@@ -359,10 +376,37 @@ impl Pod {
         tracing::debug!(container = %id, lower = %lower.display(), "rootfs lower layer");
         // From here on, undo what was done if a later step fails.
         let storage_id = rootfs_req.storage_id.clone();
-        let overlay = match OverlayRoot::mount(dir, &lower) {
+        let upper_id = rootfs_req.upper_storage_id.clone();
+        let upper = if upper_id.is_empty() {
+            None
+        } else {
+            match inner.storages.acquire_upper(&upper_id, &id) {
+                Ok(dir) => Some((upper_id.clone(), dir)),
+                Err(e) => {
+                    inner.storages.release_use(&storage_id);
+                    return Err(match e {
+                        StorageError::NotFound(s) => PodError::NotFound {
+                            what: "upper storage",
+                            id: s,
+                        },
+                        other => other.into(),
+                    });
+                }
+            }
+        };
+        let release_uses = |inner: &mut Inner| {
+            inner.storages.release_use(&storage_id);
+            if !upper_id.is_empty() {
+                inner.storages.release_use(&upper_id);
+            }
+        };
+        let overlay = match OverlayRoot::mount_with_upper(dir, &lower, upper.clone()) {
             Ok(o) => o,
             Err(e) => {
-                inner.storages.release_use(&storage_id);
+                if let Some((_, u)) = &upper {
+                    let _ = std::fs::remove_dir_all(u);
+                }
+                release_uses(&mut inner);
                 return Err(e.into());
             }
         };
@@ -388,7 +432,7 @@ impl Pod {
                     let _ = cg.remove().await;
                     overlay.remove();
                 }
-                inner.storages.release_use(&storage_id);
+                release_uses(&mut inner);
                 Err(e)
             }
         }
@@ -526,6 +570,9 @@ impl Pod {
         }
         c.overlay.remove();
         inner.storages.release_use(&c.storage_id);
+        if let Some(upper) = c.overlay.upper_storage() {
+            inner.storages.release_use(upper);
+        }
     }
 
     /// Freezes a running container.

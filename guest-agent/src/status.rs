@@ -19,6 +19,12 @@ pub enum Kind {
     FailedPrecondition,
     /// A feature the agent does not have.
     Unimplemented,
+    /// Policy forbids it: the broker refused a secret, or the image policy
+    /// does not allow an image.
+    PermissionDenied,
+    /// Data the guest must trust is corrupt (an image that fails dm-verity, a
+    /// damaged LUKS2 header).
+    DataLoss,
     /// The guest failed to do something it should have been able to do.
     Internal,
 }
@@ -37,6 +43,8 @@ pub fn code(kind: Kind) -> Code {
         Kind::InvalidArgument => Code::INVALID_ARGUMENT,
         Kind::FailedPrecondition => Code::FAILED_PRECONDITION,
         Kind::Unimplemented => Code::UNIMPLEMENTED,
+        Kind::PermissionDenied => Code::PERMISSION_DENIED,
+        Kind::DataLoss => Code::DATA_LOSS,
         Kind::Internal => Code::INTERNAL,
     }
 }
@@ -79,6 +87,8 @@ mod tests {
             (Kind::InvalidArgument, Code::INVALID_ARGUMENT),
             (Kind::FailedPrecondition, Code::FAILED_PRECONDITION),
             (Kind::Unimplemented, Code::UNIMPLEMENTED),
+            (Kind::PermissionDenied, Code::PERMISSION_DENIED),
+            (Kind::DataLoss, Code::DATA_LOSS),
             (Kind::Internal, Code::INTERNAL),
         ];
         for (kind, want) in cases {

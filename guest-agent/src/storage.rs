@@ -3,7 +3,7 @@
 //! device or a directory), and the per-container overlay root built on them.
 //!
 //! Mounts live under `<state>/storage/<id>`. The dm-verity and dm-crypt layers
-//! of issue 6 slot in between "find the device" and "mount it".
+//! ([`crate::disk`]) slot in between "find the device" and "mount it".
 
 use std::{
     collections::HashMap,
@@ -17,6 +17,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use veil_protocol::agent::{AddStorageRequest, StorageSource};
 
 use crate::{
+    disk::{DiskError, Layer, Opened},
     status::{Classify, Kind},
     validate::{self, ValidationError},
 };
@@ -54,9 +55,9 @@ pub enum StorageError {
     /// The source does not exist.
     #[error("storage source {0} does not exist")]
     NoSource(PathBuf),
-    /// Verity is not implemented yet.
-    #[error("dm-verity storage is not implemented yet")]
-    VerityUnimplemented,
+    /// A dm-verity or scratch-disk layer failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// Mounting or attaching failed.
     #[error("cannot {what} {path}")]
     Os {
@@ -79,7 +80,7 @@ impl Classify for StorageError {
                 Kind::NotFound
             }
             StorageError::InUse(_) => Kind::FailedPrecondition,
-            StorageError::VerityUnimplemented => Kind::Unimplemented,
+            StorageError::Disk(e) => e.kind(),
             StorageError::Os { .. } => Kind::Internal,
         }
     }
@@ -102,6 +103,10 @@ struct Entry {
     mounted: bool,
     /// Containers using it.
     users: usize,
+    /// The device-mapper layer under the mount, if any.
+    layer: Option<Opened>,
+    /// The pod's scratch disk (writable; bind sources are created on use).
+    scratch: bool,
 }
 
 /// The attached storages.
@@ -121,14 +126,16 @@ impl Storages {
         }
     }
 
-    /// Attaches a storage; returns where its filesystem is.
-    pub async fn add(&mut self, req: &AddStorageRequest) -> Result<PathBuf, StorageError> {
+    /// Attaches a storage with `layer` (from [`crate::disk::prepare`])
+    /// between its disk and its mount; returns where its filesystem is.
+    pub async fn add(
+        &mut self,
+        req: &AddStorageRequest,
+        layer: Layer,
+    ) -> Result<PathBuf, StorageError> {
         validate::id("storage_id", &req.storage_id)?;
         if self.entries.contains_key(&req.storage_id) {
             return Err(StorageError::Exists(req.storage_id.clone()));
-        }
-        if req.verity.is_some() {
-            return Err(StorageError::VerityUnimplemented);
         }
         let source = req.source.enum_value_or_default();
         let host_only = matches!(source, StorageSource::IMAGE_FILE | StorageSource::DIRECTORY);
@@ -140,6 +147,11 @@ impl Storages {
             )));
         }
         if source == StorageSource::DIRECTORY {
+            if !matches!(layer, Layer::None) {
+                return Err(StorageError::Refused(
+                    "a directory cannot have a verity or scratch layer".into(),
+                ));
+            }
             let dir = validate::absolute_path("locator", &req.locator)?;
             validate::overlay_safe("locator", &dir)?;
             if !dir.is_dir() {
@@ -151,11 +163,15 @@ impl Storages {
                     root: dir.clone(),
                     mounted: false,
                     users: 0,
+                    layer: None,
+                    scratch: false,
                 },
             );
             return Ok(dir);
         }
-        if !FSTYPES.contains(&req.fstype.as_str()) {
+        let scratch = layer.is_scratch();
+        let fstype = if scratch { "ext4" } else { req.fstype.as_str() };
+        if !FSTYPES.contains(&fstype) {
             return Err(StorageError::Refused(format!(
                 "filesystem type '{}' (expected one of {FSTYPES:?})",
                 req.fstype.chars().take(32).collect::<String>()
@@ -200,30 +216,39 @@ impl Storages {
                 ))
             }
         };
+        let (device, opened) = layer.open(&req.storage_id, &device)?;
+        let close = |opened: &Option<Opened>| {
+            if let Some(o) = opened {
+                if let Err(e) = o.close() {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot remove a device-mapper layer");
+                }
+            }
+        };
         let root = self.dir.join(&req.storage_id);
-        fs::create_dir_all(&root).map_err(os("create", &root))?;
+        if let Err(e) = fs::create_dir_all(&root) {
+            close(&opened);
+            return Err(os("create", &root)(e));
+        }
         let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if req.read_only {
             flags |= MsFlags::MS_RDONLY;
         }
-        mount(
-            Some(&device),
-            &root,
-            Some(req.fstype.as_str()),
-            flags,
-            None::<&str>,
-        )
-        .map_err(|e| StorageError::Os {
-            what: "mount",
-            path: device.clone(),
-            source: e.into(),
-        })?;
+        if let Err(e) = mount(Some(&device), &root, Some(fstype), flags, None::<&str>) {
+            close(&opened);
+            return Err(StorageError::Os {
+                what: "mount",
+                path: device.clone(),
+                source: e.into(),
+            });
+        }
         self.entries.insert(
             req.storage_id.clone(),
             Entry {
                 root: root.clone(),
                 mounted: true,
                 users: 0,
+                layer: opened,
+                scratch,
             },
         );
         Ok(root)
@@ -282,6 +307,32 @@ impl Storages {
     pub fn root(&self, id: &str) -> Option<&Path> {
         self.entries.get(id).map(|e| e.root.as_path())
     }
+
+    /// Whether storage `id` is the pod's (writable, guest-encrypted) scratch disk.
+    pub fn is_scratch(&self, id: &str) -> bool {
+        self.entries.get(id).is_some_and(|e| e.scratch)
+    }
+
+    /// A directory for container `container`'s writable layer on scratch
+    /// storage `id` (`<root>/containers/<container>`); counts a user of it.
+    pub fn acquire_upper(&mut self, id: &str, container: &str) -> Result<PathBuf, StorageError> {
+        validate::id("upper_storage_id", id)?;
+        let e = self
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| StorageError::NotFound(id.to_string()))?;
+        if !e.scratch {
+            return Err(StorageError::Refused(format!(
+                "storage '{id}' is not a scratch disk: it cannot hold a writable layer"
+            )));
+        }
+        let dir = e.root.join("containers").join(container);
+        // A leftover of an earlier container of the same id starts afresh.
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(os("create", &dir))?;
+        e.users += 1;
+        Ok(dir)
+    }
 }
 
 fn release(e: &Entry) {
@@ -290,6 +341,11 @@ fn release(e: &Entry) {
             tracing::warn!(path = %e.root.display(), error = %err, "cannot unmount storage");
         }
         let _ = fs::remove_dir(&e.root);
+    }
+    if let Some(l) = &e.layer {
+        if let Err(err) = l.close() {
+            tracing::warn!(device = %l.name, error = %crate::error_chain(&err), "cannot remove a device-mapper layer");
+        }
     }
 }
 
@@ -406,27 +462,43 @@ fn attach_loop(file: &Path, read_only: bool) -> Result<(PathBuf, fs::File), Stor
     Err(StorageError::Refused("no free loop device".into()))
 }
 
-/// The overlay root of one container: `<dir>/{upper,work,rootfs}`.
+/// The overlay root of one container: `<dir>/rootfs`, with `upper` and
+/// `work` in `dir` too or, on the scratch disk, in a directory of their own.
 #[derive(Debug)]
 pub struct OverlayRoot {
     dir: PathBuf,
+    /// The scratch storage holding upper and work, and their directory there.
+    upper: Option<(String, PathBuf)>,
 }
 
 impl OverlayRoot {
     /// Mounts an overlay with `lower` read-only and a fresh upper in `dir`.
     pub fn mount(dir: PathBuf, lower: &Path) -> Result<Self, StorageError> {
+        Self::mount_with_upper(dir, lower, None)
+    }
+
+    /// Like [`OverlayRoot::mount`], with upper and work in `upper`'s
+    /// directory (on scratch storage `upper.0`) when given.
+    pub fn mount_with_upper(
+        dir: PathBuf,
+        lower: &Path,
+        upper: Option<(String, PathBuf)>,
+    ) -> Result<Self, StorageError> {
         validate::overlay_safe("lower", lower)?;
         validate::overlay_safe("state dir", &dir)?;
-        let me = OverlayRoot { dir };
-        for sub in ["upper", "work", "rootfs"] {
-            let p = me.dir.join(sub);
+        if let Some((_, u)) = &upper {
+            validate::overlay_safe("upper dir", u)?;
+        }
+        let me = OverlayRoot { dir, upper };
+        let rw = me.rw_dir().to_path_buf();
+        for p in [rw.join("upper"), rw.join("work"), me.dir.join("rootfs")] {
             fs::create_dir_all(&p).map_err(os("create", &p))?;
         }
         let data = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.display(),
-            me.dir.join("upper").display(),
-            me.dir.join("work").display()
+            rw.join("upper").display(),
+            rw.join("work").display()
         );
         let target = me.rootfs();
         mount(
@@ -444,9 +516,19 @@ impl OverlayRoot {
         Ok(me)
     }
 
+    /// Where upper and work live.
+    fn rw_dir(&self) -> &Path {
+        self.upper.as_ref().map_or(&self.dir, |(_, p)| p)
+    }
+
     /// The merged root.
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("rootfs")
+    }
+
+    /// The scratch storage holding the upper layer, if any.
+    pub fn upper_storage(&self) -> Option<&str> {
+        self.upper.as_ref().map(|(id, _)| id.as_str())
     }
 
     /// Unmounts and deletes the upper layer.
@@ -456,6 +538,11 @@ impl OverlayRoot {
         let _ = umount2(&self.dir.join("initramfs"), MntFlags::MNT_DETACH);
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove container state");
+        }
+        if let Some((_, u)) = &self.upper {
+            if let Err(e) = fs::remove_dir_all(u) {
+                tracing::warn!(dir = %u.display(), error = %e, "cannot remove the upper layer");
+            }
         }
     }
 }
@@ -471,23 +558,44 @@ mod tests {
         let mut s = Storages::new(d.path().to_path_buf(), false);
         let mut r = AddStorageRequest::new();
         r.storage_id = "../x".into();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
+        assert_eq!(
+            s.add(&r, Layer::None).await.unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
         r.storage_id = "img".into();
         r.source = StorageSource::DIRECTORY.into();
         r.locator = "/".into();
         assert_eq!(
-            s.add(&r).await.unwrap_err().kind(),
+            s.add(&r, Layer::None).await.unwrap_err().kind(),
             Kind::InvalidArgument,
             "directory outside host mode"
         );
         r.source = StorageSource::DEVICE_PATH.into();
         r.fstype = "ext4".into();
         r.locator = "/etc/passwd".into();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
+        assert_eq!(
+            s.add(&r, Layer::None).await.unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
         r.fstype = "nfs".into();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::InvalidArgument);
-        r.verity = Some(VerityParams::new()).into();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::Unimplemented);
+        assert_eq!(
+            s.add(&r, Layer::None).await.unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
+        r.fstype = "ext4".into();
+        r.source = StorageSource::DIRECTORY.into();
+        let v = crate::disk::verity::Verity::from_request(&{
+            let mut p = VerityParams::new();
+            p.root_hash = "ab".repeat(32);
+            p.hash_offset = 4096;
+            p
+        })
+        .unwrap();
+        assert_eq!(
+            s.add(&r, Layer::Verity(v)).await.unwrap_err().kind(),
+            Kind::InvalidArgument,
+            "verity on a directory"
+        );
         assert_eq!(s.remove("nope").unwrap_err().kind(), Kind::NotFound);
     }
 
@@ -500,8 +608,11 @@ mod tests {
         r.storage_id = "img".into();
         r.source = StorageSource::DIRECTORY.into();
         r.locator = d.path().to_string_lossy().into_owned();
-        s.add(&r).await.unwrap();
-        assert_eq!(s.add(&r).await.unwrap_err().kind(), Kind::AlreadyExists);
+        s.add(&r, Layer::None).await.unwrap();
+        assert_eq!(
+            s.add(&r, Layer::None).await.unwrap_err().kind(),
+            Kind::AlreadyExists
+        );
         assert_eq!(s.acquire("img", "rootfs").unwrap(), d.path().join("rootfs"));
         assert_eq!(
             s.acquire("img", "missing").unwrap_err().kind(),
