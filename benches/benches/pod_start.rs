@@ -77,10 +77,9 @@ fn phases_of(c: &Containerd, id: &str) -> Option<HashMap<String, u128>> {
     let log = c.log_text();
     let needle = format!("container={id} ");
     log.lines()
-        .filter(|l| {
+        .rfind(|l| {
             l.contains("veil-phases") && l.contains(&needle) && l.contains("container_started=")
         })
-        .last()
         .and_then(parse_line)
         .map(|v| v.into_iter().collect())
 }
