@@ -16,10 +16,9 @@ use std::{
 
 use containerd_shim_protos::{
     api::{self, Empty, ProcessInfo, Status as TaskStatus},
-    cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat},
     protobuf::{
         well_known_types::{any::Any, timestamp::Timestamp},
-        Message, MessageField,
+        MessageField,
     },
 };
 use tokio::sync::watch;
@@ -31,6 +30,7 @@ use veil_protocol::agent::{
 use crate::{
     agent::{self, AgentError},
     config::{ConfigError, ConfigSource},
+    container::{Container, ExitInfo, ProcStatus, Process},
     events::{EventSink, TaskEvent},
     phases::Phases,
     rootfs::{Layers, RootfsError, RootfsMount},
@@ -39,6 +39,10 @@ use crate::{
     state,
     stdio::{Relay, StdioError, StdioPaths},
 };
+
+/// How long output may still flow after the agent reported an exit (it
+/// reports it once the output was written, so this only covers transit).
+const OUTPUT_GRACE: Duration = Duration::from_secs(30);
 
 /// File in the bundle recording which config the pod uses (for `delete`).
 pub const BUNDLE_CONFIG_FILE: &str = "veil-config";
@@ -79,85 +83,6 @@ pub enum TaskError {
     /// stdio.
     #[error("stdio")]
     Stdio(#[from] StdioError),
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExitInfo {
-    /// Exit status (128 + signal when killed).
-    pub status: u32,
-    /// When.
-    pub at: SystemTime,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProcStatus {
-    Created,
-    Running,
-    Stopped,
-}
-
-/// One process (a container's init or an exec).
-struct Process {
-    exec_id: String,
-    stdio: StdioPaths,
-    state: Mutex<(ProcStatus, u32)>,
-    exit_tx: watch::Sender<Option<ExitInfo>>,
-    relay: tokio::sync::Mutex<Relay>,
-}
-
-impl Process {
-    fn new(exec_id: &str, stdio: StdioPaths, relay: Relay, pid: u32) -> Arc<Self> {
-        Arc::new(Process {
-            exec_id: exec_id.to_string(),
-            stdio,
-            state: Mutex::new((ProcStatus::Created, pid)),
-            exit_tx: watch::channel(None).0,
-            relay: tokio::sync::Mutex::new(relay),
-        })
-    }
-
-    fn status(&self) -> (ProcStatus, u32) {
-        self.state
-            .lock()
-            .map(|s| *s)
-            .unwrap_or((ProcStatus::Stopped, 0))
-    }
-
-    fn set(&self, status: ProcStatus, pid: u32) {
-        if let Ok(mut s) = self.state.lock() {
-            *s = (status, pid);
-        }
-    }
-
-    fn exit(&self) -> Option<ExitInfo> {
-        *self.exit_tx.borrow()
-    }
-}
-
-/// One container of the pod.
-struct Container {
-    id: String,
-    bundle: String,
-    image_key: String,
-    init: Arc<Process>,
-    execs: Mutex<HashMap<String, Arc<Process>>>,
-    paused: Mutex<bool>,
-    /// Phase marks of the start in progress, logged once it started.
-    start_phases: Mutex<Option<Phases>>,
-}
-
-impl Container {
-    fn process(&self, exec_id: &str) -> Result<Arc<Process>, TaskError> {
-        if exec_id.is_empty() {
-            return Ok(self.init.clone());
-        }
-        self.execs
-            .lock()
-            .ok()
-            .and_then(|m| m.get(exec_id).cloned())
-            .ok_or_else(|| TaskError::NotFound(format!("process {exec_id} of {}", self.id)))
-    }
 }
 
 /// What the service was started with.
@@ -544,8 +469,15 @@ impl TaskService {
             };
             {
                 let mut relay = p.relay.lock().await;
-                relay.finish_output().await;
+                // Input first: a terminal's connection carries both directions
+                // and only closes (EOF for its output) once our side is done.
                 relay.close_stdin();
+                if tokio::time::timeout(OUTPUT_GRACE, relay.finish_output())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(container = %c.id, exec = %p.exec_id, "output did not end after the exit");
+                }
             }
             let pid = p.status().1;
             p.set(ProcStatus::Stopped, pid);
@@ -898,45 +830,11 @@ impl TaskService {
                 .stats_container(agent::ctx(), &creq(&req.id))
                 .await,
         )?;
-        let mut m = Metrics::new();
-        if let Some(cpu) = s.cpu.as_ref() {
-            m.cpu = MessageField::some(CPUStat {
-                usage: MessageField::some(CPUUsage {
-                    total: cpu.usage_usec.saturating_mul(1000),
-                    user: cpu.user_usec.saturating_mul(1000),
-                    kernel: cpu.system_usec.saturating_mul(1000),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        }
-        if let Some(mem) = s.memory.as_ref() {
-            m.memory = MessageField::some(MemoryStat {
-                usage: MessageField::some(MemoryEntry {
-                    usage: mem.usage,
-                    limit: if mem.limit == 0 { u64::MAX } else { mem.limit },
-                    max: mem.max_usage,
-                    failcnt: mem.max_events,
-                    ..Default::default()
-                }),
-                rss: mem.stat.get("anon").copied().unwrap_or(0),
-                cache: mem.stat.get("file").copied().unwrap_or(0),
-                ..Default::default()
-            });
-        }
-        if let Some(pids) = s.pids.as_ref() {
-            m.pids = MessageField::some(PidsStat {
-                current: pids.current,
-                limit: pids.limit,
-                ..Default::default()
-            });
-        }
-        let value = m
-            .write_to_bytes()
+        let value = crate::metrics::cgroup_v1(&s)
             .map_err(|e| TaskError::InvalidArgument(format!("encoding metrics: {e}")))?;
         Ok(api::StatsResponse {
             stats: MessageField::some(Any {
-                type_url: "io.containerd.cgroups.v1.Metrics".into(),
+                type_url: crate::metrics::TYPE_URL.into(),
                 value,
                 ..Default::default()
             }),

@@ -36,7 +36,8 @@ async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
     Ok(RuntimeServiceClient::new(channel))
 }
 
-fn container(name: &str, cmd: &[&str], logs: &str) -> ContainerConfig {
+/// A busybox container; its log goes to `<pod log directory>/<name>.log`.
+fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),
@@ -47,7 +48,7 @@ fn container(name: &str, cmd: &[&str], logs: &str) -> ContainerConfig {
             ..Default::default()
         }),
         command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{logs}/{name}.log"),
+        log_path: format!("{name}.log"),
         ..Default::default()
     }
 }
@@ -114,7 +115,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
         let id = cri
             .create_container(CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
-                config: Some(container(name, &cmd, &logs)),
+                config: Some(container(name, &cmd)),
                 sandbox_config: Some(pod_config.clone()),
             })
             .await

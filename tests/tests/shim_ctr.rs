@@ -126,7 +126,13 @@ fn scenario(c: &Containerd) -> Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
     let mut script = Command::new("timeout")
-        .args(["60", "script", "-qec", &format!("ctr {ctr}"), "/dev/null"])
+        .args([
+            "60",
+            "script",
+            "-qec",
+            &format!("stty rows 30 cols 100; ctr {ctr}"),
+            "/dev/null",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -142,7 +148,11 @@ fn scenario(c: &Containerd) -> Result<()> {
     let out = script.wait_with_output()?;
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("answer=42"), "{}", text(&out));
-    assert!(s.contains("/dev/pts/"), "a terminal: {}", text(&out));
+    assert!(
+        s.contains("30 100"),
+        "the terminal has ctr's size: {}",
+        text(&out)
+    );
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert_clean(c, &["tty-1"])?;
 
@@ -209,8 +219,13 @@ fn scenario(c: &Containerd) -> Result<()> {
     wait_status(c, "svc", "RUNNING")?;
     c.ctr_ok(NS, &["task", "kill", "-s", "TERM", "svc"])?;
     wait_status(c, "svc", "STOPPED")?;
+    // ctr task delete reports the exit status on stderr.
     let del = c.ctr(NS).args(["task", "delete", "svc"]).output()?;
-    assert_eq!(del.status.code(), Some(143), "TERM trapped: {}", text(&del));
+    assert!(
+        String::from_utf8_lossy(&del.stderr).contains("exit code 143"),
+        "TERM trapped: {}",
+        text(&del)
+    );
     c.ctr_ok(NS, &["containers", "delete", "svc"])?;
     assert_clean(c, &["svc"])?;
 
@@ -221,7 +236,11 @@ fn scenario(c: &Containerd) -> Result<()> {
     c.ctr_ok(NS, &["task", "kill", "-s", "KILL", "victim"])?;
     wait_status(c, "victim", "STOPPED")?;
     let del = c.ctr(NS).args(["task", "delete", "victim"]).output()?;
-    assert_eq!(del.status.code(), Some(137), "{}", text(&del));
+    assert!(
+        String::from_utf8_lossy(&del.stderr).contains("exit code 137"),
+        "SIGKILL: {}",
+        text(&del)
+    );
     c.ctr_ok(NS, &["containers", "delete", "victim"])?;
     assert_clean(c, &["victim"])?;
 
