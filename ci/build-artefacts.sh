@@ -5,6 +5,8 @@
 #   - the static veil-agent and the initrd with it as /init (cached by content)
 #   - the floor initrd: a trivial /init that prints and powers off (benchmarks)
 #   - the shim, containerd-shim-veil-v2 (release), for the containerd tests
+#   - the key broker veil-kbs and the operator CLI veil (release), for the
+#     attestation tests
 #
 # usage: ci/build-artefacts.sh
 set -euo pipefail
@@ -45,6 +47,13 @@ cargo build --quiet --release -p containerd-shim-veil-v2
 shim="$CARGO_TARGET_DIR/release/containerd-shim-veil-v2"
 [ -x "$shim" ] || die "shim binary $shim missing after build"
 
+log "building the key broker and the veil CLI"
+cargo build --quiet --release -p veil-attestation --bins
+kbs="$CARGO_TARGET_DIR/release/veil-kbs"
+veil_cli="$CARGO_TARGET_DIR/release/veil"
+[ -x "$kbs" ] || die "veil-kbs binary $kbs missing after build"
+[ -x "$veil_cli" ] || die "veil binary $veil_cli missing after build"
+
 mkdir -p "$CARGO_TARGET_DIR"
 cat > "$CARGO_TARGET_DIR/veil-artefacts.env" <<ENV
 VEIL_KERNEL=$kernel_dir/vmlinux
@@ -55,6 +64,8 @@ VEIL_AGENT=$agent
 VEIL_VHOST_DEVICE_VSOCK=$vdv
 VEIL_QEMU=$qemu
 VEIL_SHIM=$shim
+VEIL_KBS=$kbs
+VEIL_CLI=$veil_cli
 ENV
 log "artefacts recorded in $CARGO_TARGET_DIR/veil-artefacts.env"
 cat "$CARGO_TARGET_DIR/veil-artefacts.env" >&2

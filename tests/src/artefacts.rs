@@ -29,6 +29,11 @@ pub struct Artefacts {
     /// The shim binary `containerd-shim-veil-v2` (empty if not recorded; see
     /// [`Artefacts::require_shim`]).
     pub shim: PathBuf,
+    /// The key broker `veil-kbs` (empty if not recorded; see
+    /// [`Artefacts::require_kbs`]).
+    pub kbs: PathBuf,
+    /// The operator CLI `veil` (empty if not recorded).
+    pub veil_cli: PathBuf,
 }
 
 const HINT: &str =
@@ -66,6 +71,8 @@ impl Artefacts {
             vhost_device_vsock: get("VEIL_VHOST_DEVICE_VSOCK")?,
             qemu: get("VEIL_QEMU")?,
             shim: get("VEIL_SHIM").unwrap_or_default(),
+            kbs: get("VEIL_KBS").unwrap_or_default(),
+            veil_cli: get("VEIL_CLI").unwrap_or_default(),
         })
     }
 
@@ -75,6 +82,24 @@ impl Artefacts {
             Ok(&self.shim)
         } else {
             bail!("VEIL_SHIM (containerd-shim-veil-v2) is not built — {HINT}")
+        }
+    }
+
+    /// The key broker binary, failing with a hint when it was not built.
+    pub fn require_kbs(&self) -> Result<&Path> {
+        if self.kbs.is_file() {
+            Ok(&self.kbs)
+        } else {
+            bail!("VEIL_KBS (veil-kbs) is not built — {HINT}")
+        }
+    }
+
+    /// The `veil` CLI, failing with a hint when it was not built.
+    pub fn require_veil_cli(&self) -> Result<&Path> {
+        if self.veil_cli.is_file() {
+            Ok(&self.veil_cli)
+        } else {
+            bail!("VEIL_CLI (veil) is not built — {HINT}")
         }
     }
 }

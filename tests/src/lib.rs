@@ -4,8 +4,9 @@
 //! ([`artefacts`]), a booted pod VM with its vsock backend that cleans up after
 //! itself even when the test panics ([`vm`]), the agent in host mode
 //! ([`agent`]), busybox root filesystems and OCI specs ([`rootfs`]), OCI
-//! image archives built offline ([`oci`]) and a private containerd with the
-//! veil runtime registered ([`containerd`]).
+//! image archives built offline ([`oci`]), a private containerd with the
+//! veil runtime registered ([`containerd`]) and a key broker with a simulated
+//! TEE for attestation tests ([`kbs`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
@@ -13,6 +14,7 @@
 pub mod agent;
 pub mod artefacts;
 pub mod containerd;
+pub mod kbs;
 pub mod oci;
 pub mod rootfs;
 pub mod vm;

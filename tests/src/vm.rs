@@ -61,6 +61,8 @@ pub struct TestVm {
     pub started: Instant,
     /// The accelerator used.
     pub accel: Accel,
+    /// Kernel, initrd, command line and vCPUs as launched.
+    launched: (PathBuf, PathBuf, String, u32),
     ready: std::sync::Mutex<ReadyState>,
     dir: tempfile::TempDir,
 }
@@ -105,6 +107,12 @@ impl TestVm {
             scsi_controller: false,
             disks: Vec::new(),
         };
+        let launched = (
+            spec.kernel.clone(),
+            spec.initrd.clone(),
+            spec.cmdline.clone(),
+            spec.vcpus,
+        );
         let started = Instant::now();
         let vm = Qemu {
             binary: a.qemu.clone(),
@@ -117,6 +125,7 @@ impl TestVm {
             console_log,
             started,
             accel,
+            launched,
             ready: std::sync::Mutex::new(ReadyState::Waiting(ready)),
             dir,
         })
@@ -205,6 +214,28 @@ impl TestVm {
     /// The VM's temp directory.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+
+    /// What was launched, as the shim records it for a pod of `tee` (the
+    /// input of the simulated launch measurement).
+    pub fn launch_info(&self, tee: veil_shim::config::TeeKind) -> veil_shim::sandbox::LaunchInfo {
+        let (kernel, initrd, cmdline, vcpus) = self.launched.clone();
+        veil_shim::sandbox::LaunchInfo {
+            tee,
+            kernel,
+            initrd,
+            firmware: None,
+            cmdline,
+            vcpus,
+        }
+    }
+
+    /// Where the guest's connections to host vsock `port` arrive (bind a
+    /// listener there before the guest dials).
+    pub fn host_listener_path(&self, port: u32) -> PathBuf {
+        let mut p = self.backend.uds_path.as_os_str().to_owned();
+        p.push(format!("_{port}"));
+        PathBuf::from(p)
     }
 }
 
