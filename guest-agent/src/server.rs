@@ -45,20 +45,25 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
             .map_err(|e| ServerError::Io(std::io::Error::other(e)))?
             .join("veil"),
     };
-    let pod = Arc::new(crate::pod::Pod::new(
-        crate::pod::PodConfig {
-            state_dir: config.state_dir.clone(),
-            cgroup_parent,
-            host_mode: config.host_mode(),
-        },
-        reaper,
-    ));
-    let services = crate::service::Services::new(Arc::clone(&pod));
     let attestation = Arc::new(if config.kernel_cmdline.is_empty() {
         crate::attest::Attestation::disabled()
     } else {
         crate::attest::Attestation::from_cmdline(&config.kernel_cmdline)
     });
+    let pod = Arc::new(
+        crate::pod::Pod::new(
+            crate::pod::PodConfig {
+                state_dir: config.state_dir.clone(),
+                cgroup_parent,
+                host_mode: config.host_mode(),
+            },
+            reaper,
+        )
+        .with_key_source(Arc::new(crate::attest::keys::BrokerKeys::new(Arc::clone(
+            &attestation,
+        )))),
+    );
+    let services = crate::service::Services::new(Arc::clone(&pod));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let health = veil_protocol::agent_ttrpc::create_health(Arc::new(crate::health::HealthService));
     let guest = veil_protocol::agent_ttrpc::create_guest(Arc::new(crate::guest::GuestService {

@@ -17,11 +17,13 @@
 //! `Attestation.Attest` RPC); it cannot choose the pin or the resources
 //! without changing the measurement, and then the broker releases nothing.
 //!
-//! Module map: [`tsm`] (configfs-tsm), [`snp`], [`tdx`], [`sim`] (the
+//! Module map: [`keys`] (the storage secrets: disk key, image policy),
+//! [`tsm`] (configfs-tsm), [`snp`], [`tdx`], [`sim`] (the
 //! attesters), [`relay`] (vsock to the host, the broker connector),
 //! [`service`] (the ttrpc service). The protocol with the broker is
 //! `veil_attestation::client`'s.
 
+pub mod keys;
 pub mod relay;
 pub mod service;
 pub mod sim;
@@ -399,6 +401,16 @@ impl Attestation {
         let summary = fresh.summary.clone();
         *state = Some(fresh);
         Ok(summary)
+    }
+
+    /// Whether the guest's measured configuration names resource `name`
+    /// (a malformed configuration is an error, never "no").
+    pub fn names_resource(&self, name: &str) -> Result<bool, AttestError> {
+        match &self.config {
+            Err(e) => Err(AttestError::Config(e.clone())),
+            Ok(None) => Ok(false),
+            Ok(Some(c)) => Ok(c.resources.contains_key(name)),
+        }
     }
 
     /// A released resource by name, attesting first if that has not happened.

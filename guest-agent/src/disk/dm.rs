@@ -148,6 +148,10 @@ fn buffer(size: usize, name: &str, flags: u32) -> Vec<u8> {
     b
 }
 
+/// Offset of `target_count` in `struct dm_ioctl` (after `version[3]`,
+/// `data_size`, `data_start`; `open_count` follows it).
+const TARGET_COUNT_AT: usize = 20;
+
 fn read_u32(b: &[u8], at: usize) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&b[at..at + 4]);
@@ -251,7 +255,8 @@ impl Control {
             flags |= DM_SECURE_DATA_FLAG;
         }
         let mut b = buffer(size, name, flags);
-        b[24..28].copy_from_slice(&(targets.len() as u32).to_ne_bytes());
+        b[TARGET_COUNT_AT..TARGET_COUNT_AT + 4]
+            .copy_from_slice(&(targets.len() as u32).to_ne_bytes());
         let mut at = DM_IOCTL_SIZE;
         for t in targets {
             let next = (TARGET_SPEC_SIZE + t.params.len() + 1).next_multiple_of(8);
@@ -318,7 +323,7 @@ impl Control {
                 size *= 4;
                 continue;
             }
-            let count = read_u32(&b, 24) as usize;
+            let count = read_u32(&b, TARGET_COUNT_AT) as usize;
             let start = read_u32(&b, 16) as usize;
             let mut out = Vec::with_capacity(count);
             let mut at = start;
@@ -419,5 +424,7 @@ mod tests {
         assert_eq!(read_u32(&b, 16), 312);
         assert_eq!(read_u32(&b, 28), DM_READONLY_FLAG);
         assert_eq!(&b[48..51], b"dev");
+        // version[3], data_size, data_start, then target_count.
+        assert_eq!(TARGET_COUNT_AT, 3 * 4 + 4 + 4);
     }
 }
