@@ -4,9 +4,13 @@
 #   - the guest kernel (kernel-config/build.sh, cached by fragments + source)
 #   - the static veil-agent and the initrd with it as /init (cached by content)
 #   - the floor initrd: a trivial /init that prints and powers off (benchmarks)
-#   - the shim, containerd-shim-veil-v2 (release), for the containerd tests
-#   - the key broker veil-kbs and the operator CLI veil (release), for the
-#     attestation tests
+#   - the shim, containerd-shim-veil-v2, for the containerd tests
+#   - the key broker veil-kbs and the operator CLI veil, for the attestation
+#     tests
+#
+# The host binaries are built with cargo profile $VEIL_HOST_PROFILE: `release`
+# (the default; benchmarks want it) or `dev` (ci/test.sh: `cargo test` builds
+# the same crates in dev anyway, so CI compiles the dependency tree once less).
 #
 # usage: ci/build-artefacts.sh
 set -euo pipefail
@@ -42,15 +46,22 @@ vdv=$(tool_path vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION")
 [ -x "$vdv" ] || die "vhost-device-vsock not installed at $vdv: run ci/setup.sh"
 qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found: run ci/setup.sh"
 
-log "building the shim"
-cargo build --quiet --release -p containerd-shim-veil-v2
-shim="$CARGO_TARGET_DIR/release/containerd-shim-veil-v2"
+profile=${VEIL_HOST_PROFILE:-release}
+case $profile in
+  release) bin_dir="$CARGO_TARGET_DIR/release" ;;
+  dev) bin_dir="$CARGO_TARGET_DIR/debug" ;;
+  *) die "VEIL_HOST_PROFILE must be release or dev, not '$profile'" ;;
+esac
+
+log "building the shim ($profile)"
+cargo build --quiet --profile "$profile" -p containerd-shim-veil-v2
+shim="$bin_dir/containerd-shim-veil-v2"
 [ -x "$shim" ] || die "shim binary $shim missing after build"
 
-log "building the key broker and the veil CLI"
-cargo build --quiet --release -p veil-attestation --bins
-kbs="$CARGO_TARGET_DIR/release/veil-kbs"
-veil_cli="$CARGO_TARGET_DIR/release/veil"
+log "building the key broker and the veil CLI ($profile)"
+cargo build --quiet --profile "$profile" -p veil-attestation --bins
+kbs="$bin_dir/veil-kbs"
+veil_cli="$bin_dir/veil"
 [ -x "$kbs" ] || die "veil-kbs binary $kbs missing after build"
 [ -x "$veil_cli" ] || die "veil binary $veil_cli missing after build"
 
