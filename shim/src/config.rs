@@ -138,7 +138,9 @@ pub struct HandlerConfig {
     pub rootfs_format: RootfsFormat,
     /// How long the agent may take to answer after QEMU starts, ms.
     pub boot_timeout_ms: u64,
-    /// Size of the pod's scratch disk in MiB; 0 = none (issue 6 uses it).
+    /// Size of the pod's scratch disk in MiB (a sparse file the guest
+    /// encrypts; container writable layers and emptyDir volumes live on it);
+    /// 0 = none (writable layers in guest memory).
     pub scratch_disk_mib: u64,
     /// Key broker `host:port` the shim relays the guest's connections to
     /// (vsock host port 1028); "" = no broker. TEE handlers only.
@@ -177,7 +179,8 @@ impl HandlerConfig {
             first_cid: 3,
             rootfs_format: RootfsFormat::Erofs,
             boot_timeout_ms: 60_000,
-            scratch_disk_mib: 0,
+            // Sparse on the host: only what the pod writes takes space.
+            scratch_disk_mib: 1024,
             kbs_address: String::new(),
             kbs_cert: PathBuf::new(),
             kbs_resources: BTreeMap::new(),

@@ -10,9 +10,12 @@
 //! `flock` on `<image_dir>/.lock`, because shims of different pods race.
 //!
 //! Not owned here: attaching the image to the VM (the sandbox) and the
-//! writable layer (inside the guest). dm-verity (issue 6) slots in after
-//! [`build_image`]: the hash tree is appended to the image and its root hash
-//! recorded next to it, keyed the same way.
+//! writable layer (inside the guest). Every image gets a dm-verity hash tree
+//! appended after [`build_image`] ([`crate::storage::verity`]); its root hash
+//! and layout are recorded next to it (`<key>.<fstype>.verity`) and go to the
+//! guest with the image. erofs images are built reproducibly (fixed
+//! timestamp and UUID), so the same layers give the same root hash on every
+//! node — the value a security officer puts in the image policy.
 
 use std::{
     fs,
@@ -22,7 +25,10 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use crate::config::RootfsFormat;
+use crate::{
+    config::RootfsFormat,
+    storage::verity::{self, VerityError, VerityInfo},
+};
 
 /// Errors building or sharing a root image.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +56,9 @@ pub enum RootfsError {
         #[source]
         source: nix::Error,
     },
+    /// The dm-verity hash tree.
+    #[error("dm-verity hash tree")]
+    Verity(#[from] VerityError),
     /// The image tool failed.
     #[error("{tool} failed ({status}): {stderr}")]
     Tool {
@@ -170,6 +179,9 @@ pub struct Image {
     pub path: PathBuf,
     /// Its filesystem type (`erofs`, `ext4`).
     pub fstype: &'static str,
+    /// Its dm-verity hash tree (`None`: an image from before hash trees,
+    /// which a confidential pod refuses).
+    pub verity: Option<VerityInfo>,
 }
 
 /// The shared, reference-counted image cache.
@@ -233,14 +245,27 @@ impl ImageStore {
         let _lock = CacheLock::take(&self.dir)?;
         if !path.exists() {
             let tmp = self.dir.join(format!(".{key}.{}.tmp", std::process::id()));
-            let built = build_image(self, layers, &tmp, scratch);
-            if let Err(e) = built {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
-            }
+            let built = build_image(self, layers, &tmp, scratch)
+                .and_then(|()| Ok(verity::append_tree(&tmp)?));
+            let info = match built {
+                Ok(info) => info,
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
+            // The record first: an image file never exists without it.
+            info.save(&path)?;
             fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
-            tracing::info!(key, path = %path.display(), "built root image");
+            tracing::info!(key, path = %path.display(), root_hash = %info.root_hash, "built root image");
         }
+        let verity = match VerityInfo::load(&path) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "root image without a dm-verity record");
+                None
+            }
+        };
         let refs = self.refs_dir(&key);
         fs::create_dir_all(&refs).map_err(io("create", &refs))?;
         let r = refs.join(holder);
@@ -249,6 +274,7 @@ impl ImageStore {
             key,
             path,
             fstype: self.format.fstype(),
+            verity,
         })
     }
 
@@ -265,6 +291,7 @@ impl ImageStore {
         if dir_is_empty(&refs) {
             let _ = fs::remove_dir(&refs);
             let img = self.image_path(key);
+            let _ = fs::remove_file(VerityInfo::record_path(&img));
             match fs::remove_file(&img) {
                 Ok(()) => tracing::info!(key, "removed unused root image"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -337,7 +364,10 @@ pub fn build_image(
     let mut cmd = match store.format {
         RootfsFormat::Erofs => {
             let mut c = Command::new(&store.mkfs_erofs);
-            c.arg("--quiet").arg(out).arg(source);
+            // Reproducible: the same tree gives the same image (and root hash).
+            c.args(["--quiet", "-T0", "-U", ZERO_UUID])
+                .arg(out)
+                .arg(source);
             c
         }
         RootfsFormat::Ext4 => {
@@ -376,6 +406,10 @@ pub fn build_image(
     f.sync_all().map_err(io("sync", out))?;
     Ok(())
 }
+
+/// The filesystem UUID of every image: images are identified by their root
+/// hash, and a random UUID would make it differ from build to build.
+const ZERO_UUID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// Apparent size of a tree in MiB (for sizing ext4 images).
 fn du_mib(dir: &Path) -> u64 {

@@ -30,6 +30,7 @@ use crate::{
     process::SpawnOptions,
     rootfs::{Image, ImageStore, RootfsError},
     state::{PodDir, StateError},
+    storage::scratch,
     vmm::{
         accel,
         qemu::Qemu,
@@ -168,6 +169,37 @@ pub struct Sandbox {
     _ready_call: Option<AgentReady>,
     /// What was launched.
     pub launch: LaunchInfo,
+    /// Whether the pod has its encrypted scratch disk (container writable
+    /// layers and emptyDir volumes live there).
+    pub has_scratch: bool,
+}
+
+/// The kernel command line of `h`'s pods: the base line, the measured
+/// attestation words, the handler's `kernel_params`.
+pub fn cmdline(h: &HandlerConfig) -> Result<String, SandboxError> {
+    let attest_words = crate::attest::guest_cmdline(h)?;
+    Ok(
+        [BASE_CMDLINE, attest_words.as_str(), h.kernel_params.trim()]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// What a pod VM of `h` is launched with — the input of its simulated
+/// measurement, so an operator (or a test) computes the reference value of
+/// a handler from its configuration alone.
+pub fn launch_info(h: &HandlerConfig) -> Result<LaunchInfo, SandboxError> {
+    Ok(LaunchInfo {
+        tee: h.tee,
+        kernel: h.kernel.clone(),
+        initrd: h.initrd.clone(),
+        firmware: matches!(h.tee, TeeKind::Snp | TeeKind::Tdx).then(|| h.firmware.clone()),
+        cmdline: cmdline(h)?,
+        vcpus: h.vcpus,
+    })
 }
 
 fn spawn_opts() -> SpawnOptions {
@@ -279,16 +311,11 @@ impl Sandbox {
                 firmware: h.firmware.clone(),
             },
         };
-        let attest_words = crate::attest::guest_cmdline(h)?;
-        let cmdline = [BASE_CMDLINE, attest_words.as_str(), h.kernel_params.trim()]
-            .iter()
-            .filter(|w| !w.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let launch = launch_info(h)?;
+        let cmdline = launch.cmdline.clone();
         let mut disks = Vec::new();
         if h.scratch_disk_mib > 0 {
-            let path = dir.file("scratch.img");
+            let path = dir.file(scratch::FILE);
             let f = std::fs::File::create(&path).map_err(|source| SandboxError::File {
                 path: path.clone(),
                 source,
@@ -300,18 +327,10 @@ impl Sandbox {
                 })?;
             disks.push(BootDisk {
                 path,
-                serial: "veil-scratch".into(),
+                serial: scratch::SERIAL.into(),
                 read_only: false,
             });
         }
-        let launch = LaunchInfo {
-            tee: h.tee,
-            kernel: h.kernel.clone(),
-            initrd: h.initrd.clone(),
-            firmware: matches!(machine, Machine::Q35 { .. }).then(|| h.firmware.clone()),
-            cmdline: cmdline.clone(),
-            vcpus: h.vcpus,
-        };
         let attest_services = crate::attest::host_services(h)?;
         for svc in p.host_services.iter().chain(&attest_services) {
             if let Some(path) = transport.host_listener_path(svc.port()) {
@@ -423,6 +442,19 @@ impl Sandbox {
             agent.sandbox.create_sandbox(agent::ctx(), &req).await,
         )?;
         crate::attest::attest_pod(&agent, h, phases).await?;
+        let has_scratch = h.scratch_disk_mib > 0;
+        if has_scratch {
+            // Formatted (or opened) under the key the broker released, or an
+            // ephemeral one in a plain pod: the agent decides, not the host.
+            agent::rpc(
+                "AddStorage",
+                agent
+                    .sandbox
+                    .add_storage(agent::ctx(), &scratch::add_request())
+                    .await,
+            )?;
+            phases.mark("scratch_ready");
+        }
 
         let vm = partial.vm.take();
         let backend = partial.backend.take();
@@ -443,6 +475,7 @@ impl Sandbox {
             services,
             _ready_call: ready_call,
             launch,
+            has_scratch,
         })
     }
 
@@ -464,8 +497,10 @@ impl Sandbox {
     }
 
     /// Makes `image` (already held by this pod in the store) available in the
-    /// guest; returns its storage id. An image already attached is shared.
-    pub async fn attach_image(&self, image: &Image) -> Result<String, SandboxError> {
+    /// guest, through dm-verity when it has a hash tree; returns its storage
+    /// id. `name` is the image as the pod names it (the key into a
+    /// confidential pod's image policy). An image already attached is shared.
+    pub async fn attach_image(&self, image: &Image, name: &str) -> Result<String, SandboxError> {
         let mut images = self.images.lock().await;
         if let Some(a) = images.get_mut(&image.key) {
             a.users += 1;
@@ -490,6 +525,7 @@ impl Sandbox {
         req.fstype = image.fstype.to_string();
         req.read_only = true;
         req.wait_ms = 30_000;
+        req.verity = image.verity.as_ref().map(|v| v.params(name)).into();
         if let Err(e) = agent::rpc(
             "AddStorage",
             self.agent.sandbox.add_storage(agent::ctx(), &req).await,

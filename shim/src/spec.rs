@@ -10,11 +10,16 @@
 //!   namespace the pod's hostname);
 //! - bind mounts of the pod's `hosts`, `resolv.conf` and `hostname` become
 //!   `sandbox:` sources the agent provides; a bind of the pod's `/dev/shm`
-//!   becomes a tmpfs; other host binds cannot reach the guest and are dropped
-//!   with a warning (volumes arrive with the scratch disk, issue 6);
+//!   becomes a tmpfs; an emptyDir (a bind of kubelet's
+//!   `…/volumes/kubernetes.io~empty-dir/NAME`) becomes the directory
+//!   `volumes/NAME` on the pod's encrypted scratch disk
+//!   (`storage:scratch/volumes/NAME`, made by the agent on first use) when
+//!   the pod has one; other host binds cannot reach the guest and are dropped
+//!   with a warning;
 //! - the root path and hooks are left for the agent to ignore.
 //!
-//! It also reads the annotations the shim needs (the pod grouping).
+//! It also reads the annotations the shim needs (the pod grouping, the
+//! image name).
 
 use serde_json::{json, Value};
 
@@ -22,6 +27,14 @@ use serde_json::{json, Value};
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 /// containerd's CRI annotation saying `sandbox` or `container`.
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// containerd's CRI annotation naming a container's image (as the pod spec
+/// names it).
+pub const CRI_IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
+/// veil's own image-name annotation, for clients without CRI
+/// (`ctr run --annotation io.veil.image-name=NAME`).
+pub const VEIL_IMAGE_NAME_ANNOTATION: &str = "io.veil.image-name";
+/// The path component under which kubelet makes a pod's emptyDir volumes.
+const EMPTY_DIR_COMPONENT: &str = "/volumes/kubernetes.io~empty-dir/";
 
 /// Errors reading a spec.
 #[derive(Debug, thiserror::Error)]
@@ -88,23 +101,38 @@ impl HostSpec {
             .unwrap_or(own_id)
     }
 
+    /// The container's image name, the key into a confidential pod's image
+    /// policy: the CRI annotation, else veil's own; "" when neither is set.
+    pub fn image_name(&self) -> &str {
+        [CRI_IMAGE_NAME_ANNOTATION, VEIL_IMAGE_NAME_ANNOTATION]
+            .iter()
+            .find_map(|k| self.annotation(k).filter(|s| !s.is_empty()))
+            .unwrap_or("")
+    }
+
+    /// Whether the process asks for a terminal.
+    pub fn terminal(&self) -> bool {
+        self.0
+            .pointer("/process/terminal")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
     /// The hostname the spec asks for.
     pub fn hostname(&self) -> Option<&str> {
         self.0.get("hostname")?.as_str().filter(|h| !h.is_empty())
     }
 
-    /// The spec as the guest should see it.
-    pub fn for_guest(&self) -> Result<GuestSpec, SpecError> {
+    /// The spec as the guest should see it; `scratch`: the pod has its
+    /// scratch disk (emptyDir volumes go there).
+    pub fn for_guest(&self, scratch: bool) -> Result<GuestSpec, SpecError> {
         let mut v = self.0.clone();
-        let terminal = v
-            .pointer("/process/terminal")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let terminal = self.terminal();
         let mut dropped = Vec::new();
         if let Some(mounts) = v.get_mut("mounts").and_then(Value::as_array_mut) {
             let mut kept = Vec::with_capacity(mounts.len());
             for m in mounts.drain(..) {
-                match guest_mount(m) {
+                match guest_mount(m, scratch) {
                     MountFate::Keep(m) => kept.push(m),
                     MountFate::Drop(dest) => dropped.push(dest),
                 }
@@ -157,7 +185,21 @@ enum MountFate {
     Drop(String),
 }
 
-fn guest_mount(mut m: Value) -> MountFate {
+/// The volume name of an emptyDir host path (kubelet's
+/// `…/volumes/kubernetes.io~empty-dir/NAME`), if it is one and the name is a
+/// plain path component.
+pub fn empty_dir_name(source: &str) -> Option<&str> {
+    let (_, rest) = source.rsplit_once(EMPTY_DIR_COMPONENT)?;
+    let name = rest.trim_end_matches('/');
+    let plain = !name.is_empty()
+        && name.len() <= 253
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0']);
+    plain.then_some(name)
+}
+
+fn guest_mount(mut m: Value, scratch: bool) -> MountFate {
     let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
     let opts: Vec<&str> = m
         .get("options")
@@ -185,6 +227,10 @@ fn guest_mount(mut m: Value) -> MountFate {
     };
     if let Some(src) = named {
         m["source"] = json!(src);
+        return MountFate::Keep(m);
+    }
+    if let Some(name) = empty_dir_name(source).filter(|_| scratch) {
+        m["source"] = json!(crate::storage::scratch::volume_source(name));
         return MountFate::Keep(m);
     }
     if dest == "/dev/shm" {
@@ -246,7 +292,7 @@ mod tests {
 
     #[test]
     fn host_paths_are_rewritten_for_the_guest() {
-        let g = cri_container().for_guest().unwrap();
+        let g = cri_container().for_guest(false).unwrap();
         assert!(g.terminal);
         assert_eq!(g.dropped_mounts, ["/dev/termination-log"]);
         let v: Value = serde_json::from_slice(&g.json).unwrap();
@@ -262,6 +308,49 @@ mod tests {
             .collect();
         assert_eq!(types, ["pid", "uts", "mount"]);
         assert!(v["linux"].get("cgroupsPath").is_none());
+    }
+
+    #[test]
+    fn empty_dirs_go_to_the_scratch_disk_when_the_pod_has_one() {
+        let spec = HostSpec::parse(
+            br#"{
+            "annotations": {"io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36"},
+            "mounts": [
+                {"destination": "/cache", "type": "bind", "options": ["rbind", "rw"],
+                 "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache"},
+                {"destination": "/cfg", "type": "bind", "options": ["rbind", "ro"],
+                 "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/cfg"}
+            ]
+        }"#,
+        )
+        .unwrap();
+        assert_eq!(spec.image_name(), "docker.io/library/busybox:1.36");
+        let g = spec.for_guest(true).unwrap();
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        assert_eq!(v["mounts"][0]["source"], "storage:scratch/volumes/cache");
+        assert_eq!(v["mounts"][0]["destination"], "/cache");
+        assert_eq!(g.dropped_mounts, ["/cfg"]);
+        // Without a scratch disk the emptyDir cannot reach the guest.
+        let g = spec.for_guest(false).unwrap();
+        assert_eq!(g.dropped_mounts, ["/cache", "/cfg"]);
+    }
+
+    #[test]
+    fn empty_dir_names_are_plain_components() {
+        let p = "/x/volumes/kubernetes.io~empty-dir/";
+        assert_eq!(empty_dir_name(&format!("{p}data")), Some("data"));
+        assert_eq!(empty_dir_name(&format!("{p}data/")), Some("data"));
+        for bad in ["", "..", ".", "a/b"] {
+            assert_eq!(empty_dir_name(&format!("{p}{bad}")), None, "{bad}");
+        }
+        assert_eq!(empty_dir_name("/tmp/data"), None);
+        assert_eq!(
+            HostSpec::parse(br#"{"annotations": {"io.veil.image-name": "app"}}"#)
+                .unwrap()
+                .image_name(),
+            "app"
+        );
+        assert_eq!(HostSpec::parse(b"{}").unwrap().image_name(), "");
     }
 
     #[test]

@@ -199,7 +199,6 @@ impl TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let spec = HostSpec::read(&bundle)?;
         let sandbox_id = spec.sandbox_id(&req.id).to_string();
-        let guest = spec.for_guest()?;
         let mounts: Vec<RootfsMount> = req
             .rootfs
             .iter()
@@ -214,7 +213,7 @@ impl TaskService {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
-            terminal: req.terminal || guest.terminal,
+            terminal: req.terminal || spec.terminal(),
         };
 
         let pod = {
@@ -302,7 +301,7 @@ impl TaskService {
         };
 
         let result = self
-            .create_in_pod(&pod, &req, &layers, &guest.json, &stdio, &phases)
+            .create_in_pod(&pod, &req, &layers, &spec, &stdio, &phases)
             .await;
         match result {
             Ok(c) => {
@@ -344,24 +343,29 @@ impl TaskService {
         pod: &Arc<Sandbox>,
         req: &api::CreateTaskRequest,
         layers: &Layers,
-        spec_json: &[u8],
+        spec: &HostSpec,
         stdio: &StdioPaths,
         phases: &Phases,
     ) -> Result<Arc<Container>, TaskError> {
+        let guest = spec.for_guest(pod.has_scratch)?;
         let store = pod.store().clone();
         let scratch = PathBuf::from(&req.bundle);
         let (l, holder) = (layers.clone(), pod.id.clone());
         let image = tokio::task::spawn_blocking(move || store.acquire(&l, &holder, &scratch))
             .await
             .map_err(|e| TaskError::FailedPrecondition(format!("image task failed: {e}")))??;
-        let storage_id = pod.attach_image(&image).await?;
+        let storage_id = pod.attach_image(&image, spec.image_name()).await?;
         phases.mark("rootfs_attached");
         let created = async {
             let mut c = CreateContainerRequest::new();
             c.container_id = req.id.clone();
-            c.oci_spec = spec_json.to_vec();
+            c.oci_spec = guest.json.clone();
             let mut root = Rootfs::new();
             root.storage_id = storage_id.clone();
+            if pod.has_scratch {
+                // The writable layer on the encrypted scratch disk.
+                root.upper_storage_id = crate::storage::scratch::STORAGE_ID.into();
+            }
             c.rootfs = MessageField::some(root);
             c.stdio = MessageField::some(stdio.wanted());
             let resp = agent::rpc(

@@ -46,9 +46,20 @@ fn toml_str(p: &Path) -> String {
 
 /// The veil config for tests: the built kernel, initrd and tools.
 pub fn veil_config(a: &Artefacts, image_dir: &Path) -> String {
+    veil_config_with(a, image_dir, &[])
+}
+
+/// The veil config with `extra` TOML lines (handler, lines) added to the
+/// `veil` and `veil-sim` handler sections (e.g. a broker, a scratch disk).
+pub fn veil_config_with(a: &Artefacts, image_dir: &Path, extra: &[(&str, &str)]) -> String {
     let handler = |name: &str, tee: &str| {
+        let more: String = extra
+            .iter()
+            .filter(|(h, _)| *h == name)
+            .map(|(_, l)| format!("{}\n", l.trim_end()))
+            .collect();
         format!(
-            "[handlers.{name}]\ntee = \"{tee}\"\nkernel = {}\ninitrd = {}\nkernel_params = {:?}\n",
+            "[handlers.{name}]\ntee = \"{tee}\"\nkernel = {}\ninitrd = {}\nkernel_params = {:?}\n{more}",
             toml_str(&a.kernel),
             toml_str(&a.initrd),
             std::env::var("VEIL_TEST_CMDLINE").unwrap_or_default(),
@@ -258,6 +269,21 @@ impl Containerd {
         Ok(())
     }
 
+    /// Rewrites the veil config with `extra` lines in the handler sections
+    /// (see [`veil_config_with`]); each new pod's shim reads it.
+    pub fn configure(&self, a: &Artefacts, extra: &[(&str, &str)]) -> Result<()> {
+        fs::write(
+            &self.veil_config,
+            veil_config_with(a, &self.image_dir, extra),
+        )?;
+        Ok(())
+    }
+
+    /// The veil config as the shims read it.
+    pub fn veil_settings(&self) -> Result<veil_shim::config::Config> {
+        Ok(veil_shim::config::Config::load(&self.veil_config)?)
+    }
+
     /// The `--runtime-config-path` value for `handler`.
     pub fn runtime_config(&self, handler: &str) -> String {
         format!("{}#{handler}", self.veil_config.display())
@@ -322,6 +348,22 @@ impl Containerd {
             }
         }
         left
+    }
+
+    /// Waits (up to 30 s) until `pods` left nothing behind (see
+    /// [`Self::leftovers`]), or fails listing what is left.
+    pub fn wait_clean(&self, pods: &[&str]) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = self.leftovers(pods);
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("left behind after {pods:?}:\n{}", left.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn stop_child(&mut self) {
@@ -389,6 +431,16 @@ impl Drop for Containerd {
             let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// A command's status, stdout and stderr, for assertion messages.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Finds `name` on PATH.

@@ -5,8 +5,9 @@
 //! itself even when the test panics ([`vm`]), the agent in host mode
 //! ([`agent`]), busybox root filesystems and OCI specs ([`rootfs`]), OCI
 //! image archives built offline ([`oci`]), a private containerd with the
-//! veil runtime registered ([`containerd`]) and a key broker with a simulated
-//! TEE for attestation tests ([`kbs`]).
+//! veil runtime registered ([`containerd`]), a key broker with a simulated
+//! TEE for attestation tests ([`kbs`]) and the confidential-storage helpers
+//! ([`storage`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
@@ -17,6 +18,7 @@ pub mod containerd;
 pub mod kbs;
 pub mod oci;
 pub mod rootfs;
+pub mod storage;
 pub mod vm;
 
 pub use artefacts::Artefacts;

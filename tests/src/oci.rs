@@ -121,20 +121,37 @@ pub fn build_archive(spec: &ImageSpec<'_>, work: &Path, out: &Path) -> Result<()
 
 /// The busybox image archive, built in `dir`.
 pub fn busybox_archive(dir: &Path) -> Result<PathBuf> {
-    let tree = dir.join("busybox-rootfs");
+    Ok(busybox_archive_with(dir, BUSYBOX_IMAGE, &[])?.0)
+}
+
+/// A busybox image named `name` with extra `files` (path in the image,
+/// contents), built in `dir` (its own subdirectories, so several variants
+/// can share `dir`). Returns the archive and the root filesystem tree.
+pub fn busybox_archive_with(
+    dir: &Path,
+    name: &str,
+    files: &[(&str, &[u8])],
+) -> Result<(PathBuf, PathBuf)> {
+    let tag = hex::encode(&Sha256::digest(name.as_bytes())[..6]);
+    let tree = dir.join(format!("busybox-rootfs-{tag}"));
     crate::rootfs::busybox_rootfs(&tree)?;
-    let out = dir.join("busybox.oci.tar");
-    let work = dir.join("busybox-oci");
+    for (path, data) in files {
+        let p = tree.join(path.trim_start_matches('/'));
+        fs::create_dir_all(p.parent().context("file path has no parent")?)?;
+        fs::write(p, data)?;
+    }
+    let out = dir.join(format!("busybox-{tag}.oci.tar"));
+    let work = dir.join(format!("busybox-oci-{tag}"));
     build_archive(
         &ImageSpec {
-            name: BUSYBOX_IMAGE,
+            name,
             rootfs: &tree,
             cmd: &["sh"],
         },
         &work,
         &out,
     )?;
-    Ok(out)
+    Ok((out, tree))
 }
 
 /// The pause image archive, built in `dir` (compiles `support/pause.c` with

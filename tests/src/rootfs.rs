@@ -6,7 +6,7 @@
 use std::{
     fs,
     os::unix::fs::{symlink, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -95,6 +95,30 @@ pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
+
+/// An initrd with `a`'s agent as `/init` and a busybox ext4 image at
+/// `/images/busybox.img` (an `IMAGE_FILE` storage the agent accepts from the
+/// measured initrd), built in `dir`.
+pub fn agent_initrd_with_busybox(a: &crate::Artefacts, dir: &Path) -> Result<PathBuf> {
+    let tree = dir.join("busybox");
+    busybox_rootfs(&tree)?;
+    let img = dir.join("busybox.img");
+    ext4_image(&tree, &img, 16)?;
+    let out = dir.join("initrd.cpio");
+    let st = Command::new(crate::workspace_root().join("rootfs/build.sh"))
+        .arg("--init")
+        .arg(&a.agent)
+        .arg("--out")
+        .arg(&out)
+        .arg("--add")
+        .arg(format!("{}:/images/busybox.img", img.display()))
+        .status()
+        .context("running rootfs/build.sh")?;
+    if !st.success() {
+        bail!("rootfs/build.sh failed");
+    }
+    Ok(out)
+}
 
 /// A runc-like default OCI runtime spec running `args` as root in `/`, with
 /// new mount, PID, IPC, UTS and network namespaces, the usual mounts, masked

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use veil_shim::{
     process::SpawnOptions,
-    vmm::{accel, qemu::Qemu, Accel, AccelChoice, RunningVm, VmSpec, Vmm, VsockDevice},
+    vmm::{accel, qemu::Qemu, Accel, AccelChoice, BootDisk, RunningVm, VmSpec, Vmm, VsockDevice},
     vsock::{connect_hybrid, AgentReady, HybridVsockBackend, ReadyListener},
 };
 
@@ -34,6 +34,9 @@ pub struct VmOptions {
     pub memory_mib: u32,
     /// Accelerator choice (`auto` runs the KVM canary).
     pub accel: AccelChoice,
+    /// Disks attached at boot (on a SCSI controller; the guest finds them
+    /// by serial).
+    pub disks: Vec<BootDisk>,
 }
 
 impl VmOptions {
@@ -46,6 +49,7 @@ impl VmOptions {
             vcpus: 1,
             memory_mib: 256,
             accel: AccelChoice::Auto,
+            disks: Vec::new(),
         }
     }
 }
@@ -104,8 +108,8 @@ impl TestVm {
             vmm_log: dir.path().join("qemu.log"),
             qmp_socket: None,
             machine: Default::default(),
-            scsi_controller: false,
-            disks: Vec::new(),
+            scsi_controller: !opts.disks.is_empty(),
+            disks: opts.disks.clone(),
         };
         let launched = (
             spec.kernel.clone(),

@@ -7,7 +7,7 @@
     reason = "test helpers: a failure is the test failing"
 )]
 
-use std::{path::Path, process::Command, time::Duration};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::AsyncReadExt;
@@ -19,26 +19,6 @@ use veil_tests::{rootfs, Artefacts, TestVm, VmOptions};
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(120).as_nanos() as i64)
-}
-
-/// An initrd with the agent as /init and a busybox ext4 image at /images/busybox.img.
-fn initrd_with_busybox(a: &Artefacts, dir: &Path) -> std::path::PathBuf {
-    let tree = dir.join("busybox");
-    rootfs::busybox_rootfs(&tree).unwrap();
-    let img = dir.join("busybox.img");
-    rootfs::ext4_image(&tree, &img, 16).unwrap();
-    let out = dir.join("initrd.cpio");
-    let st = Command::new(veil_tests::workspace_root().join("rootfs/build.sh"))
-        .arg("--init")
-        .arg(&a.agent)
-        .arg("--out")
-        .arg(&out)
-        .arg("--add")
-        .arg(format!("{}:/images/busybox.img", img.display()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "rootfs/build.sh failed");
-    out
 }
 
 fn create(id: &str, spec: &serde_json::Value, stdout: bool) -> CreateContainerRequest {
@@ -72,7 +52,7 @@ async fn containers_in_the_vm_have_memory_limits_oom_events_stats_and_vsock_stre
     let a = Artefacts::locate().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut opts = VmOptions::agent(&a);
-    opts.initrd = initrd_with_busybox(&a, dir.path());
+    opts.initrd = rootfs::agent_initrd_with_busybox(&a, dir.path()).unwrap();
     opts.extra_cmdline = "veil.log=veil_agent=debug".into();
     let vm = TestVm::boot(&a, &opts).unwrap();
     let client = vm.agent_client(Duration::from_secs(60)).await.unwrap();
