@@ -7,7 +7,9 @@
 //! `vmm_spawned` (vsock backend and QEMU started), `kernel_booted` (the agent
 //! announced itself on the console: kernel boot plus agent start),
 //! `agent_ready` (first health answer over vsock), `attested` (TEE pods with
-//! a key broker: the agent attested and fetched its keys), `rootfs_attached` (image
+//! a key broker: the agent attested and fetched its keys), `scratch_ready`
+//! (pods with a scratch disk: unlocked or formatted, and mounted, by the
+//! agent), `rootfs_attached` (image
 //! built or reused, hot-added, mounted by the agent), `container_created`,
 //! `container_started`. Marks that did not happen for this container (a
 //! second container of a pod has no VM boot) are absent.
@@ -30,6 +32,7 @@ pub const MARKS: &[&str] = &[
     "kernel_booted",
     "agent_ready",
     "attested",
+    "scratch_ready",
     "rootfs_attached",
     "container_created",
     "container_started",

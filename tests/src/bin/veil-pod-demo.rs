@@ -1,59 +1,122 @@
-//! veil's first-run demo: containerd runs a container in a `veil-sim` microVM.
+//! veil's first-run demo: the whole confidential path of a pod.
 //!
-//! Starts a private containerd (its own root, state and socket, the veil
-//! runtime registered), imports a busybox image built offline, runs
-//! `ctr run --runtime io.containerd.veil.v2` with the `veil-sim` handler and
-//! prints what the container printed. Everything it started is stopped on
-//! exit. Used by `ci/demo.sh` after set-up and the artefact build.
+//! A private containerd runs a busybox container in a `veil-sim` microVM
+//! whose handler names a key broker (the real `veil-kbs` on 127.0.0.1 with a
+//! simulated TEE CA): the VM attests, the broker releases the disk key and
+//! the image policy (its audit lines are printed), the container writes a
+//! secret to its root filesystem and to an emptyDir — both on the pod's
+//! LUKS2-encrypted scratch disk — and reads it back, and the host-side
+//! scratch file is searched: a LUKS2 header, no secret. Everything it started
+//! is stopped on exit. Used by `ci/demo.sh` after set-up and the artefact
+//! build.
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
-use veil_tests::{containerd::Containerd, oci, Artefacts};
+use anyhow::{bail, Context, Result};
+use veil_tests::{
+    oci,
+    storage::{find, random, scratch_file, Confidential, LUKS_MAGIC, NS},
+};
 
 fn main() -> Result<()> {
-    let a = Artefacts::locate()?;
-    println!("starting a private containerd with the veil runtime registered");
-    let c = Containerd::start(&a)?;
-    let work = tempfile::tempdir()?;
-    c.import("demo", &oci::busybox_archive(work.path())?)?;
-    let rt = c.runtime_config("veil-sim");
-    let script = "echo \"hello from a container in a veil-sim microVM\"; \
-                  echo \"guest kernel: $(uname -r), hostname: $(hostname), pid: $$\"";
-    println!(
-        "$ ctr run --rm --runtime io.containerd.veil.v2 --runtime-config-path {rt} {} demo sh -c '…'",
-        oci::BUSYBOX_IMAGE
-    );
+    println!("starting a private containerd (veil runtime) and a key broker (veil-kbs, simulated TEE CA)");
+    let env = Confidential::new()?;
+    let root_hash = env.busybox_root_hash()?;
+    println!("busybox root image: dm-verity root hash {root_hash} (released as the image policy)");
+    env.resources(&root_hash)?;
+    let reference = env.register("demo-pod", |_| {})?;
+    println!("reference measurement of the veil-sim pod (veil measure --mode sim): {reference}");
+    let broker = env.start_broker("demo-pod")?;
+    let result = run(&env, &broker);
+    if result.is_err() {
+        eprintln!("containerd log:\n{}", env.c.log_text());
+    }
+    result
+}
+
+fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
+    let c = &env.c;
+    let id = "demo";
+    let vol = env
+        .work
+        .path()
+        .join("pod/volumes/kubernetes.io~empty-dir/data");
+    std::fs::create_dir_all(&vol)?;
+    let secret = format!("veil-demo-secret-{}", hex::encode(random(8)?));
+    let mut args = env.run_args("veil-sim", oci::BUSYBOX_IMAGE);
+    args.extend([
+        "-d".into(),
+        "--mount".into(),
+        format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display()),
+        oci::BUSYBOX_IMAGE.into(),
+        id.into(),
+        "sleep".into(),
+        "1000".into(),
+    ]);
+    println!("$ ctr run -d --runtime io.containerd.veil.v2 … --mount …/volumes/kubernetes.io~empty-dir/data:/data busybox demo sleep 1000");
     let t = Instant::now();
-    let out = c
-        .ctr("demo")
-        .args([
-            "run",
-            "--rm",
-            "--runtime",
-            "io.containerd.veil.v2",
-            "--runtime-config-path",
-            &rt,
-            oci::BUSYBOX_IMAGE,
-            "demo",
-            "sh",
-            "-c",
-            script,
-        ])
-        .output()?;
-    let took = t.elapsed();
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let out = c.ctr(NS).args(&args).output()?;
     if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("containerd log:\n{}", c.log_text());
-        bail!("ctr run failed: {}", out.status);
+        bail!(
+            "ctr run failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     println!(
-        "(pod VM booted, container ran and VM stopped in {:.2} s; host kernel: {})",
-        took.as_secs_f64(),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
+        "pod VM booted, attested and unlocked its scratch disk in {:.1} s; the broker's audit log:",
+        t.elapsed().as_secs_f64()
     );
+    for e in broker.audit_events() {
+        let resource = e["resource"]
+            .as_str()
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
+        println!(
+            "  {}{resource}: tee {}, measurement {}",
+            e["outcome"].as_str().unwrap_or("?"),
+            e["tee"].as_str().unwrap_or("?"),
+            e["measurement"].as_str().unwrap_or("?"),
+        );
+    }
+    let script = format!(
+        "echo {secret} > /root-secret && echo {secret} > /data/secret && sync && \
+         echo \"read back: $(cat /root-secret) (root fs), $(cat /data/secret) (emptyDir)\""
+    );
+    println!("$ ctr task exec demo sh -c 'echo SECRET > /root-secret; echo SECRET > /data/secret; sync; cat …'");
+    let out = c.ctr_ok(
+        NS,
+        &["task", "exec", "--exec-id", "w", id, "sh", "-c", &script],
+    )?;
+    print!("  {}", String::from_utf8_lossy(&out.stdout));
+    let scratch = scratch_file(id);
+    let head = std::fs::read(&scratch).with_context(|| format!("reading {}", scratch.display()))?;
+    let luks = head.starts_with(LUKS_MAGIC);
+    let leaked = find(&head, secret.as_bytes()).is_some();
+    println!(
+        "host side {}: {} bytes (sparse), LUKS2 header: {}, secret found: {}; host emptyDir directory empty: {}",
+        scratch.display(),
+        head.len(),
+        if luks { "yes" } else { "NO" },
+        if leaked { "YES" } else { "no" },
+        std::fs::read_dir(&vol)?.next().is_none(),
+    );
+    let _ = c.ctr(NS).args(["task", "kill", "-s", "KILL", id]).output();
+    for _ in 0..300 {
+        if c.ctr(NS)
+            .args(["task", "delete", id])
+            .output()?
+            .status
+            .success()
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = c.ctr(NS).args(["containers", "delete", id]).output();
+    if !luks || leaked {
+        bail!("the host-side scratch file is not ciphertext only");
+    }
+    c.wait_clean(&[id])?;
+    println!("pod stopped; nothing left behind");
     Ok(())
 }
