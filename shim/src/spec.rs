@@ -30,6 +30,13 @@ pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 /// containerd's CRI annotation naming a container's image (as the pod spec
 /// names it).
 pub const CRI_IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.image-name";
+/// containerd's CRI annotation (1.7 and later) naming the pause image of a
+/// pod's sandbox container.
+pub const CRI_SANDBOX_IMAGE_NAME_ANNOTATION: &str = "io.kubernetes.cri.podsandbox.image-name";
+/// The image name of a CRI sandbox (pause) container whose spec names no
+/// image (containerd 1.6 sets no annotation for it): the key under which an
+/// image policy lists the pause image's root hash.
+pub const POD_SANDBOX_IMAGE: &str = "pod-sandbox";
 /// veil's own image-name annotation, for clients without CRI
 /// (`ctr run --annotation io.veil.image-name=NAME`).
 pub const VEIL_IMAGE_NAME_ANNOTATION: &str = "io.veil.image-name";
@@ -102,12 +109,24 @@ impl HostSpec {
     }
 
     /// The container's image name, the key into a confidential pod's image
-    /// policy: the CRI annotation, else veil's own; "" when neither is set.
+    /// policy: the CRI annotations (container image, pod sandbox image), else
+    /// veil's own; a CRI sandbox container without any is
+    /// [`POD_SANDBOX_IMAGE`]; "" otherwise.
     pub fn image_name(&self) -> &str {
-        [CRI_IMAGE_NAME_ANNOTATION, VEIL_IMAGE_NAME_ANNOTATION]
-            .iter()
-            .find_map(|k| self.annotation(k).filter(|s| !s.is_empty()))
-            .unwrap_or("")
+        let named = [
+            CRI_IMAGE_NAME_ANNOTATION,
+            CRI_SANDBOX_IMAGE_NAME_ANNOTATION,
+            VEIL_IMAGE_NAME_ANNOTATION,
+        ]
+        .iter()
+        .find_map(|k| self.annotation(k).filter(|s| !s.is_empty()));
+        match named {
+            Some(n) => n,
+            None if self.annotation(CONTAINER_TYPE_ANNOTATION) == Some("sandbox") => {
+                POD_SANDBOX_IMAGE
+            }
+            None => "",
+        }
     }
 
     /// Whether the process asks for a terminal.
@@ -351,6 +370,21 @@ mod tests {
             "app"
         );
         assert_eq!(HostSpec::parse(b"{}").unwrap().image_name(), "");
+        let pause = |extra: &str| {
+            HostSpec::parse(
+                format!(
+                    r#"{{"annotations": {{"io.kubernetes.cri.container-type": "sandbox"{extra}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        assert_eq!(pause("").image_name(), POD_SANDBOX_IMAGE);
+        assert_eq!(
+            pause(r#", "io.kubernetes.cri.podsandbox.image-name": "registry.k8s.io/pause:3.9""#)
+                .image_name(),
+            "registry.k8s.io/pause:3.9"
+        );
     }
 
     #[test]

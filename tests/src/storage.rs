@@ -105,12 +105,37 @@ impl Confidential {
     /// Stores the resources: a random disk key (returned) and an image
     /// policy allowing `root_hash` for busybox.
     pub fn resources(&self, root_hash: &str) -> Result<Vec<u8>> {
+        self.resources_for(&[(oci::BUSYBOX_IMAGE, root_hash)])
+    }
+
+    /// Stores a random disk key (returned) and an image policy allowing
+    /// `images` (name, root hash).
+    pub fn resources_for(&self, images: &[(&str, &str)]) -> Result<Vec<u8>> {
         let key = random(32)?;
         self.setup.add_resource(DISK, &key)?;
-        let doc = serde_json::json!({"images": {oci::BUSYBOX_IMAGE: root_hash}});
+        let map: serde_json::Map<String, serde_json::Value> = images
+            .iter()
+            .map(|(n, h)| (n.to_string(), serde_json::Value::from(*h)))
+            .collect();
+        let doc = serde_json::json!({ "images": map });
         self.setup
             .add_resource(IMAGES, &serde_json::to_vec(&doc)?)?;
         Ok(key)
+    }
+
+    /// Imports busybox and the pause image into CRI's namespace; returns the
+    /// pause image's root hash as the shim builds it.
+    pub fn import_for_cri(&self) -> Result<String> {
+        let dir = self.work.path().join("cri");
+        std::fs::create_dir_all(&dir)?;
+        let (busybox, _) = oci::busybox_archive_with(&dir, oci::BUSYBOX_IMAGE, &[])?;
+        self.c.import("k8s.io", &busybox)?;
+        self.c.import("k8s.io", &oci::pause_archive(&dir)?)?;
+        image_root_hash(
+            &self.c.veil_settings()?,
+            "veil-sim",
+            &dir.join("pause-rootfs"),
+        )
     }
 
     /// Starts the broker releasing to reference value `reference` and points

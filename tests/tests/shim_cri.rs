@@ -8,50 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1::{
-    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
-    ContainerState, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerState, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
 use veil_tests::{
     containerd::{processes, Containerd},
     oci, Artefacts,
 };
-
-async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
-    let path = c.socket.clone();
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .context("connecting to containerd's CRI")?;
-    Ok(RuntimeServiceClient::new(channel))
-}
-
-/// A busybox container; its log goes to `<pod log directory>/<name>.log`.
-fn container(name: &str, cmd: &[&str]) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: oci::BUSYBOX_IMAGE.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_runs_a_pod_of_two_containers_in_one_veil_vm() -> Result<()> {
@@ -71,32 +35,10 @@ async fn scenario(c: &Containerd) -> Result<()> {
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
     let logs = logs.display().to_string();
-    let mut cri = client(c).await?;
+    let mut cri = veil_tests::cri::client(c).await?;
 
     // The pod shares the node's network: no CNI offline.
-    let pod_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "veil-pod".into(),
-            uid: "uid-1".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "veilpod".into(),
-        log_directory: logs.clone(),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let pod_config = veil_tests::cri::pod_config("veil-pod", "uid-1", "veilpod", &logs);
     let pod = cri
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(pod_config.clone()),
@@ -115,7 +57,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
         let id = cri
             .create_container(CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
-                config: Some(container(name, &cmd)),
+                config: Some(veil_tests::cri::busybox_container(name, &cmd)),
                 sandbox_config: Some(pod_config.clone()),
             })
             .await

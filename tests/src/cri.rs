@@ -1,0 +1,76 @@
+//! A CRI client (`k8s-cri` over tonic) to the private containerd's socket,
+//! for tests that drive pods the way the kubelet does.
+
+use anyhow::{Context, Result};
+use k8s_cri::v1::{
+    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata, ImageSpec,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::containerd::Containerd;
+
+/// Connects to `c`'s CRI runtime service.
+pub async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
+    let path = c.socket.clone();
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .context("connecting to containerd's CRI")?;
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+/// A pod sandbox config: `name`/`uid` in namespace `default`, `hostname`,
+/// container logs under `log_directory`, the node's network (no CNI
+/// offline), a PID namespace per container, a shared IPC namespace.
+pub fn pod_config(name: &str, uid: &str, hostname: &str, log_directory: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: hostname.into(),
+        log_directory: log_directory.into(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A busybox container running `cmd`; its log goes to
+/// `<pod log directory>/<name>.log`.
+pub fn busybox_container(name: &str, cmd: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: crate::oci::BUSYBOX_IMAGE.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
