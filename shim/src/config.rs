@@ -222,6 +222,10 @@ pub struct Config {
     /// Where container root images are built and shared between pods
     /// (reference-counted: removed when no pod uses them).
     pub image_dir: PathBuf,
+    /// Where pods' scratch disks are (`<scratch_dir>/<sandbox-id>.img`,
+    /// sparse, removed with the pod). Disk-backed: what a pod writes takes
+    /// space here, and `state_dir` is usually a tmpfs.
+    pub scratch_dir: PathBuf,
     /// QEMU binary.
     pub qemu: PathBuf,
     /// vhost-device-vsock binary (hybrid vsock).
@@ -243,6 +247,7 @@ impl Default for Config {
             default_handler: "veil".into(),
             state_dir: "/run/veil".into(),
             image_dir: "/var/lib/veil/images".into(),
+            scratch_dir: "/var/lib/veil/scratch".into(),
             qemu: "qemu-system-x86_64".into(),
             vhost_device_vsock: "/opt/veil/bin/vhost-device-vsock".into(),
             mkfs_erofs: "mkfs.erofs".into(),

@@ -13,6 +13,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    os::unix::fs::DirBuilderExt,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -315,16 +316,21 @@ impl Sandbox {
         let cmdline = launch.cmdline.clone();
         let mut disks = Vec::new();
         if h.scratch_disk_mib > 0 {
-            let path = dir.file(scratch::FILE);
-            let f = std::fs::File::create(&path).map_err(|source| SandboxError::File {
-                path: path.clone(),
-                source,
-            })?;
+            let path = scratch::path(&p.config.scratch_dir, p.id);
+            let file_err = |path: &std::path::Path| {
+                let path = path.to_path_buf();
+                move |source| SandboxError::File { path, source }
+            };
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p.config.scratch_dir)
+                .map_err(file_err(&p.config.scratch_dir))?;
+            // Recorded first: the pod's cleanup removes it whatever happens.
+            dir.record_file("scratch", &path)?;
+            let f = std::fs::File::create(&path).map_err(file_err(&path))?;
             f.set_len(h.scratch_disk_mib * 1024 * 1024)
-                .map_err(|source| SandboxError::File {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(file_err(&path))?;
             disks.push(BootDisk {
                 path,
                 serial: scratch::SERIAL.into(),

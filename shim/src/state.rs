@@ -1,6 +1,7 @@
-//! A pod's runtime directory, `<state_dir>/<sandbox-id>`: sockets, logs, and
-//! the PIDs of the processes the shim started, so that `delete` can clean up
-//! after a shim that crashed.
+//! A pod's runtime directory, `<state_dir>/<sandbox-id>`: sockets, logs, the
+//! PIDs of the processes the shim started and the pod's files kept elsewhere
+//! (its scratch disk), so that `delete` can clean up after a shim that
+//! crashed.
 //!
 //! A recorded PID carries the process's start time (from `/proc/PID/stat`),
 //! so a PID reused by an unrelated process is never signalled.
@@ -94,15 +95,39 @@ impl PodDir {
         })
     }
 
-    /// Kills every recorded process that is still the one recorded, unmounts
-    /// what is mounted below the directory and removes it. Used by `delete`
-    /// after a crash and by the shim's own teardown; idempotent.
+    /// Records that the pod owns file `path` outside the directory (as
+    /// `<name>.file`): [`Self::cleanup`] removes it.
+    pub fn record_file(&self, name: &str, path: &Path) -> Result<(), StateError> {
+        let rec = self.file(&format!("{name}.file"));
+        fs::write(&rec, path.as_os_str().as_encoded_bytes()).map_err(|source| StateError::Io {
+            what: "write",
+            path: rec,
+            source,
+        })
+    }
+
+    /// Kills every recorded process that is still the one recorded, removes
+    /// the recorded files, unmounts what is mounted below the directory and
+    /// removes it. Used by `delete` after a crash and by the shim's own
+    /// teardown; idempotent.
     pub fn cleanup(&self) {
         let Ok(entries) = fs::read_dir(&self.path) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".file") {
+                if let Ok(target) = fs::read_to_string(e.path()) {
+                    match fs::remove_file(&target) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(err) => {
+                            tracing::warn!(path = %target, error = %err, "cannot remove pod file")
+                        }
+                    }
+                }
+                continue;
+            }
             if !name.ends_with(".pid") {
                 continue;
             }
@@ -198,8 +223,12 @@ mod tests {
         pod.record_pid("sleeper", child.id()).unwrap();
         // A stale record for a PID whose start time does not match is left alone.
         fs::write(pod.file("stale.pid"), format!("{} 1\n", std::process::id())).unwrap();
+        let outside = d.path().join("pod-scratch.img");
+        fs::write(&outside, b"x").unwrap();
+        pod.record_file("scratch", &outside).unwrap();
         pod.cleanup();
         assert!(child.wait().unwrap().code().is_none(), "killed by a signal");
         assert!(!pod.path.exists());
+        assert!(!outside.exists(), "recorded files go with the pod");
     }
 }

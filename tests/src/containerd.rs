@@ -34,6 +34,8 @@ pub struct Containerd {
     pub veil_config: PathBuf,
     /// Image cache of the shims started by this containerd.
     pub image_dir: PathBuf,
+    /// The veil config's `scratch_dir` (pods' scratch disks).
+    pub scratch_dir: PathBuf,
     /// containerd's stdout/stderr (shim logs included).
     pub log: PathBuf,
     pods_before: Vec<String>,
@@ -42,6 +44,11 @@ pub struct Containerd {
 
 fn toml_str(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
+}
+
+/// The scratch dir next to `image_dir` (both in the harness's temp dir).
+fn scratch_dir_of(image_dir: &Path) -> PathBuf {
+    image_dir.with_file_name("veil-scratch")
 }
 
 /// The veil config for tests: the built kernel, initrd and tools.
@@ -66,8 +73,9 @@ pub fn veil_config_with(a: &Artefacts, image_dir: &Path, extra: &[(&str, &str)])
         )
     };
     format!(
-        "state_dir = \"{VEIL_STATE_DIR}\"\nimage_dir = {}\nqemu = {}\nvhost_device_vsock = {}\n\n{}\n{}",
+        "state_dir = \"{VEIL_STATE_DIR}\"\nimage_dir = {}\nscratch_dir = {}\nqemu = {}\nvhost_device_vsock = {}\n\n{}\n{}",
         toml_str(image_dir),
+        toml_str(&scratch_dir_of(image_dir)),
         toml_str(&a.qemu),
         toml_str(&a.vhost_device_vsock),
         handler("veil", "none"),
@@ -203,6 +211,7 @@ impl Containerd {
             child,
             socket: dir.path().join("containerd.sock"),
             veil_config,
+            scratch_dir: scratch_dir_of(&image_dir),
             image_dir,
             log,
             pods_before,
@@ -308,7 +317,8 @@ impl Containerd {
 
     /// What is left of the pods `pods`: processes whose command line names
     /// their state dir (QEMU, vhost-device-vsock), shims of this containerd,
-    /// the pod directories, mounts below them, images in the image cache.
+    /// the pod directories, mounts below them, their scratch disks, images
+    /// in the image cache.
     /// Empty when everything was cleaned up.
     pub fn leftovers(&self, pods: &[&str]) -> Vec<String> {
         let mut left: Vec<String> = self
@@ -337,6 +347,12 @@ impl Containerd {
                 if under_pod || mp.starts_with(&self.image_dir.display().to_string()) {
                     left.push(format!("mount {mp}"));
                 }
+            }
+        }
+        for pod in pods {
+            let f = self.scratch_dir.join(format!("{pod}.img"));
+            if f.exists() {
+                left.push(format!("scratch disk {}", f.display()));
             }
         }
         if let Ok(rd) = fs::read_dir(&self.image_dir) {

@@ -173,10 +173,8 @@ pub fn run_args(c: &Containerd, handler: &str, image_name: &str) -> Vec<String> 
 }
 
 /// The scratch file of pod `id` on the host.
-pub fn scratch_file(id: &str) -> PathBuf {
-    Path::new(crate::containerd::VEIL_STATE_DIR)
-        .join(id)
-        .join(veil_shim::storage::scratch::FILE)
+pub fn scratch_file(c: &Containerd, id: &str) -> PathBuf {
+    veil_shim::storage::scratch::path(&c.scratch_dir, id)
 }
 
 /// The dm-verity root hash of the image the shim builds from the root

@@ -127,7 +127,7 @@ async fn scenario(env: &Confidential) -> Result<()> {
         std::fs::read_dir(&shared)?.next().is_none(),
         "the host emptyDir directory got files"
     );
-    let disk = std::fs::read(scratch_file(&pod))?;
+    let disk = std::fs::read(scratch_file(&env.c, &pod))?;
     ensure!(disk.starts_with(LUKS_MAGIC), "no LUKS2 header");
     ensure!(
         find(&disk, secret.as_bytes()).is_none(),

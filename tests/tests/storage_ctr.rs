@@ -157,7 +157,7 @@ fn writes_are_ciphertext(env: &Env) -> Result<()> {
 
     // The host side: a LUKS2 header, and neither the string nor any sampled
     // piece of the pattern anywhere in the file.
-    let scratch = scratch_file(id);
+    let scratch = scratch_file(c, id);
     let disk = std::fs::read(&scratch).with_context(|| format!("reading {}", scratch.display()))?;
     ensure!(
         disk.len() as u64 == SCRATCH_MIB << 20,

@@ -1,8 +1,11 @@
-//! The pod's scratch disk, host side: a sparse file in the pod directory,
+//! The pod's scratch disk, host side: a sparse file in the configured
+//! `scratch_dir` (removed with the pod directory, which records it),
 //! attached to the VM at boot, which the agent formats with LUKS2 under a
 //! key the host never sees. This module says how the guest finds it and what
 //! to ask of the agent; the file itself is made with the VM (see
 //! [`crate::sandbox`]).
+
+use std::path::{Path, PathBuf};
 
 use veil_protocol::agent::{AddStorageRequest, ScratchParams, StorageSource};
 
@@ -10,8 +13,11 @@ use veil_protocol::agent::{AddStorageRequest, ScratchParams, StorageSource};
 pub const SERIAL: &str = "veil-scratch";
 /// The storage id the pod's containers name (upper layers, volumes).
 pub const STORAGE_ID: &str = "scratch";
-/// File name in the pod directory.
-pub const FILE: &str = "scratch.img";
+/// The scratch file of pod `sandbox_id` in `scratch_dir` (the id is one
+/// path component: checked by the pod directory first).
+pub fn path(scratch_dir: &Path, sandbox_id: &str) -> PathBuf {
+    scratch_dir.join(format!("{sandbox_id}.img"))
+}
 
 /// The AddStorage request that unlocks (or formats) and mounts the disk.
 pub fn add_request() -> AddStorageRequest {

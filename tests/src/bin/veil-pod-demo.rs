@@ -88,7 +88,7 @@ fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
         &["task", "exec", "--exec-id", "w", id, "sh", "-c", &script],
     )?;
     print!("  {}", String::from_utf8_lossy(&out.stdout));
-    let scratch = scratch_file(id);
+    let scratch = scratch_file(c, id);
     let head = std::fs::read(&scratch).with_context(|| format!("reading {}", scratch.display()))?;
     let luks = head.starts_with(LUKS_MAGIC);
     let leaked = find(&head, secret.as_bytes()).is_some();
