@@ -307,11 +307,23 @@ impl Containerd {
             .collect()
     }
 
-    /// Pod directories that appeared under the veil state dir since start.
+    /// Pod directories that appeared under the veil state dir since start
+    /// and belong to this containerd: a task of that id has (or had, until
+    /// containerd stopped) a bundle in its state dir. Other tests' pods, of
+    /// other containerds running at the same time, are not ours.
     pub fn new_pod_dirs(&self) -> Vec<String> {
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task");
+        let ours: Vec<String> = fs::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|ns| fs::read_dir(ns.path()).ok())
+            .flat_map(|ids| ids.flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         list_pods()
             .into_iter()
-            .filter(|p| !self.pods_before.contains(p))
+            .filter(|p| !self.pods_before.contains(p) && ours.contains(p))
             .collect()
     }
 
