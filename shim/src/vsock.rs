@@ -25,8 +25,8 @@ pub enum VsockError {
     /// The backend process could not be started.
     #[error("cannot start the vsock backend")]
     Spawn(#[source] ProcessError),
-    /// The backend exited or never created its socket.
-    #[error("vsock backend did not create {path} within {timeout:?} (see {log})")]
+    /// The backend exited or never listened on its socket.
+    #[error("vsock backend did not listen on {path} within {timeout:?} (see {log})")]
     BackendNotReady {
         /// The socket path it should have created.
         path: PathBuf,
@@ -205,7 +205,12 @@ pub struct HybridVsockBackend {
 
 impl HybridVsockBackend {
     /// Starts the backend for a guest with CID `guest_cid`, with its sockets and
-    /// log in `dir`, and waits until its vhost-user socket exists.
+    /// log in `dir`, and waits until it listens on its vhost-user socket.
+    ///
+    /// Listening, not merely existing: the path appears at `bind`, a moment
+    /// before `listen`, and a QEMU that connects in between is refused and
+    /// exits. Connecting to test it is no option either: the backend takes the
+    /// first connection as its VM's.
     pub fn start(
         binary: &Path,
         dir: &Path,
@@ -223,9 +228,9 @@ impl HybridVsockBackend {
         ));
         let mut process = ManagedChild::spawn("vhost-device-vsock", cmd, &log, opts)
             .map_err(VsockError::Spawn)?;
-        let timeout = Duration::from_secs(5);
+        let timeout = Duration::from_secs(10);
         let deadline = Instant::now() + timeout;
-        while !vhost_socket.exists() {
+        while !unix_socket_listening(&vhost_socket) {
             if Instant::now() > deadline || !process.is_running() {
                 return Err(VsockError::BackendNotReady {
                     path: vhost_socket,
@@ -259,6 +264,32 @@ impl Drop for HybridVsockBackend {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `__SO_ACCEPTCON` in `/proc/net/unix`'s flags: the socket listens.
+const SO_ACCEPTCON: u32 = 0x1_0000;
+
+/// Whether a unix socket bound to `path` listens, from `/proc/net/unix` (this
+/// network namespace's sockets: `Num RefCount Protocol Flags Type St Inode
+/// Path`). Without that table, whether the path exists.
+fn unix_socket_listening(path: &Path) -> bool {
+    match std::fs::read_to_string("/proc/net/unix") {
+        Ok(table) => listening_in(&table, path),
+        Err(_) => path.exists(),
+    }
+}
+
+fn listening_in(table: &str, path: &Path) -> bool {
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match (fields.get(3), fields.get(7)) {
+            (Some(flags), Some(sock_path)) => {
+                Path::new(sock_path) == path
+                    && u32::from_str_radix(flags, 16).is_ok_and(|f| f & SO_ACCEPTCON != 0)
+            }
+            _ => false,
+        }
+    })
 }
 
 /// Connects to guest port `port` through a hybrid vsock unix socket, retrying
@@ -331,6 +362,46 @@ async fn try_connect_hybrid(uds_path: &Path, port: u32) -> Result<UnixStream, Ha
 mod tests {
     use super::*;
     use tokio::net::UnixListener;
+
+    /// A bound socket is not yet listening; `listen` makes it so.
+    #[test]
+    fn listening_means_listen_was_called_not_that_the_path_exists() {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backend.sock");
+        assert!(!unix_socket_listening(&path));
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &UnixAddr::new(&path).unwrap(),
+        )
+        .unwrap();
+        assert!(path.exists());
+        assert!(!unix_socket_listening(&path), "bound only");
+        listen(&fd, Backlog::new(1).unwrap()).unwrap();
+        assert!(unix_socket_listening(&path), "listening");
+        drop(fd);
+        assert!(!unix_socket_listening(&path), "closed");
+    }
+
+    #[test]
+    fn proc_net_unix_lines_are_read_by_flags_and_path() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+            0000000000000000: 00000002 00000000 00010000 0001 01 1234 /run/a.sock\n\
+            0000000000000000: 00000002 00000000 00000000 0001 01 1235 /run/b.sock\n\
+            0000000000000000: 00000003 00000000 00000000 0001 03 1236\n";
+        assert!(listening_in(table, Path::new("/run/a.sock")));
+        assert!(!listening_in(table, Path::new("/run/b.sock")));
+        assert!(!listening_in(table, Path::new("/run/c.sock")));
+    }
 
     /// A stand-in backend that refuses the first attempts (guest not listening
     /// yet), then answers OK and passes data through.
