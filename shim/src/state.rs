@@ -8,7 +8,7 @@
 
 use std::{
     fs,
-    os::unix::fs::DirBuilderExt,
+    os::unix::{ffi::OsStrExt, fs::DirBuilderExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -99,7 +99,7 @@ impl PodDir {
     /// `<name>.file`): [`Self::cleanup`] removes it.
     pub fn record_file(&self, name: &str, path: &Path) -> Result<(), StateError> {
         let rec = self.file(&format!("{name}.file"));
-        fs::write(&rec, path.as_os_str().as_encoded_bytes()).map_err(|source| StateError::Io {
+        fs::write(&rec, path.as_os_str().as_bytes()).map_err(|source| StateError::Io {
             what: "write",
             path: rec,
             source,
@@ -117,12 +117,13 @@ impl PodDir {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.ends_with(".file") {
-                if let Ok(target) = fs::read_to_string(e.path()) {
-                    match fs::remove_file(&target) {
+                if let Ok(bytes) = fs::read(e.path()) {
+                    let target = Path::new(std::ffi::OsStr::from_bytes(&bytes));
+                    match fs::remove_file(target) {
                         Ok(()) => {}
                         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                         Err(err) => {
-                            tracing::warn!(path = %target, error = %err, "cannot remove pod file")
+                            tracing::warn!(path = %target.display(), error = %err, "cannot remove pod file")
                         }
                     }
                 }
