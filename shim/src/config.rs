@@ -186,7 +186,15 @@ impl HandlerConfig {
             kbs_resources: BTreeMap::new(),
             sim_ca_dir: default_sim_ca_dir(),
         };
-        let disk_key = BTreeMap::from([("disk-key".to_string(), "default/key/disk".to_string())]);
+        // Confidential handlers fetch the scratch disk's key and the image
+        // policy (without it the host would choose the images' root hashes).
+        let disk_key = BTreeMap::from([
+            ("disk-key".to_string(), "default/key/disk".to_string()),
+            (
+                "image-policy".to_string(),
+                "default/policy/images".to_string(),
+            ),
+        ]);
         let confidential = |tee| HandlerConfig {
             tee,
             kbs_resources: disk_key.clone(),
