@@ -84,33 +84,46 @@ fn phases_of(c: &Containerd, id: &str) -> Option<HashMap<String, u128>> {
         .map(|v| v.into_iter().collect())
 }
 
-/// Phases as (name, from mark, to mark).
-const PHASES: &[(&str, &str, &str)] = &[
-    ("shim start (start cmd → serving)", "start_cmd", "serving"),
-    ("VMM spawn (Create → QEMU running)", "create", "vmm_spawned"),
+/// Phases as (name, from mark — the first of these present —, to mark).
+const PHASES: &[(&str, &[&str], &str)] = &[
+    (
+        "shim start (start cmd → serving)",
+        &["start_cmd"],
+        "serving",
+    ),
+    (
+        "VMM spawn (Create → QEMU running)",
+        &["create"],
+        "vmm_spawned",
+    ),
     (
         "kernel boot (QEMU → agent on console)",
-        "vmm_spawned",
+        &["vmm_spawned"],
         "kernel_booted",
     ),
     (
         "agent ready (→ health answer)",
-        "kernel_booted",
+        &["kernel_booted"],
         "agent_ready",
     ),
     (
+        "scratch disk (→ LUKS2 formatted, ext4 mounted)",
+        &["attested", "agent_ready"],
+        "scratch_ready",
+    ),
+    (
         "rootfs attach (→ image in guest)",
-        "agent_ready",
+        &["scratch_ready", "attested", "agent_ready"],
         "rootfs_attached",
     ),
     (
         "container start (→ process started)",
-        "rootfs_attached",
+        &["rootfs_attached"],
         "container_started",
     ),
     (
         "pod start (Create → process started)",
-        "create",
+        &["create"],
         "container_started",
     ),
 ];
@@ -214,7 +227,8 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         };
         for (name, from, to) in PHASES {
-            if let (Some(a), Some(b)) = (marks.get(*from), marks.get(*to)) {
+            let a = from.iter().find_map(|m| marks.get(*m));
+            if let (Some(a), Some(b)) = (a, marks.get(*to)) {
                 let d = Duration::from_nanos(u64::try_from(b.saturating_sub(*a)).unwrap_or(0));
                 phase_samples.entry(name).or_default().push(d);
             }

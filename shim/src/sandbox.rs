@@ -88,9 +88,10 @@ pub enum SandboxError {
     /// Every SCSI target of the controller is in use.
     #[error("no free SCSI target for another disk")]
     NoSlot,
-    /// The VM ended while starting.
-    #[error("the VM exited during boot; console:\n{0}")]
-    Died(String),
+    /// The VM ended while starting: what QEMU itself said (its stderr, e.g.
+    /// a refused device or a missing file), then the tail of the console.
+    #[error("the VM exited during boot; QEMU said:\n{0}\nconsole:\n{1}")]
+    Died(String, String),
     /// The pod's attestation set-up (broker, simulated TEE keys).
     #[error("attestation set-up")]
     Attest(#[from] crate::attest::AttestSetupError),
@@ -412,7 +413,8 @@ impl Sandbox {
                 let vm_alive = partial.vm.as_mut().is_some_and(|v| v.is_running());
                 if !vm_alive {
                     let text = std::fs::read_to_string(&console).unwrap_or_default();
-                    return Err(SandboxError::Died(tail(&text, 2000)));
+                    let vmm = std::fs::read_to_string(dir.file("qemu.log")).unwrap_or_default();
+                    return Err(SandboxError::Died(tail(&vmm, 2000), tail(&text, 2000)));
                 }
                 return Err(e);
             }

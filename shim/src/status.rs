@@ -100,7 +100,7 @@ mod tests {
                 Code::RESOURCE_EXHAUSTED,
             ),
             (
-                TaskError::Sandbox(SandboxError::Died("x".into())),
+                TaskError::Sandbox(SandboxError::Died("x".into(), "y".into())),
                 Code::INTERNAL,
             ),
             (
