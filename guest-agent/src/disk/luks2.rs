@@ -634,13 +634,14 @@ fn open_keyslot(
             "keyslot area {offset}+{size} outside the keyslots area"
         )));
     }
-    let mut kek = Zeroizing::new(vec![0u8; ks.area.key_size as usize]);
-    if !matches!(kek.len(), 32 | 64) {
+    // Checked before allocating: the header is the host's to write.
+    if !matches!(ks.area.key_size, 32 | 64) {
         return Err(Luks2Error::Unsupported(format!(
             "keyslot area key of {} bytes",
-            kek.len()
+            ks.area.key_size
         )));
     }
+    let mut kek = Zeroizing::new(vec![0u8; ks.area.key_size as usize]);
     derive(&ks.kdf, passphrase, &mut kek, limits)?;
     let mut material = Zeroizing::new(vec![0u8; material_len]);
     dev.read_exact_at(&mut material, offset)
