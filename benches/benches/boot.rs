@@ -4,32 +4,13 @@
 //!
 //! Run: `cargo bench -p veil-benches --bench boot` (VEIL_BENCH_RUNS=N, default 10).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
-use veil_benches::{report, runs, summarize};
+use anyhow::Result;
+use veil_benches::{floor_once, report, runs, summarize};
 use veil_protocol::{agent::CheckRequest, agent_ttrpc::HealthClient};
 use veil_shim::vmm::Accel;
 use veil_test_support::{Artefacts, TestVm, VmOptions};
-
-const FLOOR_MARK: &str = "veil-floor: init reached";
-
-/// Spawn → the floor init's line on the console.
-fn floor_once(a: &Artefacts) -> Result<Duration> {
-    let mut opts = VmOptions::agent(a);
-    opts.initrd = a.floor_initrd.clone();
-    let vm = TestVm::boot(a, &opts)?;
-    let deadline = vm.started + Duration::from_secs(60);
-    loop {
-        if vm.console().contains(FLOOR_MARK) {
-            return Ok(vm.started.elapsed());
-        }
-        if Instant::now() > deadline {
-            bail!("floor init never printed; console:\n{}", vm.console());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 /// One agent boot: spawn → the agent's readiness call, and spawn → its first
 /// health answer; also the accelerator used.

@@ -17,30 +17,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use veil_benches::{ms, report, runs, summarize, Summary};
+use veil_benches::{floor_once, ms, report, runs, summarize, Summary};
 use veil_shim::phases::parse_line;
-use veil_test_support::{containerd::Containerd, oci, Artefacts, TestVm, VmOptions};
+use veil_test_support::{containerd::Containerd, oci, Artefacts};
 
 const NS: &str = "veil-bench";
-const FLOOR_MARK: &str = "veil-floor: init reached";
-
-/// Spawn → the floor init's line on the console.
-fn floor_once(a: &Artefacts) -> Result<Duration> {
-    let mut opts = VmOptions::agent(a);
-    opts.initrd = a.floor_initrd.clone();
-    let vm = TestVm::boot(a, &opts)?;
-    let deadline = vm.started + Duration::from_secs(60);
-    loop {
-        if vm.console().contains(FLOOR_MARK) {
-            return Ok(vm.started.elapsed());
-        }
-        if Instant::now() > deadline {
-            bail!("floor init never printed; console:\n{}", vm.console());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 fn check(out: &Output, what: &str) -> Result<()> {
     if !out.status.success() || String::from_utf8_lossy(&out.stdout) != "hi\n" {
         bail!(

@@ -3,7 +3,31 @@
 //! Every benchmark measures its baseline in the same run, so that results are
 //! comparable on whatever machine they run on, and reports medians.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use veil_test_support::{Artefacts, TestVm, VmOptions};
+
+/// What the floor initrd's `/init` prints (`rootfs/floor-init.c`).
+pub const FLOOR_MARK: &str = "veil-floor: init reached";
+
+/// The bare-boot floor, once: QEMU spawn → the floor init's line on the
+/// console (same kernel and VM shape as an agent boot).
+pub fn floor_once(a: &Artefacts) -> Result<Duration> {
+    let mut opts = VmOptions::agent(a);
+    opts.initrd = a.floor_initrd.clone();
+    let vm = TestVm::boot(a, &opts)?;
+    let deadline = vm.started + Duration::from_secs(60);
+    loop {
+        if vm.console().contains(FLOOR_MARK) {
+            return Ok(vm.started.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("floor init never printed; console:\n{}", vm.console());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 /// Summary of a series of timings.
 #[derive(Debug, Clone, Copy)]
