@@ -3,11 +3,17 @@
 //! The API is defined in `protos/agent.proto`; this crate holds the Rust types and
 //! the async ttrpc client and server bindings generated from it at build time,
 //! the framing of the stdio stream connections ([`stream`]) and of the
-//! simulated TEE's firmware call ([`simfw`]).
+//! simulated TEE's firmware call ([`simfw`]), the vsock transports both sides
+//! use ([`vsock`]), and error kinds on the wire ([`status`]: the one mapping
+//! of `veil_common::Kind` to ttrpc codes).
 //! It owns the wire format only: validation of requests is the agent's job.
 
 pub mod simfw;
+pub mod status;
 pub mod stream;
+pub mod vsock;
+
+pub use veil_common as common;
 
 /// Version of the agent API. Bumped on incompatible change.
 pub const API_VERSION: u32 = 1;
@@ -23,9 +29,6 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// `READY <agent version>\n`, and keeps the connection open (a channel for
 /// agent logs). With hybrid vsock the host listens on `<uds path>_1026`.
 pub const AGENT_READY_VSOCK_PORT: u32 = 1026;
-
-/// First line the agent writes on the readiness connection.
-pub const AGENT_READY_LINE_PREFIX: &str = "READY ";
 
 /// vsock port on which the agent accepts stdio stream connections.
 pub const STREAM_VSOCK_PORT: u32 = 1025;

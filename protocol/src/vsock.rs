@@ -1,0 +1,542 @@
+//! vsock for both sides of the agent API: the guest's `AF_VSOCK` sockets,
+//! the host's two ways of reaching guest ports, and the readiness line.
+//!
+//! - [`VsockStream`] / [`VsockListener`]: `AF_VSOCK` stream sockets on
+//!   tokio, typed as what they are (not passed off as unix sockets). The
+//!   guest listens with them and dials the host ([`dial_host`]); a host with
+//!   kernel vhost-vsock dials the guest with them.
+//! - [`GuestTransport`]: how the host reaches guest port P. Kernel
+//!   vhost-vsock dials `AF_VSOCK` at the guest's CID; hybrid vsock
+//!   (`vhost-device-vsock`) connects to the backend's unix socket and sends
+//!   `CONNECT P\n`, to which the backend answers `OK <host port>\n`. Guest
+//!   connections to host port P arrive on `<uds path>_P`
+//!   ([`GuestTransport::host_listener_path`]).
+//! - [`Connection`]: either kind of connected stream, for code that serves
+//!   both.
+//! - The readiness line the agent writes once it serves ([`ready_line`],
+//!   [`parse_ready_line`]).
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    pin::Pin,
+    task::{ready, Context, Poll},
+    time::{Duration, Instant},
+};
+
+use nix::sys::socket::{
+    accept4, bind, connect, getsockopt, listen, shutdown, socket, sockopt, AddressFamily, Backlog,
+    Shutdown, SockFlag, SockType, VsockAddr,
+};
+use tokio::{
+    io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
+    net::UnixStream,
+};
+
+/// vsock CID of the host, as the guest dials it.
+pub const HOST_CID: u32 = 2;
+
+/// "Any CID": what a guest listener binds to.
+pub const ANY_CID: u32 = u32::MAX;
+
+/// First line the agent writes on the readiness connection, before its
+/// version.
+pub const READY_LINE_PREFIX: &str = "READY ";
+
+/// The longest readiness or handshake line read.
+const MAX_LINE: usize = 128;
+
+/// Errors reaching a guest port from the host.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// Nothing accepted the connection on the guest port in time.
+    #[error("guest vsock port {port} did not accept a connection within {timeout:?}")]
+    ConnectTimeout {
+        /// Guest port.
+        port: u32,
+        /// How long we tried.
+        timeout: Duration,
+    },
+    /// The hybrid backend answered the handshake with something else than
+    /// `OK`.
+    #[error("bad hybrid vsock handshake reply {0:?}")]
+    Handshake(String),
+    /// A connected socket could not be handed over.
+    #[error("cannot use the connection to guest vsock port {port}")]
+    Io {
+        /// Guest port.
+        port: u32,
+        /// OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A connected `AF_VSOCK` stream socket.
+#[derive(Debug)]
+pub struct VsockStream {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl VsockStream {
+    /// Connects to `cid:port` (non-blocking connect, awaited).
+    pub async fn connect(cid: u32, port: u32) -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+            Ok(()) => return Self::from_fd(fd),
+            Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let stream = Self::from_fd(fd)?;
+        let _ready = stream.fd.ready(Interest::WRITABLE).await?;
+        match getsockopt(stream.fd.get_ref(), sockopt::SocketError)? {
+            0 => Ok(stream),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
+    /// Takes a connected, non-blocking `AF_VSOCK` stream socket.
+    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
+        // and names the same socket for the AsyncFd's whole life.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(VsockStream { fd })
+    }
+
+    /// The socket, for code that drives it itself (ttrpc's client, the
+    /// agent's splice threads). It stays non-blocking.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd.into_inner()
+    }
+}
+
+impl AsyncRead for VsockStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), unfilled).map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for VsockStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard
+                .try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from))
+            {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(shutdown(self.fd.get_ref().as_raw_fd(), Shutdown::Write).map_err(Into::into))
+    }
+}
+
+/// A listening `AF_VSOCK` socket.
+#[derive(Debug)]
+pub struct VsockListener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl VsockListener {
+    /// Listens on `port` of any CID.
+    pub fn bind(port: u32) -> io::Result<Self> {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        bind(fd.as_raw_fd(), &VsockAddr::new(ANY_CID, port))?;
+        listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
+        // SAFETY: as in `VsockStream::from_fd`: the AsyncFd owns `fd`.
+        let fd = unsafe { AsyncFd::register(fd)? };
+        Ok(VsockListener { fd })
+    }
+
+    /// Waits for the next connection.
+    pub async fn accept(&self) -> io::Result<VsockStream> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|l| {
+                accept4(
+                    l.get_ref().as_raw_fd(),
+                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                )
+                .map_err(io::Error::from)
+            }) {
+                Ok(Ok(raw)) => {
+                    // SAFETY: accept4 returned a new, open descriptor that
+                    // nothing else owns; the OwnedFd takes sole ownership.
+                    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                    return VsockStream::from_fd(fd);
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Dials host `port` from the guest.
+pub async fn dial_host(port: u32) -> io::Result<VsockStream> {
+    VsockStream::connect(HOST_CID, port).await
+}
+
+/// A connected stream of either transport.
+#[derive(Debug)]
+pub enum Connection {
+    /// A unix socket: hybrid vsock on the host, or host mode.
+    Unix(UnixStream),
+    /// An `AF_VSOCK` socket.
+    Vsock(VsockStream),
+}
+
+impl Connection {
+    /// The socket, for code that drives it itself. Non-blocking.
+    pub fn into_fd(self) -> io::Result<OwnedFd> {
+        match self {
+            Connection::Unix(s) => Ok(s.into_std()?.into()),
+            Connection::Vsock(s) => Ok(s.into_fd()),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Connection::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Connection::Vsock($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// How the host reaches the guest's vsock ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestTransport {
+    /// Kernel vhost-vsock: dial `AF_VSOCK` at this guest CID.
+    Vhost {
+        /// The guest's CID.
+        cid: u32,
+    },
+    /// Hybrid vsock: dial this unix socket and send `CONNECT <port>`.
+    Hybrid {
+        /// The backend's host-side unix socket.
+        uds_path: PathBuf,
+    },
+}
+
+impl GuestTransport {
+    /// Connects to guest port `port`, retrying until the guest listens or
+    /// `timeout` passes.
+    pub async fn connect(&self, port: u32, timeout: Duration) -> Result<Connection, VsockError> {
+        match self {
+            GuestTransport::Hybrid { uds_path } => connect_hybrid(uds_path, port, timeout)
+                .await
+                .map(Connection::Unix),
+            GuestTransport::Vhost { cid } => connect_vhost(*cid, port, timeout)
+                .await
+                .map(Connection::Vsock),
+        }
+    }
+
+    /// Where the guest's connections to host port `port` arrive (hybrid
+    /// vsock: `<uds>_<port>`, where vhost-device-vsock forwards them).
+    /// `None` for kernel vhost-vsock, where the host listens with
+    /// `AF_VSOCK` instead.
+    pub fn host_listener_path(&self, port: u32) -> Option<PathBuf> {
+        match self {
+            GuestTransport::Hybrid { uds_path } => Some(forwarded_path(uds_path, port)),
+            GuestTransport::Vhost { .. } => None,
+        }
+    }
+}
+
+/// `<uds>_<port>`: where vhost-device-vsock forwards the guest's connections
+/// to host port `port`.
+pub fn forwarded_path(uds_path: &Path, port: u32) -> PathBuf {
+    let mut p = uds_path.as_os_str().to_owned();
+    p.push(format!("_{port}"));
+    PathBuf::from(p)
+}
+
+async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<VsockStream, VsockError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_secs(1), VsockStream::connect(cid, port)).await
+        {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(VsockError::ConnectTimeout { port, timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Connects to guest port `port` through a hybrid vsock unix socket,
+/// retrying until the guest listens or `timeout` passes. Returns the stream
+/// positioned right after the handshake.
+///
+/// Each attempt has its own deadline: a request sent before the guest's
+/// vsock driver is up can stay unanswered forever, so an attempt that hears
+/// nothing is abandoned and retried. The per-attempt deadline starts short (a
+/// guest that is up answers in milliseconds) and doubles, so a slow but live
+/// guest is not retried in a loop.
+pub async fn connect_hybrid(
+    uds_path: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, VsockError> {
+    let deadline = Instant::now() + timeout;
+    let mut attempt_timeout = Duration::from_millis(200);
+    loop {
+        match tokio::time::timeout(attempt_timeout, try_connect_hybrid(uds_path, port)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(Attempt::Fatal(e))) => return Err(e),
+            Ok(Err(Attempt::Retry)) => {}
+            Err(_elapsed) => attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(3)),
+        }
+        if Instant::now() >= deadline {
+            return Err(VsockError::ConnectTimeout { port, timeout });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+enum Attempt {
+    Retry,
+    Fatal(VsockError),
+}
+
+async fn try_connect_hybrid(uds_path: &Path, port: u32) -> Result<UnixStream, Attempt> {
+    let mut s = UnixStream::connect(uds_path)
+        .await
+        .map_err(|_| Attempt::Retry)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|_| Attempt::Retry)?;
+    // Guest not listening yet: the backend closes the connection.
+    let line = match read_line(&mut s).await {
+        Ok(Some(line)) => line,
+        Ok(None) | Err(_) => return Err(Attempt::Retry),
+    };
+    if line.starts_with("OK ") {
+        Ok(s)
+    } else {
+        Err(Attempt::Fatal(VsockError::Handshake(line)))
+    }
+}
+
+/// Reads one `\n`-terminated line of at most 128 bytes, one byte at a time
+/// (what follows the newline belongs to the caller's protocol). `None` when
+/// the stream ends first; a longer line is returned cut at the limit.
+pub async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<String>> {
+    let mut line = Vec::with_capacity(32);
+    loop {
+        let mut b = [0u8; 1];
+        if r.read(&mut b).await? == 0 {
+            return Ok(None);
+        }
+        if b[0] == b'\n' || line.len() >= MAX_LINE {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(Some(String::from_utf8_lossy(&line).into_owned()))
+}
+
+/// The line the agent writes on its readiness connection.
+pub fn ready_line(version: &str) -> String {
+    format!("{READY_LINE_PREFIX}{version}\n")
+}
+
+/// The agent version in a readiness line (without its newline), if it is
+/// one.
+pub fn parse_ready_line(line: &str) -> Option<&str> {
+    line.strip_prefix(READY_LINE_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A stand-in backend that refuses the first attempts (guest not listening
+    /// yet), then answers OK and passes data through.
+    #[tokio::test]
+    async fn handshake_retries_until_ok_and_keeps_following_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            for attempt in 0.. {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 13];
+                s.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf, b"CONNECT 1024\n");
+                if attempt < 2 {
+                    continue; // drop: as the backend does when the guest resets
+                }
+                s.write_all(b"OK 1073741824\nhello").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                break;
+            }
+        });
+        let t = GuestTransport::Hybrid { uds_path: path };
+        let mut s = t.connect(1024, Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(s, Connection::Unix(_)));
+        let mut rest = [0u8; 5];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"hello");
+    }
+
+    /// A backend that swallows the first request without answering (as when
+    /// the guest driver was not up yet) must not hang the caller.
+    #[tokio::test]
+    async fn an_unanswered_attempt_is_abandoned_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (silent, _) = listener.accept().await.unwrap();
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"OK 5\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(silent);
+        });
+        connect_hybrid(&path, 1024, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_reply_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"NOPE\n").await.unwrap();
+        });
+        let e = connect_hybrid(&path, 1024, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, VsockError::Handshake(ref r) if r == "NOPE"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn times_out_when_nothing_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = connect_hybrid(&dir.path().join("absent"), 1024, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, VsockError::ConnectTimeout { port: 1024, .. }));
+    }
+
+    #[test]
+    fn ready_lines_and_forwarded_paths() {
+        let line = ready_line("0.1.0");
+        assert_eq!(line, "READY 0.1.0\n");
+        assert_eq!(parse_ready_line(line.trim_end()), Some("0.1.0"));
+        assert_eq!(parse_ready_line("HELLO"), None);
+        assert_eq!(
+            forwarded_path(Path::new("/run/veil/p/vsock.sock"), 1026),
+            PathBuf::from("/run/veil/p/vsock.sock_1026")
+        );
+        assert_eq!(
+            GuestTransport::Vhost { cid: 3 }.host_listener_path(1026),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_is_bounded_and_the_rest_stays_in_the_stream() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&[b'x'; 300]).await.unwrap();
+        drop(a);
+        let l = read_line(&mut b).await.unwrap().unwrap();
+        assert_eq!(l.len(), 128);
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(b"OK 1\nrest").await.unwrap();
+        assert_eq!(read_line(&mut b).await.unwrap().as_deref(), Some("OK 1"));
+        let mut rest = [0u8; 4];
+        b.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"rest");
+    }
+}
