@@ -41,8 +41,6 @@ pub mod storage;
 pub mod streams;
 pub mod validate;
 
-use std::error::Error as StdError;
-
 /// Exit code for a bad command line.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code for a fatal runtime error.
@@ -97,14 +95,4 @@ pub fn run(config: config::Config) -> Result<(), AgentError> {
     })
 }
 
-/// Formats an error with all its sources, outermost first.
-pub fn error_chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use veil_common::error_chain;

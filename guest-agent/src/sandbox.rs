@@ -42,7 +42,7 @@ pub fn validate(req: &CreateSandboxRequest) -> Result<(), ValidationError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     if !host_ok {
-        return Err(ValidationError::Id {
+        return Err(ValidationError::HostName {
             field: "hostname",
             value: req.hostname.chars().take(64).collect(),
         });

@@ -22,10 +22,12 @@ use nix::{
 };
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::UnixStream,
     sync::{watch, Notify},
 };
-use veil_protocol::agent::{Stdio, StreamKind};
+use veil_protocol::{
+    agent::{Stdio, StreamKind},
+    vsock::Connection,
+};
 
 use crate::{
     engine::{dev_null, ProcessFds},
@@ -264,7 +266,7 @@ where
 /// shuts the connection down for writing. Blocking; runs on its own thread.
 /// Falls back to read/write where the socket cannot splice. If the shim goes
 /// away, the pipe is drained so the process is not blocked.
-fn splice_output(pipe: OwnedFd, conn: std::os::unix::net::UnixStream) {
+fn splice_output(pipe: OwnedFd, conn: OwnedFd) {
     use std::io::{Read, Write};
     // Room for a whole pipe's worth per splice: fewer wake-ups per MiB.
     // (Best effort: the default still works, only slower.)
@@ -275,7 +277,7 @@ fn splice_output(pipe: OwnedFd, conn: std::os::unix::net::UnixStream) {
     );
     let (pfd, sfd) = (pipe.as_raw_fd(), conn.as_raw_fd());
     let mut pipe = std::fs::File::from(pipe);
-    let mut conn = conn;
+    let mut conn = std::fs::File::from(conn);
     loop {
         // SAFETY: splice(2) between two fds we own (the pipe's read end and
         // the connected socket), without offsets (both are streams).
@@ -319,7 +321,7 @@ fn splice_output(pipe: OwnedFd, conn: std::os::unix::net::UnixStream) {
             }
         }
     }
-    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let _ = nix::sys::socket::shutdown(sfd, nix::sys::socket::Shutdown::Write);
 }
 
 /// Reads a pipe to EOF, discarding: its writer must never block on a reader
@@ -348,6 +350,14 @@ where
             break;
         }
     }
+}
+
+/// Clears `O_NONBLOCK` on `fd` (the splice thread blocks).
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 /// Async reads and writes on a pipe or pty fd.
@@ -426,7 +436,7 @@ pub struct Attachment {
 
 impl Attachment {
     /// Starts copying between the process and `conn`.
-    pub fn run(mut self, conn: UnixStream) -> Result<(), StdioError> {
+    pub fn run(mut self, conn: Connection) -> Result<(), StdioError> {
         let Some(fd) = self.fd.take() else {
             return Ok(());
         };
@@ -465,8 +475,8 @@ impl Attachment {
                 // A thread of its own, blocking in splice(2): the kernel moves
                 // the pipe's pages into the socket and wakes it only when there
                 // is data or room, as if the process wrote to the socket itself.
-                let conn = conn.into_std().map_err(StdioError::Create)?;
-                conn.set_nonblocking(false).map_err(StdioError::Create)?;
+                let conn = conn.into_fd().map_err(StdioError::Create)?;
+                set_blocking(&conn).map_err(StdioError::Create)?;
                 let spawned = std::thread::Builder::new()
                     .name("veil-stdout".into())
                     .spawn(move || {

@@ -6,9 +6,12 @@ use std::path::{Component, Path, PathBuf};
 /// A request field that fails validation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
-    /// An identifier that does not match `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
-    #[error("invalid {field} '{value}': expected [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}")]
-    Id {
+    /// An identifier that breaks veil's id rule (`veil_common::id`).
+    #[error(transparent)]
+    Id(#[from] veil_common::IdError),
+    /// A host name with characters a host name cannot have.
+    #[error("invalid {field} '{value}': expected letters, digits, '-' and '.'")]
+    HostName {
         /// Which field.
         field: &'static str,
         /// The offending value (truncated).
@@ -38,22 +41,10 @@ fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// Checks an identifier (sandbox, container, exec, storage).
+/// Checks an identifier (sandbox, container, exec, storage) against veil's
+/// one id rule, the same the shim applies.
 pub fn id(field: &'static str, value: &str) -> Result<(), ValidationError> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
-        && value.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::Id {
-            field,
-            value: truncate(value),
-        })
-    }
+    Ok(veil_common::validate_id(field, value)?)
 }
 
 /// Checks an exec id: empty (the init process) or a valid id.

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::net::UnixStream;
 use veil_protocol::{
     agent::{self, CheckRequest, StreamKind},
     agent_ttrpc::{
@@ -14,7 +13,7 @@ use veil_protocol::{
     },
 };
 
-use crate::vsock::{VsockError, VsockTransport};
+use veil_protocol::vsock::{Connection, GuestTransport, VsockError};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +78,7 @@ pub fn ctx_unbounded() -> ttrpc::context::Context {
 /// A connected agent.
 #[derive(Clone)]
 pub struct Agent {
-    transport: VsockTransport,
+    transport: GuestTransport,
     /// Sandbox service.
     pub sandbox: SandboxClient,
     /// Containers service.
@@ -92,25 +91,29 @@ pub struct Agent {
     pub attestation: AttestationClient,
 }
 
-fn client_from(stream: UnixStream) -> std::io::Result<ttrpc::asynchronous::Client> {
-    let std_stream = stream.into_std()?;
-    std_stream.set_nonblocking(true)?;
+fn client_from(conn: Connection) -> std::io::Result<ttrpc::asynchronous::Client> {
+    // ttrpc's client owns the (non-blocking) descriptor from here on.
+    let fd = conn.into_fd()?;
     Ok(ttrpc::asynchronous::Client::new(
-        std::os::fd::IntoRawFd::into_raw_fd(std_stream),
+        std::os::fd::IntoRawFd::into_raw_fd(fd),
     ))
 }
 
 impl Agent {
     /// Connects to the agent and waits until it answers its health check,
     /// for at most `timeout`.
-    pub async fn connect(transport: VsockTransport, timeout: Duration) -> Result<Self, AgentError> {
+    pub async fn connect(transport: GuestTransport, timeout: Duration) -> Result<Self, AgentError> {
         let deadline = Instant::now() + timeout;
         let stream = transport
             .connect(veil_protocol::AGENT_VSOCK_PORT, timeout)
             .await
             .map_err(AgentError::Connect)?;
-        let client = client_from(stream)
-            .map_err(|e| AgentError::Connect(VsockError::Handshake(e.to_string())))?;
+        let client = client_from(stream).map_err(|source| {
+            AgentError::Connect(VsockError::Io {
+                port: veil_protocol::AGENT_VSOCK_PORT,
+                source,
+            })
+        })?;
         let health = HealthClient::new(client.clone());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -146,7 +149,7 @@ impl Agent {
         container: &str,
         exec: &str,
         kind: StreamKind,
-    ) -> Result<UnixStream, AgentError> {
+    ) -> Result<Connection, AgentError> {
         let wrap = |source| AgentError::Stream {
             container: container.to_string(),
             exec: exec.to_string(),

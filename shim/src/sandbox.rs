@@ -23,6 +23,7 @@ use veil_protocol::agent::{
     AddStorageRequest, CreateSandboxRequest, DestroySandboxRequest, RemoveStorageRequest,
     ShutdownRequest, StorageSource,
 };
+use veil_protocol::vsock::GuestTransport;
 
 use crate::{
     agent::{self, Agent, AgentError},
@@ -39,9 +40,7 @@ use crate::{
         BootDisk, Machine, RunningVm, SnpParams, TdxParams, Tee, VmSpec, Vmm, VmmError,
         VsockDevice,
     },
-    vsock::{
-        self, AgentReady, HybridVsockBackend, ReadyError, ReadyListener, VsockError, VsockTransport,
-    },
+    vsock::{self, AgentReady, HybridVsockBackend, ReadyError, ReadyListener, VsockError},
 };
 
 /// The kernel command line every pod VM boots with (before the handler's
@@ -274,7 +273,7 @@ impl Sandbox {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
             (
                 VsockDevice::Vhost { cid, fd: Some(fd) },
-                VsockTransport::Vhost { cid },
+                GuestTransport::Vhost { cid },
                 Some(file),
             )
         } else {
@@ -290,7 +289,7 @@ impl Sandbox {
             let dev = VsockDevice::VhostUser {
                 socket: backend.vhost_socket.clone(),
             };
-            let t = VsockTransport::Hybrid {
+            let t = GuestTransport::Hybrid {
                 uds_path: backend.uds_path.clone(),
             };
             // The agent calls us once it serves; dialling it earlier can wedge

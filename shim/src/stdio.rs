@@ -159,7 +159,7 @@ impl Relay {
             let stream = agent
                 .open_stream(container, exec, StreamKind::TERMINAL)
                 .await?;
-            let (mut r, mut w) = stream.into_split();
+            let (mut r, mut w) = tokio::io::split(stream);
             if !paths.stdout.is_empty() {
                 let mut out = open_output(&paths.stdout)?;
                 relay.outputs.push(tokio::spawn(async move {

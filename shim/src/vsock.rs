@@ -1,10 +1,9 @@
-//! Host side of the guest's vsock: the transport the shim uses to reach the agent.
+//! Host side of the guest's vsock: what the shim runs and owns so that the
+//! guest has one — a guest CID on `/dev/vhost-vsock`, or a `vhost-device-vsock`
+//! backend (hybrid vsock) — and the listener for the agent's readiness call.
 //!
-//! Two transports exist (see DESIGN.md). Kernel vhost-vsock (`/dev/vhost-vsock`)
-//! lets the host dial `AF_VSOCK` directly. Hybrid vsock, used where that device is
-//! missing, runs `vhost-device-vsock` as a vhost-user backend for QEMU; the host
-//! then reaches guest port P by connecting to the backend's unix socket and
-//! sending `CONNECT P\n`, to which the backend answers `OK <host port>\n`.
+//! Dialling guest ports (both transports, the hybrid handshake) and the
+//! readiness line are shared with the agent: `veil_protocol::vsock`.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,10 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::UnixStream,
-};
+use tokio::net::UnixStream;
+use veil_protocol::vsock::{forwarded_path, parse_ready_line, read_line};
 
 use crate::process::{ManagedChild, ProcessError, SpawnOptions};
 
@@ -35,17 +32,6 @@ pub enum VsockError {
         /// Its log file.
         log: PathBuf,
     },
-    /// Nothing accepted the connection on the guest port in time.
-    #[error("guest vsock port {port} did not accept a connection within {timeout:?}")]
-    ConnectTimeout {
-        /// Guest port.
-        port: u32,
-        /// How long we tried.
-        timeout: Duration,
-    },
-    /// The backend answered the handshake with something else than `OK`.
-    #[error("bad hybrid vsock handshake reply {0:?}")]
-    Handshake(String),
     /// `/dev/vhost-vsock` could not be opened or configured.
     #[error("cannot {what} /dev/vhost-vsock")]
     VhostDevice {
@@ -63,47 +49,6 @@ pub enum VsockError {
         /// Last CID tried.
         last: u32,
     },
-}
-
-/// How the host reaches the guest's vsock ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VsockTransport {
-    /// Kernel vhost-vsock: dial `AF_VSOCK` at this guest CID.
-    Vhost {
-        /// The guest's CID.
-        cid: u32,
-    },
-    /// Hybrid vsock: dial this unix socket and send `CONNECT <port>`.
-    Hybrid {
-        /// The backend's host-side unix socket.
-        uds_path: PathBuf,
-    },
-}
-
-impl VsockTransport {
-    /// Connects to guest port `port`, retrying until the guest listens or
-    /// `timeout` passes.
-    pub async fn connect(&self, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
-        match self {
-            VsockTransport::Hybrid { uds_path } => connect_hybrid(uds_path, port, timeout).await,
-            VsockTransport::Vhost { cid } => connect_vhost(*cid, port, timeout).await,
-        }
-    }
-
-    /// Where the guest's connections to host port `port` arrive (hybrid vsock:
-    /// `<uds>_<port>`, where vhost-device-vsock forwards them). `None` for
-    /// kernel vhost-vsock, where the host listens with `AF_VSOCK` instead.
-    /// Host-side services for the guest (the simulated firmware) bind here.
-    pub fn host_listener_path(&self, port: u32) -> Option<PathBuf> {
-        match self {
-            VsockTransport::Hybrid { uds_path } => {
-                let mut p = uds_path.as_os_str().to_owned();
-                p.push(format!("_{port}"));
-                Some(PathBuf::from(p))
-            }
-            VsockTransport::Vhost { .. } => None,
-        }
-    }
 }
 
 /// True when the kernel's vhost-vsock device is available.
@@ -151,46 +96,6 @@ pub fn allocate_cid(first: u32, count: u32) -> Result<(u32, std::fs::File), Vsoc
         }
     }
     Err(VsockError::NoFreeCid { first, last })
-}
-
-/// Connects to `cid:port` over `AF_VSOCK`, retrying until `timeout`.
-async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<UnixStream, VsockError> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    let deadline = Instant::now() + timeout;
-    loop {
-        let attempt = tokio::task::spawn_blocking(move || {
-            let fd = socket(
-                AddressFamily::Vsock,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            connect(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                &VsockAddr::new(cid, port),
-            )?;
-            Ok::<_, nix::Error>(fd)
-        })
-        .await;
-        if let Ok(Ok(fd)) = attempt {
-            // SAFETY: `fd` is a connected stream socket we own; a UnixStream
-            // only reads, writes, shuts down and closes it, which AF_VSOCK
-            // stream sockets support like unix ones.
-            let std_stream =
-                unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd.into_raw_fd()) };
-            let ok = std_stream
-                .set_nonblocking(true)
-                .and_then(|_| UnixStream::from_std(std_stream));
-            if let Ok(s) = ok {
-                return Ok(s);
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(VsockError::ConnectTimeout { port, timeout });
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// A running `vhost-device-vsock` backend for one VM.
@@ -292,76 +197,9 @@ fn listening_in(table: &str, path: &Path) -> bool {
     })
 }
 
-/// Connects to guest port `port` through a hybrid vsock unix socket, retrying
-/// until the guest listens or `timeout` passes. Returns the stream positioned
-/// right after the handshake.
-///
-/// Each attempt has its own deadline: a request sent before the guest's vsock
-/// driver is up can stay unanswered forever, so an attempt that hears nothing
-/// is abandoned and retried. The per-attempt deadline starts short (a guest that
-/// is up answers in milliseconds) and doubles, so a slow but live guest is not
-/// retried in a loop.
-pub async fn connect_hybrid(
-    uds_path: &Path,
-    port: u32,
-    timeout: Duration,
-) -> Result<UnixStream, VsockError> {
-    let deadline = Instant::now() + timeout;
-    let mut attempt_timeout = Duration::from_millis(200);
-    loop {
-        match tokio::time::timeout(attempt_timeout, try_connect_hybrid(uds_path, port)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(HandshakeAttempt::Fatal(e))) => return Err(e),
-            Ok(Err(HandshakeAttempt::Retry)) => {}
-            Err(_elapsed) => attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(3)),
-        }
-        if Instant::now() >= deadline {
-            return Err(VsockError::ConnectTimeout { port, timeout });
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-enum HandshakeAttempt {
-    Retry,
-    Fatal(VsockError),
-}
-
-async fn try_connect_hybrid(uds_path: &Path, port: u32) -> Result<UnixStream, HandshakeAttempt> {
-    let mut s = UnixStream::connect(uds_path)
-        .await
-        .map_err(|_| HandshakeAttempt::Retry)?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .map_err(|_| HandshakeAttempt::Retry)?;
-    // Read the reply one byte at a time: what follows the newline belongs to
-    // the caller's protocol.
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let mut b = [0u8; 1];
-        match s.read(&mut b).await {
-            Ok(0) | Err(_) => return Err(HandshakeAttempt::Retry), // guest not listening yet
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) => line.push(b[0]),
-        }
-        if line.len() > 64 {
-            return Err(HandshakeAttempt::Fatal(VsockError::Handshake(
-                String::from_utf8_lossy(&line).into_owned(),
-            )));
-        }
-    }
-    let text = String::from_utf8_lossy(&line).into_owned();
-    if text.starts_with("OK ") {
-        Ok(s)
-    } else {
-        Err(HandshakeAttempt::Fatal(VsockError::Handshake(text)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::UnixListener;
 
     /// A bound socket is not yet listening; `listen` makes it so.
     #[test]
@@ -401,85 +239,6 @@ mod tests {
         assert!(listening_in(table, Path::new("/run/a.sock")));
         assert!(!listening_in(table, Path::new("/run/b.sock")));
         assert!(!listening_in(table, Path::new("/run/c.sock")));
-    }
-
-    /// A stand-in backend that refuses the first attempts (guest not listening
-    /// yet), then answers OK and passes data through.
-    #[tokio::test]
-    async fn handshake_retries_until_ok_and_keeps_following_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            for attempt in 0.. {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 13];
-                s.read_exact(&mut buf).await.unwrap();
-                assert_eq!(&buf, b"CONNECT 1024\n");
-                if attempt < 2 {
-                    continue; // drop: as the backend does when the guest resets
-                }
-                s.write_all(b"OK 1073741824\nhello").await.unwrap();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                break;
-            }
-        });
-        let mut s = connect_hybrid(&path, 1024, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut rest = [0u8; 5];
-        s.read_exact(&mut rest).await.unwrap();
-        assert_eq!(&rest, b"hello");
-    }
-
-    /// A backend that swallows the first request without answering (as when the
-    /// guest driver was not up yet) must not hang the caller.
-    #[tokio::test]
-    async fn an_unanswered_attempt_is_abandoned_and_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (silent, _) = listener.accept().await.unwrap();
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 13];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(b"OK 5\n").await.unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            drop(silent);
-        });
-        connect_hybrid(&path, 1024, Duration::from_secs(5))
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn bad_reply_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 13];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(b"NOPE\n").await.unwrap();
-        });
-        let e = connect_hybrid(&path, 1024, Duration::from_secs(2))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, VsockError::Handshake(ref r) if r == "NOPE"),
-            "{e:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn times_out_when_nothing_listens() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = connect_hybrid(&dir.path().join("absent"), 1024, Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, VsockError::ConnectTimeout { port: 1024, .. }));
     }
 }
 
@@ -532,9 +291,7 @@ pub struct AgentReady {
 impl ReadyListener {
     /// Binds `<uds_path>_<AGENT_READY_VSOCK_PORT>`.
     pub fn bind(uds_path: &Path) -> Result<Self, ReadyError> {
-        let mut name = uds_path.as_os_str().to_owned();
-        name.push(format!("_{}", veil_protocol::AGENT_READY_VSOCK_PORT));
-        let path = PathBuf::from(name);
+        let path = forwarded_path(uds_path, veil_protocol::AGENT_READY_VSOCK_PORT);
         let _ = std::fs::remove_file(&path);
         let listener =
             std::os::unix::net::UnixListener::bind(&path).map_err(|source| ReadyError::Bind {
@@ -564,24 +321,16 @@ impl ReadyListener {
         let accept_and_read = async {
             // accept() is cancel-safe: a timeout here loses no connection.
             let (mut conn, _) = listener.accept().await.map_err(ReadyError::Io)?;
-            let mut line = Vec::with_capacity(32);
-            loop {
-                let mut b = [0u8; 1];
-                if conn.read(&mut b).await.map_err(ReadyError::Io)? == 0 || b[0] == b'\n' {
-                    break;
-                }
-                line.push(b[0]);
-                if line.len() > 128 {
-                    break;
-                }
-            }
-            let text = String::from_utf8_lossy(&line).into_owned();
-            match text.strip_prefix(veil_protocol::AGENT_READY_LINE_PREFIX) {
+            let line = read_line(&mut conn)
+                .await
+                .map_err(ReadyError::Io)?
+                .unwrap_or_default();
+            match parse_ready_line(&line) {
                 Some(version) => Ok(AgentReady {
                     version: version.to_string(),
                     connection: conn,
                 }),
-                None => Err(ReadyError::BadLine(text)),
+                None => Err(ReadyError::BadLine(line)),
             }
         };
         tokio::time::timeout(timeout, accept_and_read)
@@ -599,6 +348,7 @@ impl Drop for ReadyListener {
 #[cfg(test)]
 mod ready_tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn reads_the_ready_line_on_the_forwarded_socket() {

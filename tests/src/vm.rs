@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use veil_shim::{
     process::SpawnOptions,
     vmm::{accel, qemu::Qemu, Accel, AccelChoice, BootDisk, RunningVm, VmSpec, Vmm, VsockDevice},
-    vsock::{connect_hybrid, AgentReady, HybridVsockBackend, ReadyListener},
+    vsock::{AgentReady, HybridVsockBackend, ReadyListener},
 };
 
 use crate::Artefacts;
@@ -170,7 +170,7 @@ impl TestVm {
     pub async fn connect(&self, port: u32, timeout: Duration) -> Result<tokio::net::UnixStream> {
         let start = std::time::Instant::now();
         self.wait_ready(timeout).await?;
-        connect_hybrid(
+        veil_protocol::vsock::connect_hybrid(
             &self.backend.uds_path,
             port,
             timeout.saturating_sub(start.elapsed()),

@@ -11,7 +11,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use veil_attestation::{client::Attester, evidence::sim::SimEvidence, Tee};
 
-use super::relay::dial_host;
+use veil_protocol::vsock::dial_host;
 
 /// Opens a connection to the simulated firmware.
 pub type Dial = Arc<
