@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 ci/setup.sh
 log "cargo fmt --check"
 cargo fmt --all -- --check
+log "module dependencies (no two files refer to each other)"
+python3 ci/check-module-cycles.py
 log "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 # Host binaries in the dev profile: cargo test compiles that profile anyway.

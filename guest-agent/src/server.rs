@@ -112,7 +112,7 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
             })
         }
     };
-    tracing::info!(%addr, "agent API serving");
+    tracing::info!(%addr, "{}", veil_protocol::AGENT_SERVING_MARK);
     if matches!(config.listen, Listen::Vsock(_)) {
         crate::ready::announce();
     }

@@ -30,6 +30,11 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// agent logs). With hybrid vsock the host listens on `<uds path>_1026`.
 pub const AGENT_READY_VSOCK_PORT: u32 = 1026;
 
+/// What the agent writes to the console (its log) once its API serves. The
+/// shim reads the console for it to time the end of the kernel boot: both
+/// sides use this constant, so neither parses the other's free text.
+pub const AGENT_SERVING_MARK: &str = "agent API serving";
+
 /// vsock port on which the agent accepts stdio stream connections.
 pub const STREAM_VSOCK_PORT: u32 = 1025;
 

@@ -44,6 +44,16 @@ pub enum FrameError {
     },
 }
 
+impl veil_common::Classify for FrameError {
+    fn kind(&self) -> veil_common::Kind {
+        match self {
+            FrameError::Io(_) => veil_common::Kind::Unavailable,
+            FrameError::TooLarge(_) | FrameError::Decode(_) => veil_common::Kind::Internal,
+            FrameError::Refused { code, .. } => crate::status::kind_of_number(*code),
+        }
+    }
+}
+
 /// Writes one length-prefixed frame.
 pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(
     w: &mut W,

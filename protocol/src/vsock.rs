@@ -73,6 +73,16 @@ pub enum VsockError {
     },
 }
 
+impl veil_common::Classify for VsockError {
+    fn kind(&self) -> veil_common::Kind {
+        match self {
+            VsockError::ConnectTimeout { .. }
+            | VsockError::Handshake(_)
+            | VsockError::Io { .. } => veil_common::Kind::Unavailable,
+        }
+    }
+}
+
 /// A connected `AF_VSOCK` stream socket.
 #[derive(Debug)]
 pub struct VsockStream {

@@ -13,7 +13,11 @@ use veil_protocol::{
     },
 };
 
-use veil_protocol::vsock::{Connection, GuestTransport, VsockError};
+use veil_common::{Classify, Kind};
+use veil_protocol::{
+    status::RemoteError,
+    vsock::{Connection, GuestTransport, VsockError},
+};
 
 /// Errors talking to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -21,14 +25,14 @@ pub enum AgentError {
     /// The agent's port could not be reached.
     #[error("cannot reach the agent")]
     Connect(#[source] VsockError),
-    /// A call failed (transport or the agent's own error status).
+    /// A call failed: the agent's own answer, or the connection's failure.
     #[error("agent {call} failed")]
     Rpc {
         /// The RPC.
         call: &'static str,
-        /// ttrpc error; an `RpcStatus` carries the agent's status code.
+        /// What it failed with, classified and readable.
         #[source]
-        source: ttrpc::Error,
+        source: RemoteError,
     },
     /// A stdio stream could not be opened.
     #[error("cannot open the {kind:?} stream of {container}/{exec}")]
@@ -48,19 +52,13 @@ pub enum AgentError {
     NotReady(Duration),
 }
 
-impl AgentError {
-    /// The status code the agent answered with, if the call reached it.
-    pub fn status_code(&self) -> Option<ttrpc::Code> {
+impl Classify for AgentError {
+    fn kind(&self) -> Kind {
         match self {
-            AgentError::Rpc {
-                source: ttrpc::Error::RpcStatus(s),
-                ..
-            } => Some(s.code()),
-            AgentError::Stream {
-                source: veil_protocol::stream::FrameError::Refused { code, .. },
-                ..
-            } => <ttrpc::Code as protobuf::Enum>::from_i32(i32::try_from(*code).unwrap_or(2)),
-            _ => None,
+            AgentError::Connect(e) => e.kind(),
+            AgentError::Rpc { source, .. } => source.kind,
+            AgentError::Stream { source, .. } => source.kind(),
+            AgentError::NotReady(_) => Kind::DeadlineExceeded,
         }
     }
 }
@@ -170,7 +168,10 @@ impl Agent {
 
 /// Wraps a ttrpc result of the RPC `call`.
 pub fn rpc<T>(call: &'static str, r: ttrpc::Result<T>) -> Result<T, AgentError> {
-    r.map_err(|source| AgentError::Rpc { call, source })
+    r.map_err(|e| AgentError::Rpc {
+        call,
+        source: RemoteError::from(e),
+    })
 }
 
 #[cfg(test)]
@@ -178,17 +179,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_agents_status_code_is_kept() {
+    fn the_agents_answer_keeps_its_kind_and_reads_plainly() {
         let e = rpc::<()>(
             "RemoveContainer",
             Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
                 ttrpc::Code::FAILED_PRECONDITION,
-                "running",
+                "container 'c1' is running; kill it first",
             ))),
         )
         .unwrap_err();
-        assert_eq!(e.status_code(), Some(ttrpc::Code::FAILED_PRECONDITION));
-        let transport = rpc::<()>("X", Err(ttrpc::Error::LocalClosed)).unwrap_err();
-        assert_eq!(transport.status_code(), None);
+        assert_eq!(e.kind(), Kind::FailedPrecondition);
+        assert_eq!(
+            veil_common::error_chain(&e),
+            "agent RemoveContainer failed: container 'c1' is running; kill it first"
+        );
+        let closed = rpc::<()>("X", Err(ttrpc::Error::LocalClosed)).unwrap_err();
+        assert_eq!(closed.kind(), Kind::Unavailable);
+        assert!(!veil_common::error_chain(&closed).contains("Status"));
+    }
+
+    #[test]
+    fn every_variant_has_its_kind() {
+        let cases = [
+            (
+                AgentError::Connect(VsockError::ConnectTimeout {
+                    port: 1024,
+                    timeout: Duration::from_secs(1),
+                }),
+                Kind::Unavailable,
+            ),
+            (
+                AgentError::Stream {
+                    container: "c".into(),
+                    exec: String::new(),
+                    kind: StreamKind::STDOUT,
+                    source: veil_protocol::stream::FrameError::Refused {
+                        code: veil_protocol::status::code_number(Kind::NotFound),
+                        message: "no such process".into(),
+                    },
+                },
+                Kind::NotFound,
+            ),
+            (
+                AgentError::NotReady(Duration::from_secs(1)),
+                Kind::DeadlineExceeded,
+            ),
+        ];
+        for (e, kind) in cases {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
     }
 }

@@ -28,12 +28,14 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     args::Args,
+    config::ConfigSource,
     events::Publisher,
     phases::{self, START_ENV},
     rootfs::ImageStore,
+    sandbox::VmLauncher,
     spec::HostSpec,
     state::PodDir,
-    task::{self, ServiceContext, TaskServer, TaskService},
+    task::{server::TaskServer, ServiceContext, TaskService},
 };
 
 /// Where containerd (1.6 and 2.x) expects shim sockets.
@@ -226,13 +228,15 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
         std::env::var("TTRPC_ADDRESS").map_err(|_| BootstrapError::Env("TTRPC_ADDRESS"))?;
     let start_cmd_ns = std::env::var(START_ENV).ok().and_then(|v| v.parse().ok());
     let publisher = Publisher::start(ttrpc_address, args.namespace.clone());
-    let service = Arc::new(TaskService::new(ServiceContext {
-        namespace: args.namespace.clone(),
-        shim_pid: std::process::id(),
-        events: Arc::new(publisher),
-        start_cmd_ns,
-        serving_ns: 0,
-    }));
+    let service = Arc::new(TaskService::new(
+        ServiceContext {
+            namespace: args.namespace.clone(),
+            shim_pid: std::process::id(),
+            events: Arc::new(publisher),
+            start_cmd_ns,
+        },
+        Arc::new(VmLauncher),
+    ));
     // SAFETY: `start` passed the listening socket as fd 3; nothing else in
     // this process owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
@@ -269,7 +273,7 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
 /// a stale socket — and prints the `DeleteResponse`.
 pub fn delete(args: &Args) -> Result<(), BootstrapError> {
     let bundle = bundle_dir(args)?;
-    let source = task::bundle_config(&bundle);
+    let source = ConfigSource::from_bundle(&bundle);
     let config = source.load().map(|(c, _)| c).unwrap_or_default();
     let group = HostSpec::read(&bundle)
         .map(|s| s.sandbox_id(&args.id).to_string())

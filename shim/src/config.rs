@@ -22,6 +22,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
+use veil_common::{Classify, Kind};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +61,15 @@ pub enum ConfigError {
     /// The runtime options from containerd are malformed.
     #[error("malformed runtime options from containerd")]
     Options(#[source] protobuf::Error),
+}
+
+impl Classify for ConfigError {
+    fn kind(&self) -> Kind {
+        match self {
+            ConfigError::Read { .. } | ConfigError::Parse { .. } => Kind::FailedPrecondition,
+            ConfigError::UnknownHandler(_) | ConfigError::Options(_) => Kind::InvalidArgument,
+        }
+    }
 }
 
 /// Which TEE a handler's pods run in.
@@ -337,6 +347,10 @@ impl Config {
     }
 }
 
+/// File in a pod's sandbox bundle recording which config and handler the pod
+/// uses (for `delete`, which gets no runtime options).
+pub const BUNDLE_CONFIG_FILE: &str = "veil-config";
+
 /// Where the configuration comes from, as containerd's runtime options say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigSource {
@@ -386,6 +400,21 @@ impl ConfigSource {
             },
             handler,
         }
+    }
+
+    /// Records in `bundle` that its pod uses this config with `handler`.
+    pub fn record(&self, bundle: &Path, handler: &str) -> std::io::Result<()> {
+        std::fs::write(
+            bundle.join(BUNDLE_CONFIG_FILE),
+            format!("{}#{handler}", self.path.display()),
+        )
+    }
+
+    /// What [`Self::record`] wrote in `bundle`, or the default.
+    pub fn from_bundle(bundle: &Path) -> Self {
+        std::fs::read_to_string(bundle.join(BUNDLE_CONFIG_FILE))
+            .map(|s| Self::from_config_path(s.trim()))
+            .unwrap_or_default()
     }
 
     /// Loads the file and picks the handler.

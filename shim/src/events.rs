@@ -328,14 +328,12 @@ impl EventSink for Publisher {
 #[derive(Default)]
 pub struct RecordingSink {
     /// Events so far.
-    pub events: std::sync::Mutex<Vec<TaskEvent>>,
+    pub events: crate::sync::Lock<Vec<TaskEvent>>,
 }
 
 impl EventSink for RecordingSink {
     fn publish(&self, event: TaskEvent) {
-        if let Ok(mut v) = self.events.lock() {
-            v.push(event);
-        }
+        self.events.lock().push(event);
     }
 }
 

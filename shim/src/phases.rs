@@ -14,10 +14,9 @@
 //! `container_started`. Marks that did not happen for this container (a
 //! second container of a pod has no VM boot) are absent.
 
-use std::{
-    sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::sync::Lock;
 
 /// Environment variable through which `start` hands its start time to the
 /// serving shim.
@@ -49,7 +48,7 @@ pub fn now_ns() -> u128 {
 /// Marks recorded for one container's start.
 #[derive(Debug, Default)]
 pub struct Phases {
-    marks: Mutex<Vec<(&'static str, u128)>>,
+    marks: Lock<Vec<(&'static str, u128)>>,
 }
 
 impl Phases {
@@ -60,15 +59,14 @@ impl Phases {
 
     /// Records `name` at `ns`.
     pub fn mark_at(&self, name: &'static str, ns: u128) {
-        if let Ok(mut m) = self.marks.lock() {
-            m.retain(|(n, _)| *n != name);
-            m.push((name, ns));
-        }
+        let mut m = self.marks.lock();
+        m.retain(|(n, _)| *n != name);
+        m.push((name, ns));
     }
 
     /// The `veil-phases` line.
     pub fn line(&self, sandbox: &str, container: &str) -> String {
-        let marks = self.marks.lock().map(|m| m.clone()).unwrap_or_default();
+        let marks = self.marks.lock().clone();
         let mut s = format!("veil-phases sandbox={sandbox} container={container}");
         for name in MARKS {
             if let Some((_, t)) = marks.iter().find(|(n, _)| n == name) {

@@ -8,6 +8,7 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+use veil_common::{Classify, Kind};
 
 use nix::{
     sys::signal::{kill, Signal},
@@ -35,6 +36,14 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for ProcessError {
+    fn kind(&self) -> Kind {
+        match self {
+            ProcessError::Spawn { .. } | ProcessError::Log { .. } => Kind::Internal,
+        }
+    }
 }
 
 /// A running child that is killed (SIGKILL) and reaped when dropped.

@@ -22,6 +22,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
 };
+use veil_common::{Classify, Kind};
 
 use sha2::{Digest, Sha256};
 
@@ -69,6 +70,18 @@ pub enum RootfsError {
         /// The end of its stderr.
         stderr: String,
     },
+}
+
+impl Classify for RootfsError {
+    fn kind(&self) -> Kind {
+        match self {
+            RootfsError::Unsupported(_) => Kind::InvalidArgument,
+            RootfsError::Io { .. } | RootfsError::Mount { .. } | RootfsError::Tool { .. } => {
+                Kind::Internal
+            }
+            RootfsError::Verity(e) => e.kind(),
+        }
+    }
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {

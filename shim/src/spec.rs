@@ -22,6 +22,7 @@
 //! image name).
 
 use serde_json::{json, Value};
+use veil_common::{Classify, Kind};
 
 /// containerd's CRI annotation naming a container's pod.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
@@ -61,6 +62,15 @@ pub enum SpecError {
     /// It is JSON but not a spec.
     #[error("the bundle spec is not an object")]
     NotObject,
+}
+
+impl Classify for SpecError {
+    fn kind(&self) -> Kind {
+        match self {
+            SpecError::Read { .. } => Kind::NotFound,
+            SpecError::Json(_) | SpecError::NotObject => Kind::InvalidArgument,
+        }
+    }
 }
 
 /// A container's spec as the host gave it.

@@ -12,6 +12,7 @@ use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
+use veil_common::{Classify, Kind};
 
 use nix::{
     sys::signal::{kill, Signal},
@@ -37,6 +38,15 @@ pub enum StateError {
     BadId(String),
 }
 
+impl Classify for StateError {
+    fn kind(&self) -> Kind {
+        match self {
+            StateError::Io { .. } => Kind::Internal,
+            StateError::BadId(_) => Kind::InvalidArgument,
+        }
+    }
+}
+
 /// `<state_dir>/<sandbox-id>`.
 #[derive(Debug, Clone)]
 pub struct PodDir {
@@ -44,21 +54,10 @@ pub struct PodDir {
     pub path: PathBuf,
 }
 
-/// True for ids that are safe as one path component.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
 impl PodDir {
     /// The directory of `sandbox_id` (not created).
     pub fn at(state_dir: &Path, sandbox_id: &str) -> Result<Self, StateError> {
-        if !valid_id(sandbox_id) {
+        if !veil_common::id::is_valid_id(sandbox_id) {
             return Err(StateError::BadId(sandbox_id.to_string()));
         }
         Ok(PodDir {
@@ -205,11 +204,10 @@ mod tests {
 
     #[test]
     fn ids_stay_one_component() {
-        assert!(valid_id("abc-1_2.x"));
-        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(129)] {
-            assert!(!valid_id(bad), "{bad}");
+        assert!(PodDir::at(Path::new("/run/veil"), "abc-1_2.x").is_ok());
+        for bad in ["", ".", "..", "../etc", "a/b", "-x"] {
+            assert!(PodDir::at(Path::new("/run/veil"), bad).is_err(), "{bad}");
         }
-        assert!(PodDir::at(Path::new("/run/veil"), "../etc").is_err());
     }
 
     #[test]

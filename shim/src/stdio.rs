@@ -12,6 +12,7 @@ use std::{
     path::{Path, PathBuf},
     pin::Pin,
 };
+use veil_common::{Classify, Kind};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -40,6 +41,16 @@ pub enum StdioError {
     /// The agent refused or lost a stream.
     #[error(transparent)]
     Agent(#[from] AgentError),
+}
+
+impl Classify for StdioError {
+    fn kind(&self) -> Kind {
+        match self {
+            StdioError::Open { .. } => Kind::InvalidArgument,
+            StdioError::Unsupported(_) => Kind::Unimplemented,
+            StdioError::Agent(e) => e.kind(),
+        }
+    }
 }
 
 /// containerd's stdio for one process.

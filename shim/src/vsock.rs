@@ -10,6 +10,7 @@ use std::{
     process::Command,
     time::{Duration, Instant},
 };
+use veil_common::{Classify, Kind};
 
 use tokio::net::UnixStream;
 use veil_protocol::vsock::{forwarded_path, parse_ready_line, read_line};
@@ -49,6 +50,16 @@ pub enum VsockError {
         /// Last CID tried.
         last: u32,
     },
+}
+
+impl Classify for VsockError {
+    fn kind(&self) -> Kind {
+        match self {
+            VsockError::Spawn(e) => e.kind(),
+            VsockError::BackendNotReady { .. } | VsockError::VhostDevice { .. } => Kind::Internal,
+            VsockError::NoFreeCid { .. } => Kind::ResourceExhausted,
+        }
+    }
 }
 
 /// True when the kernel's vhost-vsock device is available.
@@ -263,6 +274,15 @@ pub enum ReadyError {
     /// The first line was not `READY <version>`.
     #[error("unexpected readiness line {0:?}")]
     BadLine(String),
+}
+
+impl Classify for ReadyError {
+    fn kind(&self) -> Kind {
+        match self {
+            ReadyError::Bind { .. } | ReadyError::Io(_) | ReadyError::BadLine(_) => Kind::Internal,
+            ReadyError::Timeout(_) => Kind::DeadlineExceeded,
+        }
+    }
 }
 
 /// Waits for the agent's readiness call over hybrid vsock.

@@ -22,7 +22,7 @@ use veil_protocol::simfw;
 
 use crate::{
     config::TeeKind,
-    sandbox::{HostService, LaunchInfo},
+    sandbox::launch::{HostService, LaunchInfo},
 };
 
 /// How long a guest may take to send its request.

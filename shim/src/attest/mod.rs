@@ -16,6 +16,7 @@
 //! It does not own the protocol with the broker (the guest speaks it) nor the
 //! keys the broker releases (they never leave the guest).
 
+use veil_common::{Classify, Kind};
 pub mod firmware;
 pub mod relay;
 
@@ -28,7 +29,7 @@ use crate::{
     agent::{self, Agent, AgentError},
     config::{HandlerConfig, TeeKind},
     phases::Phases,
-    sandbox::HostService,
+    sandbox::launch::HostService,
 };
 
 /// Kernel command-line key: the TEE the guest attests as (`sim`, `snp`, `tdx`).
@@ -79,6 +80,19 @@ pub enum AttestSetupError {
         #[source]
         source: veil_attestation::sim_ca::SimCaError,
     },
+}
+
+impl Classify for AttestSetupError {
+    fn kind(&self) -> Kind {
+        match self {
+            AttestSetupError::Cert { .. }
+            | AttestSetupError::CertFormat(_)
+            | AttestSetupError::NoTee
+            | AttestSetupError::Incomplete
+            | AttestSetupError::Resource { .. }
+            | AttestSetupError::SimKeys { .. } => Kind::FailedPrecondition,
+        }
+    }
 }
 
 /// The TEE name the guest's `veil.tee=` takes, if the handler has a TEE.

@@ -16,7 +16,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::sandbox::{HostService, LaunchInfo};
+use crate::sandbox::launch::{HostService, LaunchInfo};
 
 /// How long connecting to the broker may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

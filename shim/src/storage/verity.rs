@@ -13,6 +13,7 @@ use std::{
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
+use veil_common::{Classify, Kind};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +41,14 @@ pub enum VerityError {
     /// The sidecar file is malformed.
     #[error("malformed verity record {0}")]
     Record(PathBuf, #[source] serde_json::Error),
+}
+
+impl Classify for VerityError {
+    fn kind(&self) -> Kind {
+        match self {
+            VerityError::Io { .. } | VerityError::Record(..) => Kind::Internal,
+        }
+    }
 }
 
 /// Where an image's hash tree is and what its root hash is.

@@ -4,6 +4,7 @@
 //! This module owns launching and stopping the VM process. It does not own the
 //! vsock backend (see [`crate::vsock`]) nor what runs inside the guest.
 
+use veil_common::{Classify, Kind};
 pub mod accel;
 pub mod confidential;
 pub mod qemu;
@@ -34,6 +35,17 @@ pub enum VmmError {
     /// A QMP exchange failed.
     #[error("QMP {0}")]
     Qmp(#[from] qmp::QmpError),
+}
+
+impl Classify for VmmError {
+    fn kind(&self) -> Kind {
+        match self {
+            VmmError::Spawn(e) => e.kind(),
+            VmmError::MissingFile { .. } => Kind::FailedPrecondition,
+            VmmError::InvalidSpec(_) => Kind::InvalidArgument,
+            VmmError::Qmp(e) => e.kind(),
+        }
+    }
 }
 
 /// How the guest's vsock device is provided.

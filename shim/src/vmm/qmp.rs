@@ -10,6 +10,7 @@ use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+use veil_common::{Classify, Kind};
 
 use serde_json::{json, Value};
 use tokio::{
@@ -53,6 +54,16 @@ pub enum QmpError {
     /// An expected event did not arrive in time.
     #[error("no {0} event in time")]
     EventTimeout(String),
+}
+
+impl Classify for QmpError {
+    fn kind(&self) -> Kind {
+        match self {
+            QmpError::Connect { .. } | QmpError::Io(_) | QmpError::Closed => Kind::Unavailable,
+            QmpError::Json(_) | QmpError::Command { .. } => Kind::Internal,
+            QmpError::EventTimeout(_) => Kind::DeadlineExceeded,
+        }
+    }
 }
 
 /// A connected QMP client in command mode.

@@ -1,0 +1,433 @@
+//! Booting a pod VM: the pod directory, the vsock transport (a guest CID or
+//! a hybrid backend), the host services for the guest, the scratch disk,
+//! QEMU, the agent's readiness and health, QMP, then the guest's sandbox set-up:
+//! its shared files, attestation, and the encrypted scratch disk.
+//!
+//! [`boot`] returns the parts as a [`Booted`]; until then, a failure at any
+//! step tears down what was started ([`Partial`]).
+
+use std::{os::unix::fs::DirBuilderExt, path::PathBuf, sync::Arc, time::Duration};
+
+use veil_common::{Classify, Kind};
+use veil_protocol::{agent::CreateSandboxRequest, vsock::GuestTransport};
+
+use super::launch::{HostService, LaunchInfo};
+use crate::{
+    agent::{self, Agent, AgentError},
+    config::{Config, HandlerConfig, TeeKind, VsockMode},
+    phases::Phases,
+    process::SpawnOptions,
+    state::{PodDir, StateError},
+    storage::scratch,
+    vmm::{
+        accel,
+        qemu::Qemu,
+        qmp::{Qmp, QmpError},
+        BootDisk, Machine, RunningVm, SnpParams, TdxParams, Tee, VmSpec, Vmm, VmmError,
+        VsockDevice,
+    },
+    vsock::{self, AgentReady, HybridVsockBackend, ReadyError, ReadyListener, VsockError},
+};
+
+/// The kernel command line every pod VM boots with (before the handler's
+/// `kernel_params`).
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
+
+/// Errors booting the pod VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The pod directory.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The vsock transport.
+    #[error("vsock")]
+    Vsock(#[from] VsockError),
+    /// The agent's readiness call.
+    #[error("waiting for the agent")]
+    Ready(#[from] ReadyError),
+    /// The VMM.
+    #[error("VMM")]
+    Vmm(#[from] VmmError),
+    /// QMP.
+    #[error("QMP")]
+    Qmp(#[from] QmpError),
+    /// The agent.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// A file for the VM (scratch disk, a service socket).
+    #[error("cannot create {path}")]
+    File {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM ended while starting: what QEMU itself said (its stderr, e.g.
+    /// a refused device or a missing file), then the tail of the console.
+    #[error("the VM exited during boot; QEMU said:\n{0}\nconsole:\n{1}")]
+    Died(String, String),
+    /// The pod's attestation set-up (broker, simulated TEE keys).
+    #[error("attestation set-up")]
+    Attest(#[from] crate::attest::AttestSetupError),
+}
+
+impl Classify for BootError {
+    fn kind(&self) -> Kind {
+        match self {
+            BootError::State(e) => e.kind(),
+            BootError::Vsock(e) => e.kind(),
+            BootError::Ready(e) => e.kind(),
+            BootError::Vmm(e) => e.kind(),
+            BootError::Qmp(e) => e.kind(),
+            BootError::Agent(e) => e.kind(),
+            BootError::File { .. } | BootError::Died(..) => Kind::Internal,
+            BootError::Attest(e) => e.kind(),
+        }
+    }
+}
+
+/// Everything needed to boot a pod VM.
+pub struct BootParams<'a> {
+    /// The pod (CRI sandbox) id.
+    pub id: &'a str,
+    /// Global settings (binaries, state and image dirs).
+    pub config: &'a Config,
+    /// The handler's settings.
+    pub handler: &'a HandlerConfig,
+    /// The pod's hostname.
+    pub hostname: String,
+}
+
+/// A booted pod VM, its parts owned by the caller from here on.
+pub struct Booted {
+    /// The pod directory.
+    pub dir: PodDir,
+    /// The VMM.
+    pub vm: Box<dyn RunningVm>,
+    /// The hybrid vsock backend, if any.
+    pub backend: Option<HybridVsockBackend>,
+    /// The `/dev/vhost-vsock` descriptor holding the guest CID, if any.
+    pub vhost_device: Option<std::fs::File>,
+    /// QMP.
+    pub qmp: Qmp,
+    /// The agent.
+    pub agent: Agent,
+    /// The host services' tasks.
+    pub services: Vec<tokio::task::JoinHandle<()>>,
+    /// The agent's readiness connection, kept open.
+    pub ready_call: Option<AgentReady>,
+    /// What was launched.
+    pub launch: LaunchInfo,
+    /// Whether the pod has its encrypted scratch disk.
+    pub has_scratch: bool,
+}
+
+/// The kernel command line of `h`'s pods: the base line, the measured
+/// attestation words, the handler's `kernel_params`.
+pub fn cmdline(h: &HandlerConfig) -> Result<String, BootError> {
+    let attest_words = crate::attest::guest_cmdline(h)?;
+    Ok(
+        [BASE_CMDLINE, attest_words.as_str(), h.kernel_params.trim()]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// What a pod VM of `h` is launched with — the input of its simulated
+/// measurement, so an operator (or a test) computes the reference value of
+/// a handler from its configuration alone.
+pub fn launch_info(h: &HandlerConfig) -> Result<LaunchInfo, BootError> {
+    Ok(LaunchInfo {
+        tee: h.tee,
+        kernel: h.kernel.clone(),
+        initrd: h.initrd.clone(),
+        firmware: matches!(h.tee, TeeKind::Snp | TeeKind::Tdx).then(|| h.firmware.clone()),
+        cmdline: cmdline(h)?,
+        vcpus: h.vcpus,
+    })
+}
+
+fn spawn_opts() -> SpawnOptions {
+    // The shim's runtime is single-threaded on the main thread, which lives as
+    // long as the shim: a crashed shim takes QEMU and the backend with it.
+    SpawnOptions {
+        die_with_parent_thread: true,
+    }
+}
+
+/// Parts of a VM being booted; dropping it tears them down.
+struct Partial {
+    dir: PodDir,
+    vm: Option<Box<dyn RunningVm>>,
+    backend: Option<HybridVsockBackend>,
+    services: Vec<tokio::task::JoinHandle<()>>,
+    defused: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if self.defused {
+            return;
+        }
+        for s in &self.services {
+            s.abort();
+        }
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
+        }
+        if let Some(mut b) = self.backend.take() {
+            b.stop();
+        }
+        self.dir.cleanup();
+    }
+}
+
+fn machine(h: &HandlerConfig) -> Machine {
+    match h.tee {
+        TeeKind::None | TeeKind::Sim => Machine::Microvm,
+        TeeKind::Snp => Machine::Q35 {
+            tee: Tee::Snp(SnpParams::default()),
+            firmware: h.firmware.clone(),
+        },
+        TeeKind::Tdx => Machine::Q35 {
+            tee: Tee::Tdx(TdxParams {
+                sept_ve_disable: true,
+                mrconfigid_b64: None,
+            }),
+            firmware: h.firmware.clone(),
+        },
+    }
+}
+
+/// Creates the pod's sparse scratch file (recorded in the pod directory
+/// first, so the pod's cleanup removes it whatever happens).
+fn scratch_disk(p: &BootParams<'_>, dir: &PodDir) -> Result<Option<BootDisk>, BootError> {
+    let h = p.handler;
+    if h.scratch_disk_mib == 0 {
+        return Ok(None);
+    }
+    let path = scratch::path(&p.config.scratch_dir, p.id);
+    let file_err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| BootError::File { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&p.config.scratch_dir)
+        .map_err(file_err(&p.config.scratch_dir))?;
+    dir.record_file("scratch", &path)?;
+    let f = std::fs::File::create(&path).map_err(file_err(&path))?;
+    f.set_len(h.scratch_disk_mib * 1024 * 1024)
+        .map_err(file_err(&path))?;
+    Ok(Some(BootDisk {
+        path,
+        serial: scratch::SERIAL.into(),
+        read_only: false,
+    }))
+}
+
+/// Boots the pod VM and waits for its agent; records the boot phases.
+pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootError> {
+    let dir = PodDir::at(&p.config.state_dir, p.id)?;
+    dir.create()?;
+    let mut partial = Partial {
+        dir: dir.clone(),
+        vm: None,
+        backend: None,
+        services: Vec::new(),
+        defused: false,
+    };
+    let h = p.handler;
+    let accel = accel::resolve(h.accel);
+    let use_vhost = match h.vsock {
+        VsockMode::Vhost => true,
+        VsockMode::Hybrid => false,
+        VsockMode::Auto => vsock::vhost_available(),
+    };
+    let mut ready = None;
+    let (device, transport, vhost_device) = if use_vhost {
+        let (cid, file) = vsock::allocate_cid(h.first_cid, 4096)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        (
+            VsockDevice::Vhost { cid, fd: Some(fd) },
+            GuestTransport::Vhost { cid },
+            Some(file),
+        )
+    } else {
+        let backend =
+            HybridVsockBackend::start(&p.config.vhost_device_vsock, &dir.path, 3, spawn_opts())?;
+        if let Some(pid) = backend.pid() {
+            dir.record_pid("vsock", pid)?;
+        }
+        let dev = VsockDevice::VhostUser {
+            socket: backend.vhost_socket.clone(),
+        };
+        let t = GuestTransport::Hybrid {
+            uds_path: backend.uds_path.clone(),
+        };
+        // The agent calls us once it serves; dialling it earlier can wedge
+        // the backend.
+        ready = Some(ReadyListener::bind(&backend.uds_path)?);
+        partial.backend = Some(backend);
+        (dev, t, None)
+    };
+    let launch = launch_info(h)?;
+    let disks: Vec<BootDisk> = scratch_disk(&p, &dir)?.into_iter().collect();
+    let attest_services: Vec<Arc<dyn HostService>> = crate::attest::host_services(h)?;
+    for svc in &attest_services {
+        if let Some(path) = transport.host_listener_path(svc.port()) {
+            let l = tokio::net::UnixListener::bind(&path).map_err(|source| BootError::File {
+                path: path.clone(),
+                source,
+            })?;
+            partial
+                .services
+                .push(Arc::clone(svc).serve(l, launch.clone()));
+        }
+    }
+    let qmp_path = dir.file("qmp.sock");
+    let console = dir.file("console.log");
+    let spec = VmSpec {
+        kernel: h.kernel.clone(),
+        initrd: h.initrd.clone(),
+        cmdline: launch.cmdline.clone(),
+        vcpus: h.vcpus,
+        memory_mib: h.memory_mib,
+        accel,
+        vsock: device,
+        console_log: console.clone(),
+        vmm_log: dir.file("qemu.log"),
+        qmp_socket: Some(qmp_path.clone()),
+        machine: machine(h),
+        scsi_controller: true,
+        disks,
+    };
+    let vm = Qemu {
+        binary: p.config.qemu.clone(),
+    }
+    .launch(&spec, spawn_opts())?;
+    if let Some(pid) = vm.pid() {
+        dir.record_pid("qemu", pid)?;
+    }
+    partial.vm = Some(vm);
+    phases.mark("vmm_spawned");
+    tracing::debug!(?accel, "VMM spawned");
+
+    let console_says_serving = || {
+        std::fs::read_to_string(&console)
+            .map(|c| c.contains(veil_protocol::AGENT_SERVING_MARK))
+            .unwrap_or(false)
+    };
+    let watch_console = async {
+        loop {
+            if console_says_serving() {
+                phases.mark("kernel_booted");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let timeout = Duration::from_millis(h.boot_timeout_ms);
+    let connect = async {
+        let mut call: Option<AgentReady> = None;
+        if let Some(l) = ready.as_mut() {
+            call = Some(l.wait(timeout).await.map_err(BootError::Ready)?);
+        }
+        let agent = Agent::connect(transport.clone(), timeout).await?;
+        Ok::<_, BootError>((agent, call))
+    };
+    tokio::pin!(connect);
+    tokio::pin!(watch_console);
+    let mut console_seen = false;
+    let connected = loop {
+        tokio::select! {
+            a = &mut connect => break a,
+            () = &mut watch_console, if !console_seen => console_seen = true,
+        }
+    };
+    let (agent, ready_call) = match connected {
+        Ok(a) => a,
+        Err(e) => {
+            let vm_alive = partial.vm.as_mut().is_some_and(|v| v.is_running());
+            if !vm_alive {
+                let text = std::fs::read_to_string(&console).unwrap_or_default();
+                let vmm = std::fs::read_to_string(dir.file("qemu.log")).unwrap_or_default();
+                return Err(BootError::Died(tail(&vmm, 2000), tail(&text, 2000)));
+            }
+            return Err(e);
+        }
+    };
+    if !console_seen && console_says_serving() {
+        phases.mark("kernel_booted");
+    }
+    phases.mark("agent_ready");
+    let qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
+
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = p.id.to_string();
+    // The pod shares no network yet: localhost plus the pod's name, and the
+    // node's resolver configuration.
+    req.hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+        p.hostname
+    )
+    .into_bytes();
+    req.resolv_conf = std::fs::read("/etc/resolv.conf")
+        .map(|mut r| {
+            r.truncate(64 * 1024);
+            r
+        })
+        .unwrap_or_default();
+    req.hostname = p.hostname;
+    agent::rpc(
+        "CreateSandbox",
+        agent.sandbox.create_sandbox(agent::ctx(), &req).await,
+    )?;
+    crate::attest::attest_pod(&agent, h, phases).await?;
+    let has_scratch = h.scratch_disk_mib > 0;
+    if has_scratch {
+        // Formatted (or opened) under the key the broker released, or an
+        // ephemeral one in a plain pod: the agent decides, not the host.
+        agent::rpc(
+            "AddStorage",
+            agent
+                .sandbox
+                .add_storage(agent::ctx(), &scratch::add_request())
+                .await,
+        )?;
+        phases.mark("scratch_ready");
+    }
+
+    let Some(vm) = partial.vm.take() else {
+        return Err(BootError::Died(String::new(), String::new()));
+    };
+    let backend = partial.backend.take();
+    let services = std::mem::take(&mut partial.services);
+    // Everything is owned by the caller now.
+    partial.defused = true;
+    Ok(Booted {
+        dir,
+        vm,
+        backend,
+        vhost_device,
+        qmp,
+        agent,
+        services,
+        ready_call,
+        launch,
+        has_scratch,
+    })
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let start = s.len().saturating_sub(n);
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    s[start..].to_string()
+}

@@ -1,0 +1,543 @@
+//! The pod VM: the real [`Pod`] behind the task service.
+//!
+//! [`VmLauncher`] loads the pod's configuration and boots its VM
+//! ([`boot`]), building the sandbox container's root image meanwhile.
+//! [`Sandbox`] owns what the VM needs on the host — the VMM process, the
+//! vsock backend, the pod directory, QMP, the agent connection, the attached
+//! images ([`images`]) and the stdio relays of its processes — and relays
+//! the container and process calls to the agent. It does not track
+//! containerd's view of the containers (the task service does).
+//!
+//! [`launch`] holds what the attestation services plug in with.
+
+pub mod boot;
+pub mod images;
+pub mod launch;
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use protobuf::MessageField;
+use veil_common::{Classify, Kind};
+use veil_protocol::agent::{
+    ContainerRequest, ContainerStats, CreateContainerRequest, DestroySandboxRequest,
+    ExecProcessRequest, ProcessRequest, ResizeTerminalRequest, Rootfs, ShutdownRequest,
+    SignalProcessRequest, UpdateContainerRequest,
+};
+
+pub use boot::{cmdline, launch_info, BootError, BootParams, BASE_CMDLINE};
+pub use images::image_store;
+pub use launch::{HostService, LaunchInfo};
+
+use crate::{
+    agent::{self, Agent},
+    config::ConfigError,
+    phases::Phases,
+    pod::{
+        AttachedImage, ExitInfo, LaunchRequest, Launcher, NewContainer, NewExec, Pod, PodError,
+        PodEvent,
+    },
+    rootfs::Layers,
+    spec::SpecError,
+    state::PodDir,
+    stdio::{Relay, StdioPaths},
+    sync::Lock,
+    vmm::{qmp::Qmp, RunningVm},
+    vsock::{AgentReady, HybridVsockBackend},
+};
+use images::Images;
+
+/// How long output may still flow after the agent reported an exit (it
+/// reports it once the output was written, so this only covers transit).
+const OUTPUT_GRACE: Duration = Duration::from_secs(30);
+
+/// Errors of the pod's own steps (the agent's, the images' and the boot's
+/// errors keep their own types).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The configuration.
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    /// The container's spec.
+    #[error("container spec")]
+    Spec(#[from] SpecError),
+    /// No relay for a process (never created here, or already waited for).
+    #[error("no stdio for process {0}")]
+    NoRelay(String),
+}
+
+impl Classify for SandboxError {
+    fn kind(&self) -> Kind {
+        match self {
+            SandboxError::Config(e) => e.kind(),
+            SandboxError::Spec(e) => e.kind(),
+            SandboxError::NoRelay(_) => Kind::NotFound,
+        }
+    }
+}
+
+/// Boots pod VMs.
+#[derive(Debug, Default)]
+pub struct VmLauncher;
+
+#[async_trait::async_trait]
+impl Launcher for VmLauncher {
+    async fn launch(
+        &self,
+        req: LaunchRequest<'_>,
+        phases: &Phases,
+    ) -> Result<Arc<dyn Pod>, PodError> {
+        let (config, handler_name) = req.config.load().map_err(SandboxError::Config)?;
+        let handler = config
+            .handler(&handler_name)
+            .map_err(SandboxError::Config)?
+            .clone();
+        if let Err(e) = req.config.record(&req.bundle, &handler_name) {
+            tracing::warn!(error = %e, "cannot record the pod's config in its bundle");
+        }
+        tracing::info!(pod = %req.sandbox_id, handler = %handler_name, "booting pod VM");
+        let images = Images::new(req.sandbox_id, image_store(&config, &handler));
+        // Build the sandbox container's image while the VM boots; it is
+        // attached (and found in the store) right after.
+        let prebuild = async {
+            if let Some(l) = &req.first_image {
+                if let Err(e) = images.acquire(l, req.bundle.clone()).await {
+                    tracing::debug!(error = %veil_common::error_chain(&e), "image build during boot failed; retried at attach");
+                }
+            }
+        };
+        let (booted, ()) = tokio::join!(
+            boot::boot(
+                BootParams {
+                    id: req.sandbox_id,
+                    config: &config,
+                    handler: &handler,
+                    hostname: req.hostname.clone(),
+                },
+                phases,
+            ),
+            prebuild
+        );
+        let b = match booted {
+            Ok(b) => b,
+            Err(e) => {
+                images.release_all().await;
+                return Err(e.into());
+            }
+        };
+        Ok(Arc::new(Sandbox {
+            id: req.sandbox_id.to_string(),
+            dir: b.dir,
+            vm: Lock::new(Some(b.vm)),
+            backend: Lock::new(b.backend),
+            _vhost_device: b.vhost_device,
+            qmp: tokio::sync::Mutex::new(b.qmp),
+            agent: b.agent,
+            images,
+            services: b.services,
+            _ready_call: b.ready_call,
+            launch: b.launch,
+            has_scratch: b.has_scratch,
+            relays: Lock::new(HashMap::new()),
+        }))
+    }
+}
+
+type Shared<T> = Arc<tokio::sync::Mutex<T>>;
+
+/// A booted pod VM.
+pub struct Sandbox {
+    id: String,
+    dir: PodDir,
+    vm: Lock<Option<Box<dyn RunningVm>>>,
+    backend: Lock<Option<HybridVsockBackend>>,
+    _vhost_device: Option<std::fs::File>,
+    qmp: tokio::sync::Mutex<Qmp>,
+    agent: Agent,
+    images: Images,
+    services: Vec<tokio::task::JoinHandle<()>>,
+    /// The agent's readiness connection, kept open.
+    _ready_call: Option<AgentReady>,
+    /// What was launched.
+    pub launch: LaunchInfo,
+    /// Whether the pod has its encrypted scratch disk (container writable
+    /// layers and emptyDir volumes live there).
+    pub has_scratch: bool,
+    relays: Lock<HashMap<(String, String), Shared<Relay>>>,
+}
+
+fn creq(id: &str) -> ContainerRequest {
+    let mut r = ContainerRequest::new();
+    r.container_id = id.to_string();
+    r
+}
+
+fn preq(id: &str, exec: &str) -> ProcessRequest {
+    let mut r = ProcessRequest::new();
+    r.container_id = id.to_string();
+    r.exec_id = exec.to_string();
+    r
+}
+
+fn key(c: &str, e: &str) -> (String, String) {
+    (c.to_string(), e.to_string())
+}
+
+impl Sandbox {
+    fn relay(&self, c: &str, e: &str) -> Option<Shared<Relay>> {
+        self.relays.lock().get(&key(c, e)).cloned()
+    }
+
+    async fn attach_stdio(&self, c: &str, e: &str, stdio: &StdioPaths) -> Result<(), PodError> {
+        let relay = Relay::attach(&self.agent, c, e, stdio).await?;
+        self.relays
+            .lock()
+            .insert(key(c, e), Arc::new(tokio::sync::Mutex::new(relay)));
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pod for Sandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn host_pids(&self) -> Vec<u32> {
+        let mut v = Vec::new();
+        v.extend(self.vm.lock().as_ref().and_then(|vm| vm.pid()));
+        v.extend(self.backend.lock().as_ref().and_then(|b| b.pid()));
+        v
+    }
+
+    async fn attach_image(
+        &self,
+        layers: &Layers,
+        name: &str,
+        work_dir: PathBuf,
+        phases: &Phases,
+    ) -> Result<AttachedImage, PodError> {
+        let image = self
+            .images
+            .attach(layers, name, work_dir, &self.qmp, &self.agent)
+            .await?;
+        phases.mark("rootfs_attached");
+        Ok(image)
+    }
+
+    async fn detach_image(&self, image: &AttachedImage) -> Result<(), PodError> {
+        Ok(self.images.detach(image, &self.qmp, &self.agent).await?)
+    }
+
+    async fn create_container(
+        &self,
+        c: NewContainer<'_>,
+        phases: &Phases,
+    ) -> Result<u32, PodError> {
+        let guest = c
+            .spec
+            .for_guest(self.has_scratch)
+            .map_err(SandboxError::Spec)?;
+        let mut req = CreateContainerRequest::new();
+        req.container_id = c.id.to_string();
+        req.oci_spec = guest.json;
+        let mut root = Rootfs::new();
+        root.storage_id = c.image.storage_id.clone();
+        if self.has_scratch {
+            // The writable layer on the encrypted scratch disk.
+            root.upper_storage_id = crate::storage::scratch::STORAGE_ID.into();
+        }
+        req.rootfs = MessageField::some(root);
+        req.stdio = MessageField::some(c.stdio.wanted());
+        let resp = agent::rpc(
+            "CreateContainer",
+            self.agent
+                .containers
+                .create_container(agent::ctx(), &req)
+                .await,
+        )?;
+        if let Err(e) = self.attach_stdio(c.id, "", c.stdio).await {
+            let _ = self
+                .agent
+                .containers
+                .remove_container(agent::ctx(), &creq(c.id))
+                .await;
+            return Err(e);
+        }
+        phases.mark("container_created");
+        Ok(resp.pid)
+    }
+
+    async fn exec(&self, e: NewExec<'_>) -> Result<(), PodError> {
+        let mut req = ExecProcessRequest::new();
+        req.container_id = e.container.to_string();
+        req.exec_id = e.exec.to_string();
+        req.process = e.process.to_vec();
+        req.stdio = MessageField::some(e.stdio.wanted());
+        agent::rpc(
+            "ExecProcess",
+            self.agent.containers.exec_process(agent::ctx(), &req).await,
+        )?;
+        if let Err(err) = self.attach_stdio(e.container, e.exec, e.stdio).await {
+            let _ = self
+                .agent
+                .containers
+                .delete_process(agent::ctx(), &preq(e.container, e.exec))
+                .await;
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    async fn start(&self, container: &str, exec: &str) -> Result<u32, PodError> {
+        let r = agent::rpc(
+            "StartProcess",
+            self.agent
+                .containers
+                .start_process(agent::ctx(), &preq(container, exec))
+                .await,
+        )?;
+        Ok(r.pid)
+    }
+
+    async fn wait(&self, container: &str, exec: &str) -> ExitInfo {
+        let waited = self
+            .agent
+            .containers
+            .wait_process(agent::ctx_unbounded(), &preq(container, exec))
+            .await;
+        let exit = match waited {
+            Ok(w) => ExitInfo {
+                status: u32::try_from(w.exit_status).unwrap_or(255),
+                at: std::time::SystemTime::UNIX_EPOCH
+                    + Duration::from_nanos(u64::try_from(w.exited_at_ns).unwrap_or(0)),
+            },
+            Err(e) => {
+                let e = veil_protocol::status::RemoteError::from(e);
+                tracing::warn!(%container, %exec, error = %e, "lost the process");
+                ExitInfo {
+                    status: 255,
+                    at: std::time::SystemTime::now(),
+                }
+            }
+        };
+        if let Some(relay) = self.relay(container, exec) {
+            let mut relay = relay.lock().await;
+            // Input first: a terminal's connection carries both directions
+            // and only closes (EOF for its output) once our side is done.
+            relay.close_stdin();
+            if tokio::time::timeout(OUTPUT_GRACE, relay.finish_output())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%container, %exec, "output did not end after the exit");
+            }
+        }
+        exit
+    }
+
+    async fn signal(
+        &self,
+        container: &str,
+        exec: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), PodError> {
+        let mut s = SignalProcessRequest::new();
+        s.container_id = container.to_string();
+        s.exec_id = exec.to_string();
+        s.signal = signal;
+        s.all = all;
+        agent::rpc(
+            "SignalProcess",
+            self.agent.containers.signal_process(agent::ctx(), &s).await,
+        )?;
+        Ok(())
+    }
+
+    async fn delete_process(&self, container: &str, exec: &str) -> Result<(), PodError> {
+        self.relays.lock().remove(&key(container, exec));
+        agent::rpc(
+            "DeleteProcess",
+            self.agent
+                .containers
+                .delete_process(agent::ctx(), &preq(container, exec))
+                .await,
+        )?;
+        Ok(())
+    }
+
+    async fn remove_container(&self, container: &str) -> Result<(), PodError> {
+        agent::rpc(
+            "RemoveContainer",
+            self.agent
+                .containers
+                .remove_container(agent::ctx(), &creq(container))
+                .await,
+        )?;
+        self.relays.lock().retain(|(c, _), _| c != container);
+        Ok(())
+    }
+
+    async fn pids(&self, container: &str) -> Result<Vec<u32>, PodError> {
+        let r = agent::rpc(
+            "ListPids",
+            self.agent
+                .containers
+                .list_pids(agent::ctx(), &creq(container))
+                .await,
+        )?;
+        Ok(r.pids)
+    }
+
+    async fn stats(&self, container: &str) -> Result<ContainerStats, PodError> {
+        Ok(agent::rpc(
+            "StatsContainer",
+            self.agent
+                .containers
+                .stats_container(agent::ctx(), &creq(container))
+                .await,
+        )?)
+    }
+
+    async fn freeze(&self, container: &str, frozen: bool) -> Result<(), PodError> {
+        let c = self.agent.containers.clone();
+        if frozen {
+            agent::rpc(
+                "PauseContainer",
+                c.pause_container(agent::ctx(), &creq(container)).await,
+            )?;
+        } else {
+            agent::rpc(
+                "ResumeContainer",
+                c.resume_container(agent::ctx(), &creq(container)).await,
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn update(&self, container: &str, resources: &[u8]) -> Result<(), PodError> {
+        let mut u = UpdateContainerRequest::new();
+        u.container_id = container.to_string();
+        u.resources = resources.to_vec();
+        agent::rpc(
+            "UpdateContainer",
+            self.agent
+                .containers
+                .update_container(agent::ctx(), &u)
+                .await,
+        )?;
+        Ok(())
+    }
+
+    async fn close_stdin(&self, container: &str, exec: &str) -> Result<(), PodError> {
+        let relay = self
+            .relay(container, exec)
+            .ok_or_else(|| SandboxError::NoRelay(format!("{container}/{exec}")))?;
+        relay.lock().await.close_stdin();
+        agent::rpc(
+            "CloseStdin",
+            self.agent
+                .containers
+                .close_stdin(agent::ctx(), &preq(container, exec))
+                .await,
+        )?;
+        Ok(())
+    }
+
+    async fn resize(
+        &self,
+        container: &str,
+        exec: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), PodError> {
+        let mut r = ResizeTerminalRequest::new();
+        r.container_id = container.to_string();
+        r.exec_id = exec.to_string();
+        r.rows = rows;
+        r.cols = cols;
+        agent::rpc(
+            "ResizeTerminal",
+            self.agent
+                .containers
+                .resize_terminal(agent::ctx(), &r)
+                .await,
+        )?;
+        Ok(())
+    }
+
+    async fn next_event(&self) -> Option<PodEvent> {
+        use veil_protocol::agent::event::Kind as EventKind;
+        loop {
+            let ev = self
+                .agent
+                .events
+                .get_event(
+                    agent::ctx_unbounded(),
+                    &veil_protocol::agent::GetEventRequest::new(),
+                )
+                .await
+                .ok()?;
+            match ev.kind {
+                Some(EventKind::Oom(o)) => {
+                    return Some(PodEvent::Oom {
+                        container: o.container_id,
+                    })
+                }
+                // Exits reach the shim through WaitProcess.
+                Some(EventKind::Exit(_)) | None => continue,
+                // A kind this shim does not know (a newer agent).
+                Some(_) => continue,
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        for s in &self.services {
+            s.abort();
+        }
+        let short = || ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        let _ = self
+            .agent
+            .sandbox
+            .destroy_sandbox(short(), &DestroySandboxRequest::new())
+            .await;
+        let _ = self
+            .agent
+            .guest
+            .shutdown(short(), &ShutdownRequest::new())
+            .await;
+        let vm = self.vm.lock().take();
+        if let Some(mut vm) = vm {
+            let exited = tokio::task::spawn_blocking(move || {
+                let done = vm.wait_exit(Duration::from_secs(2));
+                vm.kill();
+                done
+            })
+            .await
+            .unwrap_or(false);
+            tracing::debug!(exited, "VM stopped");
+        }
+        if let Some(mut b) = self.backend.lock().take() {
+            b.stop();
+        }
+        self.relays.lock().clear();
+        self.images.release_all().await;
+        self.dir.cleanup();
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for s in &self.services {
+            s.abort();
+        }
+        if let Some(mut vm) = self.vm.lock().take() {
+            vm.kill();
+        }
+        if let Some(mut b) = self.backend.lock().take() {
+            b.stop();
+        }
+        self.dir.cleanup();
+    }
+}

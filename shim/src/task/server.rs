@@ -1,0 +1,54 @@
+//! The ttrpc adapter of the task service: each method calls
+//! [`TaskService`] and turns its error into a status once, by the error's
+//! kind (`veil_protocol::status`), with the whole cause chain as the
+//! message.
+
+use std::sync::Arc;
+
+use containerd_shim_protos::api::{self, Empty};
+
+use super::TaskService;
+
+/// The task service as containerd's ttrpc `Task` service.
+pub struct TaskServer(pub Arc<TaskService>);
+
+macro_rules! relay {
+    ($( $name:ident : $req:ty => $resp:ty ),* $(,)?) => {
+        #[async_trait::async_trait]
+        impl containerd_shim_protos::shim_async::Task for TaskServer {
+            $(
+                async fn $name(
+                    &self,
+                    _ctx: &ttrpc::asynchronous::TtrpcContext,
+                    req: $req,
+                ) -> ttrpc::Result<$resp> {
+                    tracing::debug!(method = stringify!($name), "task request");
+                    self.0.$name(req).await.map_err(|e| {
+                        tracing::warn!(method = stringify!($name), error = %veil_common::error_chain(&e), "task request failed");
+                        veil_protocol::status::to_ttrpc(&e)
+                    })
+                }
+            )*
+        }
+    };
+}
+
+relay! {
+    state: api::StateRequest => api::StateResponse,
+    create: api::CreateTaskRequest => api::CreateTaskResponse,
+    start: api::StartRequest => api::StartResponse,
+    delete: api::DeleteRequest => api::DeleteResponse,
+    pids: api::PidsRequest => api::PidsResponse,
+    pause: api::PauseRequest => Empty,
+    resume: api::ResumeRequest => Empty,
+    checkpoint: api::CheckpointTaskRequest => Empty,
+    kill: api::KillRequest => Empty,
+    exec: api::ExecProcessRequest => Empty,
+    resize_pty: api::ResizePtyRequest => Empty,
+    close_io: api::CloseIORequest => Empty,
+    update: api::UpdateTaskRequest => Empty,
+    wait: api::WaitRequest => api::WaitResponse,
+    stats: api::StatsRequest => api::StatsResponse,
+    connect: api::ConnectRequest => api::ConnectResponse,
+    shutdown: api::ShutdownRequest => Empty,
+}
