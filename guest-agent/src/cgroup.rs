@@ -48,7 +48,9 @@ impl Classify for CgroupError {
         match self {
             CgroupError::Invalid(_) => Kind::InvalidArgument,
             CgroupError::NoController(_) => Kind::FailedPrecondition,
-            _ => Kind::Internal,
+            CgroupError::Io { .. } | CgroupError::NoHierarchy | CgroupError::Timeout(_) => {
+                Kind::Internal
+            }
         }
     }
 }

@@ -96,3 +96,6 @@ pub fn run(config: config::Config) -> Result<(), AgentError> {
 }
 
 pub use veil_common::error_chain;
+
+#[cfg(test)]
+mod kinds_tests;

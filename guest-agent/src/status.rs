@@ -9,7 +9,7 @@ pub use veil_protocol::status::{code, code_number};
 /// Converts a domain error into a ttrpc error carrying its status code and
 /// its full chain as the message, and logs it (internal failures as
 /// warnings, refusals at debug level).
-pub fn to_ttrpc<E: Classify>(e: &E) -> ttrpc::Error {
+pub fn to_ttrpc(e: &dyn Classify) -> ttrpc::Error {
     let kind = e.kind();
     if kind == Kind::Internal {
         tracing::warn!(error = %veil_common::error_chain(e), "request failed");

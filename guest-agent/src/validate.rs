@@ -37,6 +37,17 @@ pub enum ValidationError {
     },
 }
 
+impl crate::status::Classify for ValidationError {
+    fn kind(&self) -> crate::status::Kind {
+        match self {
+            ValidationError::Id(_)
+            | ValidationError::HostName { .. }
+            | ValidationError::Path { .. }
+            | ValidationError::TooLong { .. } => crate::status::Kind::InvalidArgument,
+        }
+    }
+}
+
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }

@@ -255,14 +255,12 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
         .map_err(io_err("handle", Path::new("SIGTERM")))?;
     tokio::select! {
         _ = exit.wait_for(|e| *e) => {}
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: stopping the pod VM");
-            service.stop_pod().await;
-        }
+        _ = term.recv() => tracing::info!("SIGTERM: stopping the pod VM"),
     }
-    // Let the Shutdown reply reach containerd before the socket goes.
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let _ = server.shutdown().await;
+    service.stop_pod().await;
+    // The Shutdown reply went out before the teardown; bound the server's
+    // own shutdown, which waits for containerd's connections.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     let _ = std::fs::remove_file(socket_path(&args.socket));
     tracing::info!("shim exiting");
     Ok(())

@@ -46,3 +46,6 @@ pub mod vmm;
 pub mod vsock;
 
 pub use veil_common::error_chain;
+
+#[cfg(test)]
+mod kinds_tests;

@@ -7,6 +7,7 @@
 //! Device nodes are made by this module (`mknod` under `/dev/mapper`), so no
 //! udev is needed.
 
+use crate::status::{Classify, Kind};
 use std::{
     fs,
     os::{
@@ -55,6 +56,16 @@ pub enum DmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for DmError {
+    fn kind(&self) -> Kind {
+        match self {
+            DmError::Unavailable => Kind::FailedPrecondition,
+            DmError::Invalid(_) => Kind::InvalidArgument,
+            DmError::Ioctl { .. } | DmError::Io { .. } => Kind::Internal,
+        }
+    }
 }
 
 // struct dm_ioctl is 312 bytes; struct dm_target_spec 40.

@@ -6,6 +6,7 @@
 //! Neither secret is ever logged or returned over the API; keys are wiped when
 //! dropped ([`Zeroizing`]).
 
+use crate::status::{Classify, Kind};
 use std::sync::{Arc, Mutex};
 
 use rand_core::{OsRng, RngCore};
@@ -50,6 +51,15 @@ pub enum KeyError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl Classify for KeyError {
+    fn kind(&self) -> Kind {
+        match self {
+            KeyError::Refused { .. } | KeyError::NotAttested(_) => Kind::PermissionDenied,
+            KeyError::Malformed { .. } | KeyError::Failed { .. } => Kind::Internal,
+        }
+    }
 }
 
 /// Supplies the storage secrets of the pod.

@@ -18,6 +18,7 @@
 //! `luks2`/`luks1-AF`, ciphers other than `aes-xts-plain64`, header checksums
 //! other than SHA-256.
 
+use crate::status::{Classify, Kind};
 use std::{collections::BTreeMap, fs::File, os::unix::fs::FileExt};
 
 use aes::{
@@ -88,6 +89,19 @@ pub enum Luks2Error {
     /// Reading or writing the device failed.
     #[error("cannot {0} the LUKS2 header")]
     Io(&'static str, #[source] std::io::Error),
+}
+
+impl Classify for Luks2Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Luks2Error::WrongKey => Kind::PermissionDenied,
+            Luks2Error::Corrupt(_) => Kind::DataLoss,
+            Luks2Error::Unsupported(_) | Luks2Error::Limit(_) | Luks2Error::TooSmall(_) => {
+                Kind::InvalidArgument
+            }
+            Luks2Error::NotLuks | Luks2Error::Io(..) => Kind::Internal,
+        }
+    }
 }
 
 /// Bounds on what a header may make us do.

@@ -64,26 +64,12 @@ pub enum DiskError {
 
 impl Classify for DiskError {
     fn kind(&self) -> Kind {
-        use verity::VerityError as V;
         match self {
-            DiskError::Key(KeyError::Refused { .. } | KeyError::NotAttested(_)) => {
-                Kind::PermissionDenied
-            }
-            DiskError::Key(_) => Kind::Internal,
-            DiskError::Policy(PolicyError::Malformed(_)) => Kind::Internal,
-            DiskError::Policy(_) => Kind::PermissionDenied,
-            DiskError::Verity(V::Invalid(_) | V::TooSmall { .. }) => Kind::InvalidArgument,
-            DiskError::Verity(V::Mismatch { .. }) => Kind::DataLoss,
-            DiskError::Verity(_) => Kind::Internal,
-            DiskError::Scratch(scratch::ScratchError::Luks2 { source, .. }) => match source {
-                luks2::Luks2Error::WrongKey => Kind::PermissionDenied,
-                luks2::Luks2Error::Corrupt(_) => Kind::DataLoss,
-                luks2::Luks2Error::Unsupported(_)
-                | luks2::Luks2Error::Limit(_)
-                | luks2::Luks2Error::TooSmall(_) => Kind::InvalidArgument,
-                _ => Kind::Internal,
-            },
-            DiskError::Scratch(_) | DiskError::Dm(_) => Kind::Internal,
+            DiskError::Key(e) => e.kind(),
+            DiskError::Policy(e) => e.kind(),
+            DiskError::Verity(e) => e.kind(),
+            DiskError::Scratch(e) => e.kind(),
+            DiskError::Dm(e) => e.kind(),
             DiskError::Invalid(_) => Kind::InvalidArgument,
             DiskError::Unimplemented(_) => Kind::Unimplemented,
         }

@@ -12,6 +12,7 @@
 //! }}
 //! ```
 
+use crate::status::{Classify, Kind};
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -41,6 +42,17 @@ pub enum PolicyError {
     /// The policy document is malformed.
     #[error("malformed image policy: {0}")]
     Malformed(String),
+}
+
+impl Classify for PolicyError {
+    fn kind(&self) -> Kind {
+        match self {
+            PolicyError::UnknownImage(_)
+            | PolicyError::WrongRootHash { .. }
+            | PolicyError::VerityRequired(_) => Kind::PermissionDenied,
+            PolicyError::Malformed(_) => Kind::Internal,
+        }
+    }
 }
 
 #[derive(Deserialize)]

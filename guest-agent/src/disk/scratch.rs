@@ -2,6 +2,7 @@
 //! dm-crypt mapping of its data segment, and an ext4 filesystem on a fresh
 //! disk. What the containers write there reaches the host as ciphertext.
 
+use crate::status::{Classify, Kind};
 use std::{
     fs::{File, OpenOptions},
     path::{Path, PathBuf},
@@ -57,6 +58,17 @@ pub enum ScratchError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for ScratchError {
+    fn kind(&self) -> Kind {
+        match self {
+            ScratchError::Luks2 { source, .. } => source.kind(),
+            ScratchError::Dm { .. } | ScratchError::Mkfs { .. } | ScratchError::Io { .. } => {
+                Kind::Internal
+            }
+        }
+    }
 }
 
 /// An open scratch disk.

@@ -10,6 +10,7 @@
 //! Not owned here: where the root hash is trusted from (the request in plain
 //! pods, the broker's image policy in confidential ones — see `policy`).
 
+use crate::status::{Classify, Kind};
 use std::path::{Path, PathBuf};
 
 use veil_protocol::agent::VerityParams;
@@ -57,6 +58,17 @@ pub enum VerityError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl Classify for VerityError {
+    fn kind(&self) -> Kind {
+        match self {
+            VerityError::Invalid(_) | VerityError::TooSmall { .. } => Kind::InvalidArgument,
+            VerityError::Mismatch { .. } => Kind::DataLoss,
+            VerityError::Dm(e) => e.kind(),
+            VerityError::Io { .. } => Kind::Internal,
+        }
+    }
 }
 
 /// Checked verity parameters.

@@ -212,6 +212,7 @@ async fn create_start_exec_kill_wait_delete() {
         .await
         .unwrap();
     assert!(*exit.borrow());
+    f.svc.stop_pod().await;
     assert!(f.pod.shut.load(std::sync::atomic::Ordering::SeqCst));
     assert_eq!(
         topics(&f.events()),
