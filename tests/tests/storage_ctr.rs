@@ -1,5 +1,5 @@
 //! Confidential pod storage end to end, through a private containerd and
-//! `ctr` (issue 6): real QEMU (TCG), the real guest kernel and agent, real
+//! `ctr`: real QEMU (TCG), the real guest kernel and agent, real
 //! dm-crypt and dm-verity in the guest, the real `veil-kbs`.
 //!
 //! - a `veil-sim` pod attests, gets its disk key and image policy from the

@@ -1,5 +1,5 @@
 //! Confidential storage: the block layers the agent puts between a disk the
-//! host provides and the filesystem it mounts (issue 6).
+//! host provides and the filesystem it mounts.
 //!
 //! - [`verity`]: a container image opened read-only through dm-verity against
 //!   a root hash — from the request in a plain pod, checked against the

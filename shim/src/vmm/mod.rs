@@ -84,7 +84,7 @@ pub enum Machine {
 }
 
 /// A disk attached when the VM starts (cold-plugged): the pod's scratch disk
-/// (issue 6) rides here. Container images are hot-added instead (see
+/// rides here. Container images are hot-added instead (see
 /// [`qmp::Qmp::hot_add_disk`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootDisk {
