@@ -10,9 +10,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, OwnedFd},
-    pin::Pin,
     sync::{Arc, Mutex},
-    task::{ready, Context, Poll},
 };
 
 use nix::{
@@ -21,11 +19,12 @@ use nix::{
     unistd::pipe2,
 };
 use tokio::{
-    io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::{watch, Notify},
 };
 use veil_protocol::{
     agent::{Stdio, StreamKind},
+    fdio::FdStream,
     vsock::Connection,
 };
 
@@ -360,73 +359,6 @@ fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Async reads and writes on a pipe or pty fd.
-struct FdIo {
-    fd: AsyncFd<OwnedFd>,
-}
-
-impl FdIo {
-    fn new(fd: OwnedFd) -> io::Result<Self> {
-        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
-        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
-        // and refers to the same file for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register(fd)? };
-        Ok(FdIo { fd })
-    }
-}
-
-impl AsyncRead for FdIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().as_raw_fd(), unfilled).map_err(io::Error::from)
-            }) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // A pty master reads EIO once every slave fd is closed: EOF.
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-}
-
-impl AsyncWrite for FdIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
-            {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// A reserved stream, waiting for its connection.
 pub struct Attachment {
     io: Arc<ProcessIo>,
@@ -445,7 +377,7 @@ impl Attachment {
             StreamKind::STDIN => {
                 let close = Arc::clone(&io.close_stdin);
                 tokio::spawn(async move {
-                    if let Ok(pipe) = FdIo::new(fd) {
+                    if let Ok(pipe) = FdStream::new(fd) {
                         copy_stdin(conn, pipe, close).await;
                     }
                 });
@@ -460,12 +392,12 @@ impl Attachment {
                 };
                 let (conn_r, conn_w) = tokio::io::split(conn);
                 tokio::spawn(async move {
-                    if let Ok(master) = FdIo::new(write_fd) {
+                    if let Ok(master) = FdStream::new(write_fd) {
                         copy_stdin(conn_r, master, Arc::new(Notify::new())).await;
                     }
                 });
                 tokio::spawn(async move {
-                    if let Ok(master) = FdIo::new(fd) {
+                    if let Ok(master) = FdStream::new(fd) {
                         copy_output(master, conn_w).await;
                     }
                     io.output_done();

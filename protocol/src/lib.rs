@@ -8,6 +8,7 @@
 //! of `veil_common::Kind` to ttrpc codes).
 //! It owns the wire format only: validation of requests is the agent's job.
 
+pub mod fdio;
 pub mod simfw;
 pub mod status;
 pub mod stream;

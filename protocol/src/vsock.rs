@@ -18,16 +18,17 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
+use crate::fdio::FdStream;
 use nix::sys::socket::{
-    accept4, bind, connect, getsockopt, listen, shutdown, socket, sockopt, AddressFamily, Backlog,
-    Shutdown, SockFlag, SockType, VsockAddr,
+    accept4, bind, connect, getsockopt, listen, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, VsockAddr,
 };
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
@@ -85,9 +86,7 @@ impl veil_common::Classify for VsockError {
 
 /// A connected `AF_VSOCK` stream socket.
 #[derive(Debug)]
-pub struct VsockStream {
-    fd: AsyncFd<OwnedFd>,
-}
+pub struct VsockStream(FdStream);
 
 impl VsockStream {
     /// Connects to `cid:port` (non-blocking connect, awaited).
@@ -98,31 +97,26 @@ impl VsockStream {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )?;
-        match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
-            Ok(()) => return Self::from_fd(fd),
-            Err(nix::errno::Errno::EINPROGRESS) => {}
+        let pending = match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
+            Ok(()) => false,
+            Err(nix::errno::Errno::EINPROGRESS) => true,
             Err(e) => return Err(e.into()),
+        };
+        let stream = FdStream::new(fd)?;
+        if pending {
+            let _ready = stream.async_fd().ready(Interest::WRITABLE).await?;
+            match getsockopt(stream.async_fd().get_ref(), sockopt::SocketError)? {
+                0 => {}
+                errno => return Err(io::Error::from_raw_os_error(errno)),
+            }
         }
-        let stream = Self::from_fd(fd)?;
-        let _ready = stream.fd.ready(Interest::WRITABLE).await?;
-        match getsockopt(stream.fd.get_ref(), sockopt::SocketError)? {
-            0 => Ok(stream),
-            errno => Err(io::Error::from_raw_os_error(errno)),
-        }
-    }
-
-    /// Takes a connected, non-blocking `AF_VSOCK` stream socket.
-    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
-        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open
-        // and names the same socket for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register(fd)? };
-        Ok(VsockStream { fd })
+        Ok(VsockStream(stream))
     }
 
     /// The socket, for code that drives it itself (ttrpc's client, the
     /// agent's splice threads). It stays non-blocking.
     pub fn into_fd(self) -> OwnedFd {
-        self.fd.into_inner()
+        self.0.into_fd()
     }
 }
 
@@ -132,20 +126,7 @@ impl AsyncRead for VsockStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().as_raw_fd(), unfilled).map_err(io::Error::from)
-            }) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
@@ -155,23 +136,15 @@ impl AsyncWrite for VsockStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard
-                .try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), buf).map_err(io::Error::from))
-            {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
-            }
-        }
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(shutdown(self.fd.get_ref().as_raw_fd(), Shutdown::Write).map_err(Into::into))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 }
 
@@ -212,7 +185,7 @@ impl VsockListener {
                     // SAFETY: accept4 returned a new, open descriptor that
                     // nothing else owns; the OwnedFd takes sole ownership.
                     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                    return VsockStream::from_fd(fd);
+                    return FdStream::new(fd).map(VsockStream);
                 }
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
