@@ -240,6 +240,14 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     // SAFETY: `start` passed the listening socket as fd 3; nothing else in
     // this process owns it.
     let listener = unsafe { UnixListener::from_raw_fd(LISTENER_FD) };
+    // `start` cleared close-on-exec to hand the socket over; set it back, or
+    // QEMU and the vsock backend inherit it and keep the pod's address alive
+    // after this shim dies (and `delete` would take it for a live shim).
+    nix::fcntl::fcntl(
+        listener.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| io_err("set close-on-exec on", Path::new("fd 3"))(e.into()))?;
     let task =
         containerd_shim_protos::shim_async::create_task(Arc::new(TaskServer(service.clone())));
     let mut server = ttrpc::asynchronous::Server::new()
