@@ -1,0 +1,178 @@
+//! stdio throughput through containerd's FIFOs: 100 MiB out of a
+//! container's stdout and 100 MiB into its stdin, through `ctr run`, with
+//! the veil runtime and with runc on the same private containerd, in the same
+//! run, interleaved. Every transfer is checked byte for byte (SHA-256).
+//!
+//! - stdout: the container runs `yes <line> | head -c 100M`; the bench reads
+//!   `ctr`'s stdout, from the first byte to EOF.
+//! - stdin: `ctr run -i` with `sha256sum`; the bench writes 100 MiB, closes,
+//!   and times from the first byte written to the digest line.
+//!
+//! Run: `cargo bench -p veil-benches --bench stdio` (VEIL_BENCH_RUNS=N,
+//! default 5; VEIL_BENCH_MIB=N, default 100; needs root and
+//! `ci/build-artefacts.sh`).
+
+use std::{
+    io::{Read, Write},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use veil_benches::{runs, summarize};
+use veil_test_support::{containerd::Containerd, oci, Artefacts};
+
+const NS: &str = "veil-bench";
+const MIB: usize = 1024 * 1024;
+const LINE: &str = "veil-stdio-bench-0123456789";
+
+fn mib() -> usize {
+    std::env::var("VEIL_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+fn run_cmd(c: &Containerd, veil: Option<&str>, extra: &[&str], id: &str) -> std::process::Command {
+    let mut cmd = c.ctr(NS);
+    cmd.args(["run", "--rm"]);
+    cmd.args(extra);
+    if let Some(rt) = veil {
+        cmd.args([
+            "--runtime",
+            "io.containerd.veil.v2",
+            "--runtime-config-path",
+            rt,
+        ]);
+    }
+    cmd.args([oci::BUSYBOX_IMAGE, id]);
+    cmd
+}
+
+/// What `yes LINE | head -c N` prints.
+fn expected_stdout(n: usize) -> [u8; 32] {
+    let line = format!("{LINE}\n");
+    let mut h = Sha256::new();
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(line.len());
+        h.update(&line.as_bytes()[..take]);
+        left -= take;
+    }
+    h.finalize().into()
+}
+
+/// MiB/s out of the container's stdout.
+fn stdout_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<f64> {
+    let mut child = run_cmd(c, veil, &[], id)
+        .args(["sh", "-c", &format!("yes {LINE} | head -c {n}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().context("ctr stdout")?;
+    let mut buf = vec![0u8; MIB];
+    let mut h = Sha256::new();
+    let (mut total, mut first) = (0usize, None);
+    loop {
+        let k = out.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        first.get_or_insert_with(Instant::now);
+        h.update(&buf[..k]);
+        total += k;
+    }
+    let took = first.map(|f| f.elapsed()).unwrap_or_default();
+    let status = child.wait()?;
+    let digest: [u8; 32] = h.finalize().into();
+    if !status.success() || total != n || digest != expected_stdout(n) {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        bail!("{id}: {status}, {total} of {n} bytes, digest ok: {}; {err}", digest == expected_stdout(n));
+    }
+    Ok(n as f64 / MIB as f64 / took.as_secs_f64().max(1e-9))
+}
+
+/// MiB/s into the container's stdin.
+fn stdin_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<f64> {
+    let mut child = run_cmd(c, veil, &["-i"], id)
+        .args(["sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut input = child.stdin.take().context("ctr stdin")?;
+    let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+    let mut h = Sha256::new();
+    let start = Instant::now();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        input.write_all(&chunk[..k])?;
+        h.update(&chunk[..k]);
+        left -= k;
+    }
+    drop(input);
+    let out = child.wait_with_output()?;
+    let took = start.elapsed();
+    let want = hex::encode(h.finalize());
+    let got = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !got.starts_with(&want) {
+        bail!(
+            "{id}: {} digest {got:?}, want {want}; {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(n as f64 / MIB as f64 / took.as_secs_f64().max(1e-9))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let d: Vec<Duration> = v.iter().map(|x| Duration::from_secs_f64(*x)).collect();
+    summarize(&d).median.as_secs_f64()
+}
+
+fn main() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    let (n_runs, n) = (runs(5), mib() * MIB);
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("runc stdout", Vec::new()),
+        ("veil stdout", Vec::new()),
+        ("runc stdin", Vec::new()),
+        ("veil stdin", Vec::new()),
+    ];
+    for i in 0..n_runs {
+        rows[0].1.push(stdout_once(&c, None, &format!("runc-out-{i}"), n)?);
+        rows[1].1.push(stdout_once(&c, Some(&rt), &format!("veil-out-{i}"), n)?);
+        rows[2].1.push(stdin_once(&c, None, &format!("runc-in-{i}"), n)?);
+        rows[3].1.push(stdin_once(&c, Some(&rt), &format!("veil-in-{i}"), n)?);
+        eprintln!(
+            "run {}/{n_runs}: {}",
+            i + 1,
+            rows.iter()
+                .map(|(name, v)| format!("{name} {:.1} MiB/s", v[i]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!(
+        "stdio through containerd's FIFOs, {} MiB each way, {n_runs} runs, medians, byte-exact:",
+        n / MIB
+    );
+    for (name, v) in &rows {
+        println!("  {name:<12} {:>8.1} MiB/s", median(v));
+    }
+    println!(
+        "  veil/runc: stdout {:.0} %, stdin {:.0} %",
+        100.0 * median(&rows[1].1) / median(&rows[0].1),
+        100.0 * median(&rows[3].1) / median(&rows[2].1)
+    );
+    Ok(())
+}
