@@ -3,17 +3,17 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use veil_attestation::evidence::Evidence;
-use veil_attestation::kbs::jwe::Jwe;
-use veil_attestation::kbs::policy::Policy;
-use veil_attestation::kbs::protocol::{self, Attestation, HashAlgorithm, Request};
-use veil_attestation::reference::ReferenceValues;
+use veil_attestation::jwe::Jwe;
+use veil_kbs::policy::Policy;
+use veil_attestation::protocol::{self, Attestation, HashAlgorithm, Request};
+use veil_verifier::reference::ReferenceValues;
 use veil_attestation::Tee;
 
 fuzz_target!(|data: &[u8]| {
     let _ = serde_json::from_slice::<Request>(data);
     if let Ok(a) = serde_json::from_slice::<Attestation>(data) {
         let _ = protocol::runtime_data_report_data(&a.runtime_data, HashAlgorithm::Sha384);
-        let _ = veil_attestation::kbs::jwe::public_key_from_jwk(&a.runtime_data.tee_pubkey);
+        let _ = veil_attestation::jwe::public_key_from_jwk(&a.runtime_data.tee_pubkey);
         for tee in [Tee::Snp, Tee::Tdx, Tee::VeilSim] {
             let _ = Evidence::from_value(tee, &a.tee_evidence);
         }

@@ -9,7 +9,7 @@
 use std::{path::Path, sync::Arc};
 
 use veil_attestation::{
-    client::Attester,
+    client::{Attester, AttesterError},
     evidence::{snp::SnpReport, snp::REPORT_LEN, snp_evidence_json},
     Tee,
 };
@@ -231,14 +231,12 @@ impl Attester for SnpAttester {
         &'a self,
         report_data: [u8; 64],
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>,
     > {
         let this = self.clone();
         Box::pin(async move {
-            let (report, certs) = tokio::task::spawn_blocking(move || this.report(&report_data))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| crate::error_chain(&e))?;
+            let (report, certs) =
+                tokio::task::spawn_blocking(move || this.report(&report_data)).await??;
             Ok(snp_evidence_json(&report, certs.as_deref()))
         })
     }
@@ -315,7 +313,7 @@ mod tests {
             "tdx_guest",
             Box::new(|rd: &[u8]| fake_report(rd)),
         ))));
-        let e = tdx.evidence([0; 64]).await.unwrap_err();
+        let e = crate::error_chain(&*tdx.evidence([0; 64]).await.unwrap_err());
         assert!(e.contains("provider is \"tdx_guest\""), "{e}");
     }
 

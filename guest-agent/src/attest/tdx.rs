@@ -10,7 +10,7 @@
 use std::{path::Path, sync::Arc};
 
 use veil_attestation::{
-    client::Attester,
+    client::{Attester, AttesterError},
     evidence::{tdx::TdxQuote, tdx_evidence_json},
     Tee,
 };
@@ -77,14 +77,11 @@ impl Attester for TdxAttester {
         &'a self,
         report_data: [u8; 64],
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>,
     > {
         let this = self.clone();
         Box::pin(async move {
-            let quote = tokio::task::spawn_blocking(move || this.quote(&report_data))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| crate::error_chain(&e))?;
+            let quote = tokio::task::spawn_blocking(move || this.quote(&report_data)).await??;
             Ok(tdx_evidence_json(&quote))
         })
     }
