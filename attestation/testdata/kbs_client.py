@@ -1,23 +1,32 @@
 #!/usr/bin/env python3
 """An independent Trustee KBS protocol (v0.4.0) client, for veil's broker tests.
 
-Speaks HTTPS to the broker, pinning its certificate by SHA-256 of the DER, runs
-auth -> attest -> resource with a fresh P-256 key, gets simulated evidence from
-`veil sim-report` (the simulated firmware as a command), and decrypts the JWE
-(ECDH-ES+A256KW, A256GCM) with the `cryptography` package. Prints a JSON line
-with the hex of the resource fetched with the session cookie and with the
-bearer token.
+Runs auth -> attest -> resource with a fresh P-256 key, gets simulated evidence from
+`veil sim-report` (the simulated firmware as a command), wraps it as Trustee's composite
+evidence, binds it with the current runtime-data formula (the hash of the JCS form of
+{"tee-pubkey", "nonce", "additional-evidence"}), and decrypts the JWE (ECDH-ES+A256KW, A256GCM)
+with the `cryptography` package. Prints a JSON line with the hex of the resource fetched with
+the session cookie and with the bearer token.
 
-usage: kbs_client.py BASE_URL CERT_DER VEIL_BIN SIM_DIR MEASUREMENT_HEX RESOURCE_PATH
+Over https:// it pins the broker certificate by SHA-256 of its DER and checks that the session
+cookie is marked Secure. Over http:// it keeps the session in Python's own cookie jar, which
+honours the cookie's attributes the way browsers and most HTTP libraries do: a cookie marked
+Secure would never be sent back over plain HTTP.
+
+usage: kbs_client.py BASE_URL CERT_DER|- VEIL_BIN SIM_DIR MEASUREMENT_HEX RESOURCE_PATH
+       kbs_client.py report-data NONCE TEE_PUBKEY_JSON HASH_ALG   (prints the report_data hex)
 """
 import base64
 import hashlib
 import http.client
+import http.cookiejar
 import json
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 
 try:
     from cryptography.hazmat.primitives import hashes
@@ -37,7 +46,9 @@ def unb64url(s):
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
-class Kbs:
+class PinnedHttps:
+    """HTTPS to the broker, authenticated by the SHA-256 pin of its certificate."""
+
     def __init__(self, base, pinned_der):
         u = urllib.parse.urlsplit(base)
         self.host, self.port = u.hostname, u.port
@@ -63,14 +74,50 @@ class Kbs:
         data = r.read()
         for k, v in r.getheaders():
             if k.lower() == "set-cookie" and v.startswith("kbs-session-id="):
+                attrs = [a.strip().lower() for a in v.split(";")[1:]]
+                if "secure" not in attrs:
+                    sys.exit(f"session cookie over TLS is not marked Secure: {v}")
                 self.cookie = v.split(";")[0].split("=", 1)[1]
         conn.close()
         return r.status, data
+
+    def has_session(self):
+        return self.cookie is not None
+
+
+class PlainHttp:
+    """Plain HTTP with Python's cookie jar, which enforces Secure, Path and the rest."""
+
+    def __init__(self, base):
+        self.base = base.rstrip("/")
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def request(self, method, path, body=None, headers=None):
+        h = dict(headers or {})
+        if body is not None:
+            h["Content-Type"] = "application/json"
+        data = body.encode() if isinstance(body, str) else body
+        req = urllib.request.Request(self.base + path, data=data, headers=h, method=method)
+        try:
+            with self.opener.open(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def has_session(self):
+        return any(c.name == "kbs-session-id" for c in self.jar)
 
 
 def jcs(value):
     # RFC 8785 for objects of strings: sorted members, no whitespace.
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def report_data(nonce, tee_pubkey, algo):
+    """Trustee's binding of the primary evidence, with no device (additional) evidence."""
+    runtime = {"tee-pubkey": tee_pubkey, "nonce": nonce, "additional-evidence": ""}
+    return hashlib.new(algo, jcs(runtime)).digest().ljust(64, b"\0")
 
 
 def decrypt(priv, jwe):
@@ -91,30 +138,37 @@ def decrypt(priv, jwe):
 
 
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "report-data":
+        _, _, nonce, key_json, algo = sys.argv
+        print(report_data(nonce, json.loads(key_json), algo).hex())
+        return
     base, cert_der, veil, sim_dir, measurement, resource = sys.argv[1:7]
-    kbs = Kbs(base, open(cert_der, "rb").read())
+    if base.startswith("https://"):
+        kbs = PinnedHttps(base, open(cert_der, "rb").read())
+    else:
+        kbs = PlainHttp(base)
 
     status, body = kbs.request("POST", "/kbs/v0/auth", json.dumps(
         {"version": "0.4.0", "tee": "veil-sim",
          "extra-params": {"supported-hash-algorithms": ["sha384"]}}))
     assert status == 200, (status, body)
     challenge = json.loads(body)
-    assert kbs.cookie, "no kbs-session-id cookie"
+    assert kbs.has_session(), "no kbs-session-id cookie kept"
 
     priv = ec.generate_private_key(ec.SECP256R1())
     nums = priv.public_key().public_numbers()
     jwk = {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW",
            "x": b64url(nums.x.to_bytes(32, "big")), "y": b64url(nums.y.to_bytes(32, "big"))}
-    runtime_data = {"nonce": challenge["nonce"], "tee-pubkey": jwk}
     algo = challenge.get("extra-params", {}).get("selected-hash-algorithm", "sha384")
-    report_data = hashlib.new(algo, jcs(runtime_data)).digest().ljust(64, b"\0")
+    rd = report_data(challenge["nonce"], jwk, algo)
 
     evidence = json.loads(subprocess.check_output([
         veil, "sim-report", "--dir", sim_dir,
-        "--report-data", report_data.hex(), "--measurement", measurement]))
+        "--report-data", rd.hex(), "--measurement", measurement]))
 
-    status, body = kbs.request("POST", "/kbs/v0/attest", json.dumps(
-        {"runtime-data": runtime_data, "tee-evidence": evidence}))
+    status, body = kbs.request("POST", "/kbs/v0/attest", json.dumps({
+        "runtime-data": {"nonce": challenge["nonce"], "tee-pubkey": jwk},
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""}}))
     assert status == 200, (status, body)
     token = json.loads(body)["token"]
 

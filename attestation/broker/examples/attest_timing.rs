@@ -15,7 +15,8 @@ use veil_attestation::evidence::snp::SnpReport;
 use veil_attestation::Tee;
 use veil_kbs::server::{serve, Kbs, KbsConfig};
 use veil_verifier::sim_ca::{init_sim_ca, load_verifying_key, SimChip};
-use veil_verifier::verify::snp::verify_snp_with_vcek;
+use veil_verifier::verify::amd::AmdRoots;
+use veil_verifier::verify::snp::{verify_snp_with_key, SnpTrust};
 
 struct Sim(SimChip, [u8; 48]);
 
@@ -47,11 +48,15 @@ fn main() -> anyhow::Result<()> {
             .collect::<String>(),
     )?;
     let report = SnpReport::parse(&raw)?;
-    let vcek =
-        sev::certs::snp::Certificate::from_der(&std::fs::read(fixtures.join("vcek_milan.der"))?)?;
+    let vcek = std::fs::read(fixtures.join("vcek_milan.der"))?;
+    // The pinned roots parsed once, as the broker holds them.
+    let trust = SnpTrust {
+        roots: Some(AmdRoots::all_pinned()?),
+        ..SnpTrust::default()
+    };
     let t = Instant::now();
     for _ in 0..n {
-        verify_snp_with_vcek(&report, &vcek, &report.report_data())?;
+        verify_snp_with_key(&report, &vcek, &report.report_data(), &trust, 0)?;
     }
     println!(
         "snp verify (Milan, pinned chain): {:.2} ms",

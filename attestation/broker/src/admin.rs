@@ -5,6 +5,7 @@
 //! | route | body |
 //! |---|---|
 //! | `POST /kbs/v0/resource/<repo>/<type>/<tag>` | the resource bytes (stored 0600) |
+//! | `DELETE /kbs/v0/resource/<repo>/<type>/<tag>` | — (404 when there is no such resource) |
 //! | `POST /kbs/v0/resource-policy` | the whole policy, TOML ([`crate::policy`]) |
 //! | `POST /kbs/v0/reference-value` | reference values JSON, merged by name ([`veil_verifier::reference`]) |
 
@@ -75,6 +76,21 @@ impl Kbs {
         self.store.put(&rp, body).map_err(KbsError::Store)
     }
 
+    /// Deletes a resource.
+    pub fn admin_delete_resource(
+        &self,
+        headers: &HeaderMap,
+        path: (String, String, String),
+    ) -> Result<(), KbsError> {
+        self.check_admin(headers)?;
+        let rp = ResourcePath::new(&path.0, &path.1, &path.2).map_err(KbsError::ResourcePath)?;
+        if self.store.delete(&rp).map_err(KbsError::Store)? {
+            Ok(())
+        } else {
+            Err(KbsError::ResourceNotFound)
+        }
+    }
+
     /// Replaces the policy.
     pub fn admin_set_policy(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), KbsError> {
         self.check_admin(headers)?;
@@ -123,6 +139,16 @@ pub(crate) async fn h_put_resource(
 ) -> Response {
     let what = format!("{}/{}/{}", path.0, path.1, path.2);
     let r = kbs.admin_put_resource(&headers, path, &body);
+    kbs.admin_outcome(what, r)
+}
+
+pub(crate) async fn h_delete_resource(
+    State(kbs): State<Arc<Kbs>>,
+    headers: HeaderMap,
+    UrlPath(path): UrlPath<(String, String, String)>,
+) -> Response {
+    let what = format!("delete {}/{}/{}", path.0, path.1, path.2);
+    let r = kbs.admin_delete_resource(&headers, path);
     kbs.admin_outcome(what, r)
 }
 

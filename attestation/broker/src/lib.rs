@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use thiserror::Error;
 use veil_attestation::evidence::EvidenceError;
 use veil_attestation::jwe::JweError;
-use veil_attestation::protocol::ErrorInformation;
+use veil_attestation::protocol::{ErrorInformation, ProtocolError};
 use veil_attestation::ResourcePathError;
 use veil_common::{error_chain, Classify, Kind};
 use veil_verifier::reference::ReferenceError;
@@ -37,21 +37,12 @@ use veil_verifier::VerifyError;
 /// Why the broker refused or failed a request.
 #[derive(Debug, Error)]
 pub enum KbsError {
-    /// A request body is not the JSON the step expects.
-    #[error("invalid {what} payload")]
-    BadJson {
-        /// Which payload.
-        what: &'static str,
-        /// The JSON error.
-        #[source]
-        source: serde_json::Error,
-    },
+    /// A request body is not the KBS payload the step expects, or names an unsupported TEE.
+    #[error("invalid request")]
+    Payload(#[source] ProtocolError),
     /// The protocol version is not 0.4.0-compatible.
     #[error("protocol version {0:?} is not supported (0.4.0 expected)")]
     ProtocolVersion(String),
-    /// The TEE type is unknown.
-    #[error("TEE type {0:?} is not supported")]
-    UnknownTee(String),
     /// The resource path in the URL is invalid.
     #[error("invalid resource path")]
     ResourcePath(#[source] ResourcePathError),
@@ -117,15 +108,21 @@ pub enum KbsError {
     /// Encrypting the resource to the TEE key failed.
     #[error("cannot encrypt the resource")]
     Encrypt(#[source] JweError),
+    /// The endpoint exists, but not with this method.
+    #[error("method {0} is not allowed on this endpoint")]
+    MethodNotAllowed(String),
+    /// No such endpoint.
+    #[error("no such KBS endpoint")]
+    NoSuchEndpoint,
 }
 
 impl Classify for KbsError {
     fn kind(&self) -> Kind {
         match self {
-            KbsError::BadJson { .. }
-            | KbsError::ProtocolVersion(_)
-            | KbsError::PolicyEncoding(_) => Kind::InvalidArgument,
-            KbsError::UnknownTee(_) => Kind::Unimplemented,
+            KbsError::Payload(e) => e.kind(),
+            KbsError::ProtocolVersion(_) | KbsError::PolicyEncoding(_) => Kind::InvalidArgument,
+            KbsError::MethodNotAllowed(_) => Kind::Unimplemented,
+            KbsError::NoSuchEndpoint => Kind::NotFound,
             KbsError::ResourcePath(e) => e.kind(),
             KbsError::NoCredentials
             | KbsError::Token(_)
@@ -134,7 +131,7 @@ impl Classify for KbsError {
             | KbsError::PolicyDenied(_)
             | KbsError::AdminAuth(_) => Kind::PermissionDenied,
             KbsError::Session(e) => e.kind(),
-            KbsError::TeeKey(_) => Kind::InvalidArgument,
+            KbsError::TeeKey(e) => e.kind(),
             KbsError::Evidence(e) => e.kind(),
             KbsError::Verify(e) => e.kind(),
             KbsError::ResourceNotFound => Kind::NotFound,
@@ -152,9 +149,8 @@ impl KbsError {
     /// faults included), 400 for malformed requests, 404 for unknown resources.
     pub fn status(&self) -> StatusCode {
         match self {
-            KbsError::BadJson { .. }
+            KbsError::Payload(_)
             | KbsError::ProtocolVersion(_)
-            | KbsError::UnknownTee(_)
             | KbsError::ResourcePath(_)
             | KbsError::PolicyEncoding(_)
             | KbsError::PolicyInvalid(_)
@@ -170,7 +166,8 @@ impl KbsError {
             | KbsError::InitDataMismatch { .. }
             | KbsError::PolicyDenied(_)
             | KbsError::AdminAuth(_) => StatusCode::UNAUTHORIZED,
-            KbsError::ResourceNotFound => StatusCode::NOT_FOUND,
+            KbsError::ResourceNotFound | KbsError::NoSuchEndpoint => StatusCode::NOT_FOUND,
+            KbsError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             KbsError::Store(store::StoreError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             KbsError::Store(_) | KbsError::StateFile { .. } | KbsError::Encrypt(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -181,9 +178,11 @@ impl KbsError {
     /// The error type, as the last segment of the `type` URI of [`ErrorInformation`].
     pub fn error_type(&self) -> &'static str {
         match self {
-            KbsError::BadJson { .. } | KbsError::ResourcePath(_) => "InvalidRequest",
+            KbsError::Payload(ProtocolError::UnsupportedTee(_)) => "UnsupportedTee",
+            KbsError::Payload(_) | KbsError::ResourcePath(_) => "InvalidRequest",
             KbsError::ProtocolVersion(_) => "ProtocolVersion",
-            KbsError::UnknownTee(_) => "UnsupportedTee",
+            KbsError::MethodNotAllowed(_) => "MethodNotAllowed",
+            KbsError::NoSuchEndpoint => "NotFound",
             KbsError::NoCredentials | KbsError::Token(_) | KbsError::Session(_) => {
                 "UnAuthenticated"
             }

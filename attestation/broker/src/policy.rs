@@ -9,6 +9,8 @@
 //! min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }   # SNP / simulated only
 //! host_data = "<hex>"                # required init-data digest (SNP HOST_DATA / TDX MRCONFIGID)
 //! rtmr = ["", "", "<96 hex>", ""]    # TDX only: expected RTMR0..3 ("" = any)
+//! vmpl = [0]                         # SNP / simulated: accepted report VMPLs (default [0];
+//!                                    # a guest under an SVSM asks at VMPL 1 or higher)
 //! allow_simulated = false            # default false: simulated evidence never unlocks this
 //! ```
 //!
@@ -53,6 +55,9 @@ pub enum PolicyError {
     /// A TDX RTMR differs from the expected value.
     #[error("TDX RTMR{0} differs from the policy's reference value")]
     RtmrMismatch(usize),
+    /// The report was requested from a VMPL the policy does not accept.
+    #[error("report VMPL {0} is not among the policy's accepted VMPLs")]
+    VmplNotAllowed(u32),
     /// Host data (init-data digest) differs from the required one.
     #[error("host data {0} differs from the required init-data digest")]
     HostDataMismatch(String),
@@ -69,6 +74,7 @@ impl Classify for PolicyError {
             | PolicyError::TcbBelowMinimum(_)
             | PolicyError::TcbMissing
             | PolicyError::RtmrMismatch(_)
+            | PolicyError::VmplNotAllowed(_)
             | PolicyError::HostDataMismatch(_) => Kind::PermissionDenied,
         }
     }
@@ -76,6 +82,10 @@ impl Classify for PolicyError {
 
 fn default_tees() -> Vec<Tee> {
     vec![Tee::Snp, Tee::Tdx]
+}
+
+fn default_vmpls() -> Vec<u32> {
+    vec![0]
 }
 
 /// Policy for one resource (or one `repo/type/*` family).
@@ -102,6 +112,9 @@ pub struct ResourcePolicy {
     /// TDX: expected RTMR0..3, lower-case hex; an empty string accepts any value.
     #[serde(default)]
     pub rtmr: Vec<String>,
+    /// SNP / simulated: the VMPLs a report may have been requested from. Default `[0]`.
+    #[serde(default = "default_vmpls")]
+    pub vmpl: Vec<u32>,
     /// Whether simulated evidence may unlock this resource. Default false.
     #[serde(default)]
     pub allow_simulated: bool,
@@ -163,6 +176,11 @@ impl ResourcePolicy {
                 claims.measurement.clone(),
             ));
         }
+        if let Some(v) = claims.vmpl {
+            if !self.vmpl.contains(&v) {
+                return Err(PolicyError::VmplNotAllowed(v));
+            }
+        }
         if let Some(min) = &self.min_tcb {
             let tcb = claims.tcb.as_ref().ok_or(PolicyError::TcbMissing)?;
             tcb.meets(min).map_err(PolicyError::TcbBelowMinimum)?;
@@ -205,6 +223,8 @@ mod tests {
             host_data: "00".repeat(32),
             rtmrs: vec![],
             platform: None,
+            vmpl: Some(0),
+            signing_key: None,
         }
     }
 
@@ -247,6 +267,27 @@ mod tests {
         );
         c.rtmrs[2] = "33".repeat(48);
         assert_eq!(tdx.resource[0].evaluate(&c, &refs), Ok(()));
+        // VMPL: 0 by default; an SVSM guest's VMPL 1 only where the policy says so.
+        let mut svsm = claims(Tee::Snp, &m);
+        svsm.vmpl = Some(1);
+        let ok_tcb = "min_tcb = { bootloader = 3, tee = 0, snp = 8, microcode = 115 }";
+        let default = Policy::from_toml(&format!(
+            "[[resource]]\npath = \"a/b/c\"\nmeasurements = [\"{m}\"]\n{ok_tcb}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            default.resource[0].evaluate(&svsm, &refs),
+            Err(PolicyError::VmplNotAllowed(1))
+        );
+        let svsm_policy = Policy::from_toml(&format!(
+            "[[resource]]\npath = \"a/b/c\"\nmeasurements = [\"{m}\"]\nvmpl = [1]\n"
+        ))
+        .unwrap();
+        assert_eq!(svsm_policy.resource[0].evaluate(&svsm, &refs), Ok(()));
+        assert_eq!(
+            svsm_policy.resource[0].evaluate(&claims(Tee::Snp, &m), &refs),
+            Err(PolicyError::VmplNotAllowed(0))
+        );
         assert!(Policy::from_toml("[[resource]]\npath = \"../x/y\"\n").is_err());
         assert!(Policy::from_toml("[[resource]]\npath = \"a/b/c\"\nbogus = 1\n").is_err());
     }
@@ -268,6 +309,7 @@ mod tests {
             (PolicyError::TcbBelowMinimum("snp"), Kind::PermissionDenied),
             (PolicyError::TcbMissing, Kind::PermissionDenied),
             (PolicyError::RtmrMismatch(0), Kind::PermissionDenied),
+            (PolicyError::VmplNotAllowed(1), Kind::PermissionDenied),
             (
                 PolicyError::HostDataMismatch("00".into()),
                 Kind::PermissionDenied,

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use veil_attestation::evidence::Evidence;
 use veil_attestation::jwe;
 use veil_attestation::protocol::{
-    self, Attestation, AttestationToken, Challenge, HashAlgorithm, Request, MAX_BODY_LEN,
+    self, AttestationToken, AuthRequest, Challenge, HashAlgorithm, MAX_BODY_LEN,
     SELECTED_HASH_ALGORITHM, SESSION_COOKIE,
 };
 use veil_attestation::{ResourcePath, Tee};
@@ -243,14 +243,11 @@ impl Kbs {
 
     /// `POST /kbs/v0/auth`: returns the session id and the challenge.
     pub fn auth(&self, body: &[u8]) -> Result<(String, Challenge), KbsError> {
-        let req: Request = serde_json::from_slice(body).map_err(|source| KbsError::BadJson {
-            what: "auth request",
-            source,
-        })?;
+        let req = AuthRequest::parse(body).map_err(KbsError::Payload)?;
         if !req.version.starts_with("0.4.") && req.version != "0.1.0" {
             return Err(KbsError::ProtocolVersion(req.version));
         }
-        let tee = Tee::from_name(&req.tee).ok_or_else(|| KbsError::UnknownTee(req.tee.clone()))?;
+        let tee = req.tee;
         let hash = HashAlgorithm::Sha384;
         let (id, nonce) = self
             .sessions
@@ -260,7 +257,7 @@ impl Kbs {
             id,
             Challenge {
                 nonce,
-                extra_params: serde_json::json!({ SELECTED_HASH_ALGORITHM: hash.name() }),
+                extra_params: serde_json::json!({ SELECTED_HASH_ALGORITHM: hash.as_ref() }),
             },
         ))
     }
@@ -283,24 +280,21 @@ impl Kbs {
             .take_challenge(session_id)
             .map_err(KbsError::Session)?;
         ev.tee = Some(challenge.tee.to_string());
-        let att: Attestation =
-            serde_json::from_slice(body).map_err(|source| KbsError::BadJson {
-                what: "attestation",
-                source,
-            })?;
+        let att = protocol::parse_attestation(body).map_err(KbsError::Payload)?;
         if att.runtime_data.nonce != challenge.nonce {
             return Err(KbsError::NonceMismatch);
         }
         jwe::public_key_from_jwk(&att.runtime_data.tee_pubkey).map_err(KbsError::TeeKey)?;
-        let evidence =
-            Evidence::from_value(challenge.tee, &att.tee_evidence).map_err(KbsError::Evidence)?;
+        let evidence = Evidence::from_composite(challenge.tee, &att.tee_evidence)
+            .map_err(KbsError::Evidence)?;
         // Recorded before verification: on a refusal this is what the evidence claimed.
-        ev.measurement = Some(match &evidence {
-            Evidence::Snp(s) => hex::encode(s.report.measurement()),
-            Evidence::Tdx(t) => hex::encode(t.quote.report.mr_td),
-            Evidence::Sim { report, .. } => hex::encode(report.measurement()),
-        });
-        let expected = protocol::runtime_data_report_data(&att.runtime_data, challenge.hash);
+        ev.measurement = Some(evidence.measurement_hex());
+        let expected = protocol::report_data(
+            &att.runtime_data,
+            &att.tee_evidence.additional_evidence,
+            challenge.hash,
+        )
+        .map_err(KbsError::Payload)?;
         let claims = verify_evidence(&evidence, &expected, &self.anchors, self.now())
             .map_err(KbsError::Verify)?;
         if let Some(init) = &att.init_data {
@@ -390,17 +384,27 @@ impl Kbs {
     /// The axum router with the protocol and admin routes.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
-            .route("/kbs/v0/auth", post(h_auth))
-            .route("/kbs/v0/attest", post(h_attest))
+            .route("/kbs/v0/auth", post(h_auth).fallback(h_method_not_allowed))
+            .route(
+                "/kbs/v0/attest",
+                post(h_attest).fallback(h_method_not_allowed),
+            )
             .route(
                 "/kbs/v0/resource/{repo}/{kind}/{tag}",
-                get(h_resource).post(crate::admin::h_put_resource),
+                get(h_resource)
+                    .post(crate::admin::h_put_resource)
+                    .delete(crate::admin::h_delete_resource)
+                    .fallback(h_method_not_allowed),
             )
-            .route("/kbs/v0/resource-policy", post(crate::admin::h_set_policy))
+            .route(
+                "/kbs/v0/resource-policy",
+                post(crate::admin::h_set_policy).fallback(h_method_not_allowed),
+            )
             .route(
                 "/kbs/v0/reference-value",
-                post(crate::admin::h_add_reference),
+                post(crate::admin::h_add_reference).fallback(h_method_not_allowed),
             )
+            .fallback(h_not_found)
             .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
             .with_state(self)
     }
@@ -421,14 +425,34 @@ fn check_init_data(claims: &Claims, body: &[u8]) -> Result<(), KbsError> {
     Ok(())
 }
 
-fn cookie_header(id: &str, ttl: u64) -> HeaderValue {
+/// Whether the connection a request came on is TLS: set per connection by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionTls(pub bool);
+
+/// The session cookie. `Secure` only over TLS: a client that honours `Secure` (a browser,
+/// Python's cookie jar) would otherwise never send it back over plain HTTP.
+fn cookie_header(id: &str, ttl: u64, tls: bool) -> HeaderValue {
+    let secure = if tls { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={id}; Max-Age={ttl}; Path=/kbs; HttpOnly; Secure; SameSite=Strict"
+        "{SESSION_COOKIE}={id}; Max-Age={ttl}; Path=/kbs; HttpOnly{secure}; SameSite=Strict"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("kbs-session-id=invalid"))
 }
 
-async fn h_auth(State(kbs): State<Arc<Kbs>>, body: Bytes) -> Response {
+async fn h_method_not_allowed(method: axum::http::Method) -> Response {
+    KbsError::MethodNotAllowed(method.to_string()).into_response()
+}
+
+async fn h_not_found() -> Response {
+    KbsError::NoSuchEndpoint.into_response()
+}
+
+async fn h_auth(
+    State(kbs): State<Arc<Kbs>>,
+    tls: Option<axum::Extension<ConnectionTls>>,
+    body: Bytes,
+) -> Response {
+    let tls = tls.is_some_and(|axum::Extension(ConnectionTls(t))| t);
     match kbs.auth(&body) {
         Ok((id, challenge)) => {
             let ttl = kbs
@@ -438,7 +462,7 @@ async fn h_auth(State(kbs): State<Arc<Kbs>>, body: Bytes) -> Response {
                 .saturating_sub(kbs.now());
             let mut r = Json(challenge).into_response();
             r.headers_mut()
-                .insert(header::SET_COOKIE, cookie_header(&id, ttl));
+                .insert(header::SET_COOKIE, cookie_header(&id, ttl, tls));
             r
         }
         Err(e) => {
@@ -521,7 +545,9 @@ pub async fn serve(
             r = listener.accept() => r.map_err(StartError::Io)?,
             _ = &mut shutdown => return Ok(()),
         };
-        let router = router.clone();
+        let router = router
+            .clone()
+            .layer(axum::Extension(ConnectionTls(acceptor.is_some())));
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let svc = hyper_util::service::TowerToHyperService::new(router);

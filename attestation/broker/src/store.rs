@@ -82,6 +82,16 @@ impl ResourceStore {
         }
     }
 
+    /// Deletes a resource; `false` when there was none.
+    pub fn delete(&self, p: &ResourcePath) -> Result<bool, StoreError> {
+        let f = self.file(p);
+        match std::fs::remove_file(&f) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StoreError::Io { path: f, source }),
+        }
+    }
+
     /// Writes a resource (mode 0600, via a temporary file and rename).
     pub fn put(&self, p: &ResourcePath, data: &[u8]) -> Result<(), StoreError> {
         if data.len() > MAX_RESOURCE_LEN {
@@ -126,6 +136,9 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert!(s.delete(&p).unwrap());
+        assert!(!s.delete(&p).unwrap());
+        assert!(s.get(&p).unwrap().is_none());
         let big = s.put(&p, &vec![0u8; MAX_RESOURCE_LEN + 1]).unwrap_err();
         assert_eq!(big.kind(), Kind::InvalidArgument);
         let io = StoreError::Io {

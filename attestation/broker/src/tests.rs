@@ -13,25 +13,32 @@ fn every_error_has_a_kind_a_status_and_a_type() {
     let reference = veil_verifier::reference::ReferenceValues::from_json(b"{").unwrap_err();
     let cases: Vec<(KbsError, Kind, u16, &str)> = vec![
         (
-            KbsError::BadJson {
-                what: "auth request",
+            KbsError::Payload(ProtocolError::Json {
+                what: "Request",
                 source: json(),
-            },
+            }),
             Kind::InvalidArgument,
             400,
             "InvalidRequest",
         ),
         (
+            KbsError::Payload(ProtocolError::UnsupportedTee("sgx".into())),
+            Kind::Unimplemented,
+            400,
+            "UnsupportedTee",
+        ),
+        (
+            KbsError::MethodNotAllowed("PUT".into()),
+            Kind::Unimplemented,
+            405,
+            "MethodNotAllowed",
+        ),
+        (KbsError::NoSuchEndpoint, Kind::NotFound, 404, "NotFound"),
+        (
             KbsError::ProtocolVersion("9".into()),
             Kind::InvalidArgument,
             400,
             "ProtocolVersion",
-        ),
-        (
-            KbsError::UnknownTee("x".into()),
-            Kind::Unimplemented,
-            400,
-            "UnsupportedTee",
         ),
         (
             KbsError::ResourcePath(ResourcePathError::Shape("a".into())),
@@ -70,8 +77,8 @@ fn every_error_has_a_kind_a_status_and_a_type() {
             "AttestationFailed",
         ),
         (
-            KbsError::TeeKey(JweError::UnsupportedKey),
-            Kind::InvalidArgument,
+            KbsError::TeeKey(JweError::UnsupportedKeyType("RSA")),
+            Kind::Unimplemented,
             401,
             "AttestationFailed",
         ),

@@ -162,7 +162,7 @@ fn trust() -> (TdxTrust, u64) {
 }
 
 fn tdx_evidence(raw: &[u8]) -> veil_attestation::evidence::TdxEvidence {
-    match Evidence::from_value(Tee::Tdx, &tdx_evidence_json(raw)).unwrap() {
+    match Evidence::from_primary(Tee::Tdx, &tdx_evidence_json(raw, None)).unwrap() {
         Evidence::Tdx(t) => *t,
         _ => unreachable!(),
     }
@@ -196,7 +196,7 @@ fn tdx_quote_with_one_flipped_bit_is_rejected() {
     for pos in [48 + 136, 48 + 520, QUOTE.len() - 100] {
         let mut q = QUOTE.to_vec();
         q[pos] ^= 0x01;
-        let ev = match Evidence::from_value(Tee::Tdx, &tdx_evidence_json(&q)) {
+        let ev = match Evidence::from_primary(Tee::Tdx, &tdx_evidence_json(&q, None)) {
             Ok(Evidence::Tdx(t)) => *t,
             _ => continue, // rejected by the parser already
         };
@@ -212,6 +212,62 @@ fn tdx_quote_with_one_flipped_bit_is_rejected() {
     // Truncated quotes never parse (the sample carries 70 bytes of zero padding after its
     // 4936 bytes of quote, which the parser accepts; cutting into the signature data is not).
     for cut in [0usize, 47, 631, 700, 4935] {
-        assert!(Evidence::from_value(Tee::Tdx, &tdx_evidence_json(&QUOTE[..cut])).is_err());
+        assert!(Evidence::from_primary(Tee::Tdx, &tdx_evidence_json(&QUOTE[..cut], None)).is_err());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trustee_shaped_tdx_evidence_through_the_broker() {
+    let (trust, now) = trust();
+    let b = start_broker(BrokerOptions {
+        tdx: Some((trust, now)),
+        ..Default::default()
+    })
+    .await;
+    let addr = b.addr;
+    let run = move |body: serde_json::Value, cookie: Option<String>| {
+        tokio::task::spawn_blocking(move || {
+            let c = cookie.map(|c| format!("kbs-session-id={c}"));
+            let headers: Vec<(&str, &str)> = c
+                .as_deref()
+                .map(|c| vec![("Cookie", c)])
+                .unwrap_or_default();
+            let path = if c.is_some() {
+                "/kbs/v0/attest"
+            } else {
+                "/kbs/v0/auth"
+            };
+            raw_full(addr, "POST", path, &headers, body.to_string().as_bytes())
+        })
+    };
+    let (s, h, body) = run(
+        serde_json::json!({"version": "0.4.0", "tee": "tdx", "extra-params": {}}),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    let nonce = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["nonce"].clone();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // The way Trustee's TDX attester wraps it: {cc_eventlog, quote}, as primary evidence.
+    let primary = serde_json::json!({"cc_eventlog": null, "quote": b64.encode(QUOTE)});
+    let key = veil_attestation::client::TeeKey::generate().public_jwk();
+    let attestation = serde_json::json!({
+        "runtime-data": {"nonce": nonce, "tee-pubkey": key},
+        "tee-evidence": {"primary_evidence": primary, "additional_evidence": ""},
+    });
+    let (s, _, body) = run(attestation, Some(cookie_of(&h))).await.unwrap();
+    let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // dcap-qvl accepted the quote and its collateral; the sample cannot carry this session's
+    // binding, which is the check that refuses.
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("TDX REPORTDATA is not bound to this session"),
+        "{e}"
+    );
+    assert_eq!(b.releases(), 0);
 }

@@ -2,9 +2,15 @@
 //! and says what is missing):
 //! - `veil measure` agrees with `sev-snp-measure` (PyPI) on several firmware / vCPU-count /
 //!   CPU-type / guest-feature combinations, using Debian's `ovmf` images;
-//! - a Python Trustee-protocol client (`attestation/testdata/kbs_client.py`, `cryptography` for the JWE)
-//!   gets a key from the real `veil-kbs` binary over TLS with a pinned certificate, using the
-//!   real `veil` binary as simulated firmware; the broker's audit log shows the release.
+//! - `veil measure` hashes the kernel command line as QEMU does (leading/trailing spaces and
+//!   newlines included) and refuses inputs it would otherwise ignore;
+//! - a Python Trustee-protocol client (`attestation/testdata/kbs_client.py`, `cryptography` for
+//!   the JWE) gets a key from the real `veil-kbs` binary over TLS with a pinned certificate, and
+//!   over plain HTTP keeping the session in Python's own cookie jar (which honours `Secure`),
+//!   using the real `veil` binary as simulated firmware; the broker's audit log shows the
+//!   release;
+//! - the `report_data` of a known nonce and key is the value the Python client computes with
+//!   Trustee's current formula.
 //!
 //! Both need a Python venv with `sev-snp-measure` (which brings `cryptography`); it is created
 //! once under the target directory with `pip install`.
@@ -161,6 +167,26 @@ fn spawn_kbs(args: &[&str]) -> (std::process::Child, String) {
     (child, addr)
 }
 
+/// Runs the Python Trustee client against the broker at `base` (pinning `cert`, or `-` for
+/// plain HTTP) for `default/key/disk`, with `veil sim-report` as its firmware.
+fn python_client(base: &str, cert: &str, sim_dir: &str, measurement: &str) -> std::process::Output {
+    Command::new(venv().join("bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../testdata/kbs_client.py"
+        ))
+        .args([
+            base,
+            cert,
+            env!("CARGO_BIN_EXE_veil"),
+            sim_dir,
+            measurement,
+            "default/key/disk",
+        ])
+        .output()
+        .unwrap()
+}
+
 struct Kill(std::process::Child);
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -171,7 +197,6 @@ impl Drop for Kill {
 
 #[test]
 fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
-    let python = venv().join("bin/python");
     let dir = tempfile::tempdir().unwrap();
     let d = |p: &str| dir.path().join(p);
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
@@ -259,21 +284,7 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
     let _kill = Kill(child);
     assert!(addr.starts_with("https://127.0.0.1:"), "{addr}");
 
-    let out = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../testdata/kbs_client.py"
-        ))
-        .args([
-            &addr,
-            &s(d("tls/cert.der")),
-            env!("CARGO_BIN_EXE_veil"),
-            &s(d("sim")),
-            &measurement,
-            "default/key/disk",
-        ])
-        .output()
-        .unwrap();
+    let out = python_client(&addr, &s(d("tls/cert.der")), &s(d("sim")), &measurement);
     assert!(
         out.status.success(),
         "python client failed: {}\n{}",
@@ -294,24 +305,75 @@ fn python_trustee_client_gets_key_from_veil_kbs_over_pinned_tls() {
     assert_eq!(releases[0]["measurement"], measurement);
     assert!(!audit.contains("the disk key"));
 
+    // The same over plain HTTP, the session kept by Python's cookie jar (which would not send
+    // a cookie marked Secure back over HTTP).
+    let (child, http_addr) = spawn_kbs(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &s(d("state")),
+        "--insecure-http",
+        "--audit-log",
+        &s(d("audit-http.log")),
+        "--sim-root",
+        &s(d("sim/root.pub.pem")),
+    ]);
+    let _kill_http = Kill(child);
+    assert!(http_addr.starts_with("http://127.0.0.1:"), "{http_addr}");
+    let out = python_client(&http_addr, "-", &s(d("sim")), &measurement);
+    assert!(
+        out.status.success(),
+        "python client over plain HTTP failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["cookie"], hex::encode(b"the disk key"));
+
     // A client pinning another certificate never talks to this broker.
     let other = dir.path().join("other.der");
     std::fs::write(&other, b"not the broker certificate").unwrap();
-    let out = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../testdata/kbs_client.py"
-        ))
-        .args([
-            &addr,
-            &s(other),
-            env!("CARGO_BIN_EXE_veil"),
-            &s(d("sim")),
-            &measurement,
-            "default/key/disk",
-        ])
-        .output()
-        .unwrap();
+    let out = python_client(&addr, &s(other), &s(d("sim")), &measurement);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not the pinned one"));
+}
+
+#[test]
+fn report_data_of_a_known_nonce_and_key_is_trustees() {
+    use veil_attestation::protocol::{HashAlgorithm, TeePubKey};
+    let python = venv().join("bin/python");
+    let nonce = "cGVyLXNlc3Npb24gbm9uY2UsIDMyIGJ5dGVzIGxvbmcuLg==";
+    let key = TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: "ECDH-ES+A256KW".into(),
+        x: "WbbLv0Ns8rTsxBRcnQNrNJmKNgVbM5D4ko6tDg2fBwc".into(),
+        y: "rjJ3m1FQG2iNpVHlEnDH7jW8p5L6Ax2PuUnRzNvQcbM".into(),
+    };
+    for (alg, name) in [
+        (HashAlgorithm::Sha384, "sha384"),
+        (HashAlgorithm::Sha512, "sha512"),
+    ] {
+        let out = Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../testdata/kbs_client.py"
+            ))
+            .args([
+                "report-data",
+                nonce,
+                &serde_json::to_string(&key).unwrap(),
+                name,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let ours = veil_attestation::client::report_data_for(nonce, &key, alg).unwrap();
+        assert_eq!(hex::encode(ours), theirs, "{name}");
+    }
 }

@@ -1,6 +1,7 @@
-//! The broker over real HTTP on 127.0.0.1, driven with hand-built JSON (not our client): the
-//! release path, and every refusal of issue 5, each asserting that no key was released and that
-//! the audit line names the reason.
+//! The broker over real HTTP on 127.0.0.1, driven with hand-built JSON in Trustee's shapes (not
+//! our client): the release path, every refusal (each asserting that no key was released and
+//! that the audit line names the reason once), Trustee-shaped SNP evidence from the genuine
+//! fixture, the admin API's DELETE, and the error bodies.
 
 #![allow(
     clippy::unwrap_used,
@@ -43,13 +44,14 @@ fn new_key() -> Key {
     Key { secret, jwk }
 }
 
-/// SHA-384 of the canonical runtime data, zero-padded: computed here independently of the
-/// library, by writing the JCS form out by hand (members sorted, no whitespace; all values are
-/// plain base64 strings that need no escaping).
+/// SHA-384 of the canonical primary runtime data, zero-padded: computed here independently of
+/// the library, by writing the JCS form of Trustee's `{"tee-pubkey", "nonce",
+/// "additional-evidence"}` out by hand (members sorted, no whitespace; all values are plain
+/// base64 strings that need no escaping, and there is no additional evidence).
 fn report_data(nonce: &str, jwk: &Value) -> [u8; 64] {
     let f = |k: &str| jwk[k].as_str().unwrap().to_string();
     let canonical = format!(
-        r#"{{"nonce":"{nonce}","tee-pubkey":{{"alg":"{}","crv":"{}","kty":"{}","x":"{}","y":"{}"}}}}"#,
+        r#"{{"additional-evidence":"","nonce":"{nonce}","tee-pubkey":{{"alg":"{}","crv":"{}","kty":"{}","x":"{}","y":"{}"}}}}"#,
         f("alg"),
         f("crv"),
         f("kty"),
@@ -70,12 +72,17 @@ fn auth(b: &Broker, tee: &str) -> (String, String) {
     (cookie_of(&h), ch["nonce"].as_str().unwrap().to_string())
 }
 
+/// `/attest` with `evidence` as the primary evidence of Trustee's composite `tee-evidence`.
 fn attest(b: &Broker, cookie: &str, nonce: &str, jwk: &Value, evidence: Value) -> (u16, Value) {
     let body = json!({
         "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
-        "tee-evidence": evidence,
-    })
-    .to_string();
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+    });
+    attest_body(b, cookie, body)
+}
+
+fn attest_body(b: &Broker, cookie: &str, body: Value) -> (u16, Value) {
+    let body = body.to_string();
     let c = format!("kbs-session-id={cookie}");
     let (s, r) = raw(
         b.addr,
@@ -128,15 +135,16 @@ fn simulated_guest_with_reference_measurement_gets_the_key() {
     let (cookie, key) = good_session(&b);
     let (s, r) = get(&b, &cookie, DISK);
     assert_eq!(s, 200, "{r}");
-    let jwe: Jwe = serde_json::from_value(r).unwrap();
     let header: Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(&jwe.protected)
+            .decode(r["protected"].as_str().unwrap())
             .unwrap(),
     )
     .unwrap();
     assert_eq!(header["alg"], "ECDH-ES+A256KW");
     assert_eq!(header["enc"], "A256GCM");
+    assert_eq!(header["epk"]["crv"], "P-256");
+    let jwe: Jwe = serde_json::from_value(r).unwrap();
     assert_eq!(jwe::decrypt(&key.secret, &jwe).unwrap().as_slice(), SECRET);
     let release = b
         .audit()
@@ -233,6 +241,14 @@ fn simulated_evidence_under_default_policy_is_refused() {
     let (cookie, _key) = good_session(&b);
     let (s, r) = get(&b, &cookie, DISK);
     assert_refused(&b, s, &r, 401, "simulated evidence is not allowed");
+    // The reason is printed once, in the audit line and in the error body.
+    let reason = b.last_refusal();
+    assert_eq!(
+        reason,
+        "policy denied the resource: simulated evidence is not allowed by this resource's policy"
+    );
+    assert_eq!(r["detail"], reason.as_str());
+    assert_eq!(r["type"], "https://veil.invalid/kbs/errors/PolicyDeny");
 }
 
 #[test]
@@ -319,11 +335,11 @@ fn truncated_or_garbage_evidence_is_refused() {
     );
     assert_eq!(s, 400);
     assert_eq!(b.releases(), 0);
-    // Garbage SNP evidence for an SNP session.
+    // veil's former raw SNP shape is not Trustee's: refused, naming the missing field.
     let (cookie, nonce) = auth(&b, "snp");
     let ev = json!({"report": std.encode([0u8; 100])});
     let (s, r) = attest(&b, &cookie, &nonce, &key.jwk, ev);
-    assert_refused(&b, s, &r, 401, "SNP report is 100 bytes");
+    assert_refused(&b, s, &r, 401, "missing field `attestation_report`");
 }
 
 #[test]
@@ -455,4 +471,182 @@ fn reference_values_registered_by_name_unlock_the_resource() {
     assert_eq!(s, 200, "{r}");
     let jwe: Jwe = serde_json::from_value(r).unwrap();
     assert_eq!(jwe::decrypt(&key.secret, &jwe).unwrap().as_slice(), SECRET);
+}
+
+fn genuine_milan() -> (Vec<u8>, Vec<u8>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/snp");
+    let hex_text = std::fs::read_to_string(dir.join("report_milan.hex")).unwrap();
+    let clean: String = hex_text.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    (
+        hex::decode(clean).unwrap(),
+        std::fs::read(dir.join("vcek_milan.der")).unwrap(),
+    )
+}
+
+/// The genuine fixture as Trustee's SNP attester sends it: built with the `sev` crate's own
+/// types and serde, not ours.
+fn trustee_snp_evidence(report: &[u8], vcek: &[u8]) -> Value {
+    use sev::parser::ByteParser;
+    let report = sev::firmware::guest::AttestationReport::from_bytes(report).unwrap();
+    let chain = vec![sev::firmware::host::CertTableEntry::new(
+        sev::firmware::host::CertType::VCEK,
+        vcek.to_vec(),
+    )];
+    json!({"attestation_report": report, "cert_chain": chain})
+}
+
+#[test]
+fn trustee_shaped_snp_evidence_is_verified_up_to_the_session_binding() {
+    let (_rt, b) = broker(BrokerOptions::default());
+    b.provision(true, &measurement_for(CMDLINE));
+    let (raw, vcek) = genuine_milan();
+    let key = new_key();
+    let (cookie, nonce) = auth(&b, "snp");
+    // Chain, VCEK signature and extensions verify; the genuine report cannot carry this
+    // session's binding, which is the one check left.
+    let (s, r) = attest(
+        &b,
+        &cookie,
+        &nonce,
+        &key.jwk,
+        trustee_snp_evidence(&raw, &vcek),
+    );
+    assert_refused(&b, s, &r, 401, "report_data is not bound to this session");
+    let refusal = b
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e.outcome == Outcome::Refusal)
+        .unwrap();
+    assert_eq!(refusal.tee.as_deref(), Some("snp"));
+    let report = veil_attestation::evidence::snp::SnpReport::parse(&raw).unwrap();
+    assert_eq!(refusal.measurement, Some(hex::encode(report.measurement())));
+    // One flipped report bit in the same shape: the signature check names it.
+    let mut flipped = raw.clone();
+    flipped[0x90] ^= 1;
+    let (cookie, nonce) = auth(&b, "snp");
+    let (s, r) = attest(
+        &b,
+        &cookie,
+        &nonce,
+        &key.jwk,
+        trustee_snp_evidence(&flipped, &vcek),
+    );
+    assert_refused(&b, s, &r, 401, "report signature does not verify");
+}
+
+#[test]
+fn malformed_fields_get_clear_errors() {
+    let (_rt, b) = broker(BrokerOptions::default());
+    b.provision(true, &measurement_for(CMDLINE));
+    let key = new_key();
+    // An RSA tee-pubkey parses as Trustee's, and is refused by name.
+    let (cookie, nonce) = auth(&b, "veil-sim");
+    let rsa = json!({"kty": "RSA", "alg": "RSA1_5", "n": "AQAB", "e": "AQAB"});
+    let ev = b.sim_evidence(
+        report_data(&nonce, &key.jwk),
+        measurement_for(CMDLINE),
+        |_| {},
+    );
+    let (s, r) = attest(&b, &cookie, &nonce, &rsa, ev.clone());
+    assert_refused(&b, s, &r, 401, "TEE public key type RSA is not supported");
+    // An EC key on another curve.
+    let (cookie, nonce) = auth(&b, "veil-sim");
+    let mut p384 = key.jwk.clone();
+    p384["crv"] = json!("P-384");
+    let (s, r) = attest(&b, &cookie, &nonce, &p384, ev.clone());
+    assert_refused(&b, s, &r, 401, "curve \"P-384\"");
+    // Device evidence veil does not verify.
+    let (cookie, nonce) = auth(&b, "veil-sim");
+    let body = json!({
+        "runtime-data": {"nonce": nonce, "tee-pubkey": key.jwk},
+        "tee-evidence": {"primary_evidence": ev, "additional_evidence": "{\"nvidia\":1}"},
+    });
+    let (s, r) = attest_body(&b, &cookie, body);
+    assert_refused(
+        &b,
+        s,
+        &r,
+        401,
+        "additional (device) evidence is not supported",
+    );
+    // Missing members are named, in words.
+    let (cookie, nonce) = auth(&b, "veil-sim");
+    let body = json!({"runtime-data": {"nonce": nonce, "tee-pubkey": key.jwk}});
+    let (s, r) = attest_body(&b, &cookie, body);
+    assert_eq!(s, 400, "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid request: Attestation is not a KBS Attestation payload: missing field `tee-evidence`"),
+        "{r}"
+    );
+    // Unknown and unsupported TEEs.
+    for (tee, want) in [
+        ("sgx", "TEE type \"sgx\" is not supported"),
+        ("bogus", "unknown variant `bogus`"),
+    ] {
+        let body = json!({"version": "0.4.0", "tee": tee, "extra-params": {}}).to_string();
+        let (s, r) = raw(b.addr, "POST", "/kbs/v0/auth", &[], body.as_bytes());
+        let r: Value = serde_json::from_slice(&r).unwrap();
+        assert_eq!(s, 400, "{r}");
+        assert!(r["detail"].as_str().unwrap().contains(want), "{r}");
+    }
+    assert_eq!(b.releases(), 0);
+}
+
+#[test]
+fn resources_can_be_deleted_and_other_methods_answer_with_a_body() {
+    let (_rt, b) = broker(BrokerOptions::default());
+    b.provision(true, &measurement_for(CMDLINE));
+    let (s, body) = b.admin("DELETE", DISK, b"");
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(!b
+        .dir
+        .path()
+        .join("state/resources/default/key/disk")
+        .exists());
+    let (s, body) = b.admin("DELETE", DISK, b"");
+    assert_eq!(s, 404);
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        e["type"],
+        "https://veil.invalid/kbs/errors/ResourceNotFound"
+    );
+    // Without the admin token, nothing is deleted.
+    b.provision(true, &measurement_for(CMDLINE));
+    let (s, _) = raw(b.addr, "DELETE", DISK, &[], b"");
+    assert_eq!(s, 401);
+    assert!(b
+        .dir
+        .path()
+        .join("state/resources/default/key/disk")
+        .exists());
+    // A method an endpoint does not take, and an endpoint that does not exist: JSON bodies.
+    let (s, body) = raw(b.addr, "PUT", DISK, &[], b"x");
+    assert_eq!(s, 405);
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        e["type"],
+        "https://veil.invalid/kbs/errors/MethodNotAllowed"
+    );
+    assert_eq!(e["detail"], "method PUT is not allowed on this endpoint");
+    let (s, body) = raw(b.addr, "GET", "/kbs/v0/auth", &[], b"");
+    assert_eq!(s, 405, "{}", String::from_utf8_lossy(&body));
+    let (s, body) = raw(b.addr, "GET", "/kbs/v0/nothing", &[], b"");
+    assert_eq!(s, 404);
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["type"], "https://veil.invalid/kbs/errors/NotFound");
+}
+
+#[test]
+fn the_session_cookie_is_not_secure_on_plain_http() {
+    let (_rt, b) = broker(BrokerOptions::default());
+    let body = json!({"version": "0.4.0", "tee": "veil-sim", "extra-params": {}}).to_string();
+    let (s, h, _) = raw_full(b.addr, "POST", "/kbs/v0/auth", &[], body.as_bytes());
+    assert_eq!(s, 200);
+    let cookie = h.iter().find(|(k, _)| k == "set-cookie").unwrap().1.clone();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "{cookie}");
 }

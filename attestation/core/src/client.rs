@@ -25,10 +25,11 @@ use zeroize::Zeroizing;
 
 use veil_common::{Classify, Kind};
 
+use crate::evidence::composite;
 use crate::jwe::{self, Jwe, JweError};
 use crate::protocol::{
-    self, Attestation, AttestationToken, Challenge, ErrorInformation, HashAlgorithm, InitData,
-    ProtocolError, Request, RuntimeData, TeePubKey, PROTOCOL_VERSION, SESSION_COOKIE,
+    self, Attestation, AttestationToken, AuthRequest, Challenge, ErrorInformation, HashAlgorithm,
+    InitData, ProtocolError, RuntimeData, TeePubKey, PROTOCOL_VERSION, SESSION_COOKIE,
     SUPPORTED_HASH_ALGORITHMS,
 };
 use crate::resource::{ResourcePath, ResourcePathError};
@@ -90,9 +91,9 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
-    /// The broker selected a hash algorithm this client does not offer.
+    /// A protocol payload cannot be built (e.g. the broker selected an unknown hash algorithm).
     #[error("the key broker's challenge cannot be answered")]
-    Challenge(#[source] ProtocolError),
+    Protocol(#[source] ProtocolError),
     /// The attester could not produce evidence.
     #[error("attester failed")]
     Attester(#[source] AttesterError),
@@ -122,7 +123,7 @@ impl Classify for ClientError {
                 _ => Kind::Internal,
             },
             ClientError::Response { .. } | ClientError::Attester(_) => Kind::Internal,
-            ClientError::Challenge(e) => e.kind(),
+            ClientError::Protocol(e) => e.kind(),
             ClientError::Jwe(e) => e.kind(),
         }
     }
@@ -162,7 +163,8 @@ impl TeeKey {
 pub trait Attester: Send + Sync {
     /// The TEE kind this attester speaks for.
     fn tee(&self) -> Tee;
-    /// Evidence JSON for the KBS `tee-evidence` field (see [`crate::evidence`]).
+    /// The primary evidence JSON (see [`crate::evidence`]); the client wraps it into the
+    /// composite `tee-evidence`.
     fn evidence<'a>(
         &'a self,
         report_data: [u8; 64],
@@ -308,14 +310,16 @@ impl std::fmt::Debug for KbsClient {
 }
 
 /// The report data a guest binds for `nonce` and its key (what the broker recomputes).
-pub fn report_data_for(nonce: &str, key: &TeePubKey, alg: HashAlgorithm) -> [u8; 64] {
-    protocol::runtime_data_report_data(
-        &RuntimeData {
-            nonce: nonce.to_string(),
-            tee_pubkey: key.clone(),
-        },
-        alg,
-    )
+pub fn report_data_for(
+    nonce: &str,
+    key: &TeePubKey,
+    alg: HashAlgorithm,
+) -> Result<[u8; 64], ProtocolError> {
+    let runtime = RuntimeData {
+        nonce: nonce.to_string(),
+        tee_pubkey: key.clone(),
+    };
+    protocol::report_data(&runtime, "", alg)
 }
 
 impl KbsClient {
@@ -440,15 +444,14 @@ impl KbsClient {
 
     /// Runs `/auth` then `/attest` with evidence from `attester`; returns the token.
     pub async fn attest(&mut self, attester: &dyn Attester) -> Result<String, ClientError> {
-        let req = Request {
+        let req = AuthRequest {
             version: PROTOCOL_VERSION.into(),
-            tee: attester.tee().as_str().into(),
-            extra_params: serde_json::json!({ SUPPORTED_HASH_ALGORITHMS: ["sha384", "sha256", "sha512"] }),
+            tee: attester.tee(),
+            extra_params: serde_json::json!({
+                SUPPORTED_HASH_ALGORITHMS: protocol::supported_hash_names()
+            }),
         };
-        let body = serde_json::to_vec(&req).map_err(|source| ClientError::Encode {
-            what: "auth",
-            source,
-        })?;
+        let body = req.to_json().map_err(ClientError::Protocol)?;
         let (status, resp) = self.exchange("POST", "/kbs/v0/auth", Some(body)).await?;
         if status != 200 {
             return Err(Self::refused(status, &resp));
@@ -458,13 +461,15 @@ impl KbsClient {
                 what: "auth",
                 source,
             })?;
-        let alg = HashAlgorithm::from_challenge(&challenge.extra_params)
-            .map_err(ClientError::Challenge)?;
+        let alg: HashAlgorithm =
+            protocol::selected_hash(&challenge.extra_params).map_err(ClientError::Protocol)?;
         let runtime_data = RuntimeData {
             nonce: challenge.nonce,
             tee_pubkey: self.key.public_jwk(),
         };
-        let report_data = protocol::runtime_data_report_data(&runtime_data, alg);
+        // No device attesters: the additional evidence is empty, and bound as such.
+        let report_data =
+            protocol::report_data(&runtime_data, "", alg).map_err(ClientError::Protocol)?;
         let evidence = attester
             .evidence(report_data)
             .await
@@ -475,7 +480,7 @@ impl KbsClient {
                 body,
             }),
             runtime_data,
-            tee_evidence: evidence,
+            tee_evidence: composite(evidence),
         };
         let body = serde_json::to_vec(&att).map_err(|source| ClientError::Encode {
             what: "attest",
@@ -562,7 +567,7 @@ mod tests {
                 Kind::Internal,
             ),
             (
-                ClientError::Challenge(ProtocolError::HashAlgorithm("md5".into())),
+                ClientError::Protocol(ProtocolError::HashAlgorithm("md5".into())),
                 Kind::Unimplemented,
             ),
             (ClientError::Attester(Box::new(io())), Kind::Internal),

@@ -1,27 +1,32 @@
-//! JWE (RFC 7516, flattened JSON) with `ECDH-ES+A256KW` key agreement on P-256 and `A256GCM`
-//! content encryption: how the broker hands a resource to the TEE key and how the guest opens it.
+//! JWE (RFC 7516, flattened JSON, as `kbs_types::Response`) with `ECDH-ES+A256KW` key agreement
+//! on P-256 and `A256GCM` content encryption: how the broker hands a resource to the TEE key and
+//! how the guest opens it.
 //!
 //! Encryption: a fresh ephemeral P-256 key agrees with the TEE key (ECDH), Concat KDF (RFC 7518
 //! §4.6, SHA-256, AlgorithmID = "ECDH-ES+A256KW", empty PartyU/PartyV, 256-bit output) gives the
 //! key-wrapping key, AES-KW (RFC 3394) wraps a random 256-bit CEK, AES-256-GCM encrypts the
-//! payload with the ASCII of the `protected` member as AAD. The ephemeral public key is the
-//! protected header's `epk`.
+//! payload. The ephemeral public key is the protected header's `epk`; the AAD is the encoded
+//! protected header as `kbs_types::ProtectedHeader::generate_aad` computes it, which is what
+//! Trustee's broker and guest components use.
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
+use kbs_types::ProtectedHeader;
 use p256::elliptic_curve::sec1::{EncodedPoint, FromEncodedPoint, ToEncodedPoint};
 use p256::{PublicKey, SecretKey};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+use veil_common::{Classify, Kind};
 use zeroize::Zeroizing;
 
-use veil_common::{Classify, Kind};
+use crate::protocol::{Response, TeePubKey, TEE_KEY_ALG};
 
-use crate::protocol::{TeePubKey, TEE_KEY_ALG};
+/// A resource as the broker returns it: `kbs_types::Response`.
+pub type Jwe = Response;
 
 /// Content-encryption algorithm.
 pub const ENC: &str = "A256GCM";
@@ -29,16 +34,29 @@ pub const ENC: &str = "A256GCM";
 /// Why a JWE could not be produced or opened.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum JweError {
-    /// The TEE key is not an EC P-256 `ECDH-ES+A256KW` JWK.
-    #[error("TEE public key is not an EC P-256 key for ECDH-ES+A256KW")]
-    UnsupportedKey,
+    /// The TEE key is not an EC key (`kty` RSA or AKP).
+    #[error(
+        "TEE public key type {0} is not supported: veil encrypts to EC P-256 keys (ECDH-ES+A256KW)"
+    )]
+    UnsupportedKeyType(&'static str),
+    /// The TEE key is EC, but not P-256 for `ECDH-ES+A256KW`.
+    #[error("TEE public key curve {crv:?} / algorithm {alg:?} is not supported (P-256 / ECDH-ES+A256KW)")]
+    UnsupportedKey {
+        /// The key's `crv`.
+        crv: String,
+        /// The key's `alg`.
+        alg: String,
+    },
     /// The TEE key's coordinates are not a point on P-256.
     #[error("TEE public key is not a valid P-256 point")]
     InvalidPoint,
     /// The JWE header names algorithms other than ECDH-ES+A256KW / A256GCM.
     #[error("JWE header algorithms are not ECDH-ES+A256KW / A256GCM")]
     UnsupportedAlgorithm,
-    /// A member is not base64url, or the header is not JSON.
+    /// The JWE carries an `aad` member (not used by the KBS protocol).
+    #[error("JWE with an aad member is not supported")]
+    AadUnsupported,
+    /// A member or the header's `epk` is malformed.
     #[error("JWE member {0} is malformed")]
     Malformed(&'static str),
     /// Key unwrap or authenticated decryption failed (wrong key or tampered JWE).
@@ -52,29 +70,18 @@ pub enum JweError {
 impl Classify for JweError {
     fn kind(&self) -> Kind {
         match self {
-            JweError::UnsupportedKey | JweError::InvalidPoint => Kind::InvalidArgument,
-            JweError::UnsupportedAlgorithm => Kind::Unimplemented,
+            JweError::UnsupportedKeyType(_) | JweError::UnsupportedKey { .. } => {
+                Kind::Unimplemented
+            }
+            JweError::InvalidPoint => Kind::InvalidArgument,
+            JweError::UnsupportedAlgorithm | JweError::AadUnsupported => Kind::Unimplemented,
             JweError::Malformed(_) | JweError::Decrypt => Kind::DataLoss,
             JweError::Encrypt => Kind::Internal,
         }
     }
 }
 
-/// A flattened-JSON JWE, as the KBS `Response`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Jwe {
-    /// base64url of the protected header JSON.
-    pub protected: String,
-    /// base64url of the wrapped CEK.
-    pub encrypted_key: String,
-    /// base64url of the 96-bit IV.
-    pub iv: String,
-    /// base64url of the ciphertext.
-    pub ciphertext: String,
-    /// base64url of the GCM tag.
-    pub tag: String,
-}
-
+/// The ephemeral key in the protected header.
 #[derive(Serialize, Deserialize)]
 struct EpkJwk {
     crv: String,
@@ -83,19 +90,21 @@ struct EpkJwk {
     y: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Header {
-    alg: String,
-    enc: String,
-    epk: EpkJwk,
-}
-
 /// The TEE public key as a P-256 point.
 pub fn public_key_from_jwk(jwk: &TeePubKey) -> Result<PublicKey, JweError> {
-    if jwk.kty != "EC" || jwk.crv != "P-256" || jwk.alg != TEE_KEY_ALG {
-        return Err(JweError::UnsupportedKey);
+    match jwk {
+        TeePubKey::EC { crv, alg, x, y } => {
+            if crv != "P-256" || alg != TEE_KEY_ALG {
+                return Err(JweError::UnsupportedKey {
+                    crv: crv.chars().take(32).collect(),
+                    alg: alg.chars().take(32).collect(),
+                });
+            }
+            point_from_xy(x, y)
+        }
+        TeePubKey::RSA { .. } => Err(JweError::UnsupportedKeyType("RSA")),
+        TeePubKey::AKP { .. } => Err(JweError::UnsupportedKeyType("AKP")),
     }
-    point_from_xy(&jwk.x, &jwk.y)
 }
 
 fn point_from_xy(x: &str, y: &str) -> Result<PublicKey, JweError> {
@@ -112,15 +121,22 @@ fn point_from_xy(x: &str, y: &str) -> Result<PublicKey, JweError> {
     Option::from(PublicKey::from_encoded_point(&ep)).ok_or(JweError::InvalidPoint)
 }
 
-/// A P-256 public key as a `TeePubKey` JWK.
-pub fn jwk_from_public_key(pk: &PublicKey) -> TeePubKey {
+fn xy(pk: &PublicKey) -> (String, String) {
     let ep = pk.to_encoded_point(false);
-    TeePubKey {
-        kty: "EC".into(),
+    (
+        B64URL.encode(ep.x().map(|x| x[..].to_vec()).unwrap_or_default()),
+        B64URL.encode(ep.y().map(|y| y[..].to_vec()).unwrap_or_default()),
+    )
+}
+
+/// A P-256 public key as a `tee-pubkey` JWK.
+pub fn jwk_from_public_key(pk: &PublicKey) -> TeePubKey {
+    let (x, y) = xy(pk);
+    TeePubKey::EC {
         crv: "P-256".into(),
         alg: TEE_KEY_ALG.into(),
-        x: B64URL.encode(ep.x().map(|x| x[..].to_vec()).unwrap_or_default()),
-        y: B64URL.encode(ep.y().map(|y| y[..].to_vec()).unwrap_or_default()),
+        x,
+        y,
     }
 }
 
@@ -145,19 +161,20 @@ pub fn encrypt(tee_key: &TeePubKey, plaintext: &[u8]) -> Result<Jwe, JweError> {
     let eph = p256::ecdh::EphemeralSecret::random(&mut rand_core::OsRng);
     let shared = eph.diffie_hellman(&recipient);
     let kek = concat_kdf(shared.raw_secret_bytes());
-    let epk = jwk_from_public_key(&eph.public_key());
-    let header = Header {
+    let (x, y) = xy(&eph.public_key());
+    let epk = serde_json::to_value(EpkJwk {
+        crv: "P-256".into(),
+        kty: "EC".into(),
+        x,
+        y,
+    })
+    .map_err(|_| JweError::Encrypt)?;
+    let protected = ProtectedHeader {
         alg: TEE_KEY_ALG.into(),
         enc: ENC.into(),
-        epk: EpkJwk {
-            crv: epk.crv,
-            kty: epk.kty,
-            x: epk.x,
-            y: epk.y,
-        },
+        other_fields: [("epk".to_string(), epk)].into_iter().collect(),
     };
-    let header_json = serde_json::to_vec(&header).map_err(|_| JweError::Encrypt)?;
-    let protected = B64URL.encode(header_json);
+    let aad = protected.generate_aad().map_err(|_| JweError::Encrypt)?;
     let mut cek = Zeroizing::new([0u8; 32]);
     rand_core::OsRng.fill_bytes(cek.as_mut());
     let wrapped = aes_kw::KekAes256::from(*kek)
@@ -171,65 +188,67 @@ pub fn encrypt(tee_key: &TeePubKey, plaintext: &[u8]) -> Result<Jwe, JweError> {
             &Nonce::from(iv),
             Payload {
                 msg: plaintext,
-                aad: protected.as_bytes(),
+                aad: &aad,
             },
         )
         .map_err(|_| JweError::Encrypt)?;
     let tag = ct.split_off(ct.len() - 16);
-    Ok(Jwe {
+    Ok(Response {
         protected,
-        encrypted_key: B64URL.encode(wrapped),
-        iv: B64URL.encode(iv),
-        ciphertext: B64URL.encode(ct),
-        tag: B64URL.encode(tag),
+        encrypted_key: wrapped,
+        aad: None,
+        iv: iv.to_vec(),
+        ciphertext: ct,
+        tag,
     })
 }
 
 /// Decrypts a JWE with the TEE's private key.
 pub fn decrypt(secret: &SecretKey, jwe: &Jwe) -> Result<Zeroizing<Vec<u8>>, JweError> {
-    let header_json = B64URL
-        .decode(&jwe.protected)
-        .map_err(|_| JweError::Malformed("protected"))?;
-    let header: Header =
-        serde_json::from_slice(&header_json).map_err(|_| JweError::Malformed("protected"))?;
+    let header = &jwe.protected;
     if header.alg != TEE_KEY_ALG || header.enc != ENC {
         return Err(JweError::UnsupportedAlgorithm);
     }
-    if header.epk.kty != "EC" || header.epk.crv != "P-256" {
+    if jwe.aad.is_some() {
+        return Err(JweError::AadUnsupported);
+    }
+    let epk: EpkJwk = header
+        .other_fields
+        .get("epk")
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or(JweError::Malformed("epk"))?;
+    if epk.kty != "EC" || epk.crv != "P-256" {
         return Err(JweError::UnsupportedAlgorithm);
     }
-    let epk = point_from_xy(&header.epk.x, &header.epk.y)?;
+    let epk = point_from_xy(&epk.x, &epk.y)?;
     let shared = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
     let kek = concat_kdf(shared.raw_secret_bytes());
-    let wrapped = B64URL
-        .decode(&jwe.encrypted_key)
-        .map_err(|_| JweError::Malformed("encrypted_key"))?;
     let cek = Zeroizing::new(
         aes_kw::KekAes256::from(*kek)
-            .unwrap_vec(&wrapped)
+            .unwrap_vec(&jwe.encrypted_key)
             .map_err(|_| JweError::Decrypt)?,
     );
-    let iv = B64URL
-        .decode(&jwe.iv)
+    let iv: [u8; 12] = jwe
+        .iv
+        .as_slice()
+        .try_into()
         .map_err(|_| JweError::Malformed("iv"))?;
-    let iv: [u8; 12] = iv.try_into().map_err(|_| JweError::Malformed("iv"))?;
-    let mut ct = B64URL
-        .decode(&jwe.ciphertext)
-        .map_err(|_| JweError::Malformed("ciphertext"))?;
-    let tag = B64URL
-        .decode(&jwe.tag)
-        .map_err(|_| JweError::Malformed("tag"))?;
-    if tag.len() != 16 {
+    if jwe.tag.len() != 16 {
         return Err(JweError::Malformed("tag"));
     }
-    ct.extend_from_slice(&tag);
+    let mut ct = jwe.ciphertext.clone();
+    ct.extend_from_slice(&jwe.tag);
+    let aad = header
+        .generate_aad()
+        .map_err(|_| JweError::Malformed("protected"))?;
     let cipher = Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|_| JweError::Decrypt)?;
     cipher
         .decrypt(
             &Nonce::from(iv),
             Payload {
                 msg: &ct,
-                aad: jwe.protected.as_bytes(),
+                aad: &aad,
             },
         )
         .map(Zeroizing::new)
@@ -243,9 +262,17 @@ mod tests {
     #[test]
     fn error_kinds() {
         for (e, k) in [
-            (JweError::UnsupportedKey, Kind::InvalidArgument),
+            (JweError::UnsupportedKeyType("RSA"), Kind::Unimplemented),
+            (
+                JweError::UnsupportedKey {
+                    crv: "P-384".into(),
+                    alg: TEE_KEY_ALG.into(),
+                },
+                Kind::Unimplemented,
+            ),
             (JweError::InvalidPoint, Kind::InvalidArgument),
             (JweError::UnsupportedAlgorithm, Kind::Unimplemented),
+            (JweError::AadUnsupported, Kind::Unimplemented),
             (JweError::Malformed("iv"), Kind::DataLoss),
             (JweError::Decrypt, Kind::DataLoss),
             (JweError::Encrypt, Kind::Internal),
@@ -255,24 +282,68 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_and_tamper() {
+    fn round_trip_through_the_wire_form_and_tamper() {
         let sk = SecretKey::random(&mut rand_core::OsRng);
         let jwk = jwk_from_public_key(&sk.public_key());
         let jwe = encrypt(&jwk, b"disk key 0123456789").unwrap();
+        // Through JSON, as it travels: the protected member is the header Trustee encodes.
+        let wire = serde_json::to_string(&jwe).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&wire).unwrap();
+        for member in ["protected", "encrypted_key", "iv", "ciphertext", "tag"] {
+            assert!(v[member].is_string(), "{member}: {wire}");
+        }
+        let back: Jwe = serde_json::from_str(&wire).unwrap();
         assert_eq!(
-            decrypt(&sk, &jwe).unwrap().as_slice(),
+            decrypt(&sk, &back).unwrap().as_slice(),
             b"disk key 0123456789"
         );
         let other = SecretKey::random(&mut rand_core::OsRng);
-        assert_eq!(decrypt(&other, &jwe), Err(JweError::Decrypt));
-        let mut t = jwe.clone();
-        t.ciphertext = B64URL.encode(b"xxxxxxxxxxxxxxxxxxx");
+        assert_eq!(decrypt(&other, &back), Err(JweError::Decrypt));
+        let mut t = back.clone();
+        t.ciphertext[0] ^= 1;
         assert_eq!(decrypt(&sk, &t), Err(JweError::Decrypt));
-        let mut bad = jwk.clone();
-        bad.crv = "P-384".into();
-        assert_eq!(encrypt(&bad, b"x"), Err(JweError::UnsupportedKey));
-        let mut off_curve = jwk;
-        off_curve.y = off_curve.x.clone();
-        assert_eq!(encrypt(&off_curve, b"x"), Err(JweError::InvalidPoint));
+        let mut t = back.clone();
+        t.protected.enc = "A128GCM".into();
+        assert_eq!(decrypt(&sk, &t), Err(JweError::UnsupportedAlgorithm));
+        let mut t = back;
+        t.aad = Some(b"x".to_vec());
+        assert_eq!(decrypt(&sk, &t), Err(JweError::AadUnsupported));
+    }
+
+    #[test]
+    fn only_p256_ec_keys_are_encrypted_to() {
+        let sk = SecretKey::random(&mut rand_core::OsRng);
+        let TeePubKey::EC { x, y, .. } = jwk_from_public_key(&sk.public_key()) else {
+            unreachable!()
+        };
+        let p384 = TeePubKey::EC {
+            crv: "P-384".into(),
+            alg: TEE_KEY_ALG.into(),
+            x: x.clone(),
+            y,
+        };
+        assert!(matches!(
+            encrypt(&p384, b"x"),
+            Err(JweError::UnsupportedKey { .. })
+        ));
+        let rsa = TeePubKey::RSA {
+            alg: "RSA-OAEP".into(),
+            k_mod: "AQAB".into(),
+            k_exp: "AQAB".into(),
+        };
+        assert!(matches!(
+            encrypt(&rsa, b"x"),
+            Err(JweError::UnsupportedKeyType("RSA"))
+        ));
+        let off_curve = TeePubKey::EC {
+            crv: "P-256".into(),
+            alg: TEE_KEY_ALG.into(),
+            x: x.clone(),
+            y: x,
+        };
+        assert!(matches!(
+            encrypt(&off_curve, b"x"),
+            Err(JweError::InvalidPoint)
+        ));
     }
 }

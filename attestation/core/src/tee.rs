@@ -39,6 +39,24 @@ impl Tee {
         }
     }
 
+    /// The `kbs_types` name of a real TEE (`kbs_types` has no simulated TEE of veil's).
+    pub fn to_kbs(self) -> Option<kbs_types::Tee> {
+        match self {
+            Tee::Snp => Some(kbs_types::Tee::Snp),
+            Tee::Tdx => Some(kbs_types::Tee::Tdx),
+            Tee::VeilSim => None,
+        }
+    }
+
+    /// The veil TEE a `kbs_types` TEE is, if veil attests it.
+    pub fn from_kbs(tee: kbs_types::Tee) -> Option<Tee> {
+        match tee {
+            kbs_types::Tee::Snp => Some(Tee::Snp),
+            kbs_types::Tee::Tdx => Some(Tee::Tdx),
+            _ => None,
+        }
+    }
+
     /// True for the simulated TEE.
     pub fn is_simulated(self) -> bool {
         matches!(self, Tee::VeilSim)
@@ -48,5 +66,21 @@ impl Tee {
 impl std::fmt::Display for Tee {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn real_tees_have_trustees_names() {
+        for tee in [Tee::Snp, Tee::Tdx] {
+            let k = tee.to_kbs().unwrap();
+            assert_eq!(k.to_string(), tee.as_str());
+            assert_eq!(Tee::from_kbs(k), Some(tee));
+        }
+        assert_eq!(Tee::VeilSim.to_kbs(), None);
+        assert_eq!(Tee::from_kbs(kbs_types::Tee::Sgx), None);
     }
 }

@@ -103,7 +103,14 @@ pub fn build_sim_report_bytes(chip: &SigningKey, p: &SimReportParams) -> [u8; RE
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut report_id);
     r[layout::REPORT_ID..layout::REPORT_ID + 32].copy_from_slice(&report_id);
     r[layout::CHIP_ID..layout::CHIP_ID + 64].copy_from_slice(&sim_chip_id(chip.verifying_key()));
-    let sig: Signature = chip.sign(&r[..SIGNED_LEN]);
+    sign_report_bytes(chip, &mut r);
+    r
+}
+
+/// Signs the signed part of an SNP-layout report with `key` and writes the signature (r and s
+/// little-endian, as the firmware does).
+pub fn sign_report_bytes(key: &SigningKey, r: &mut [u8; REPORT_LEN]) {
+    let sig: Signature = key.sign(&r[..SIGNED_LEN]);
     let (rb, sb) = sig.split_bytes();
     let mut r_le: Vec<u8> = rb.to_vec();
     r_le.reverse();
@@ -111,7 +118,6 @@ pub fn build_sim_report_bytes(chip: &SigningKey, p: &SimReportParams) -> [u8; RE
     s_le.reverse();
     r[SIGNATURE_OFFSET..SIGNATURE_OFFSET + 48].copy_from_slice(&r_le);
     r[SIGNATURE_OFFSET + 72..SIGNATURE_OFFSET + 120].copy_from_slice(&s_le);
-    r
 }
 
 /// Builds and signs a simulated report, parsed.

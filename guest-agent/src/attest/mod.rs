@@ -265,12 +265,9 @@ impl Attester for Recording<'_> {
     > {
         Box::pin(async move {
             let ev = self.inner.evidence(report_data).await?;
-            let m = match Evidence::from_value(self.inner.tee(), &ev) {
-                Ok(Evidence::Snp(s)) => hex::encode(s.report.measurement()),
-                Ok(Evidence::Sim { report, .. }) => hex::encode(report.measurement()),
-                Ok(Evidence::Tdx(t)) => hex::encode(t.quote.report.mr_td),
-                Err(_) => String::new(),
-            };
+            let m = Evidence::from_primary(self.inner.tee(), &ev)
+                .map(|e| e.measurement_hex())
+                .unwrap_or_default();
             *self.measurement.lock().unwrap_or_else(|p| p.into_inner()) = m;
             Ok(ev)
         })

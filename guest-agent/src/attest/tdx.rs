@@ -82,7 +82,8 @@ impl Attester for TdxAttester {
         let this = self.clone();
         Box::pin(async move {
             let quote = tokio::task::spawn_blocking(move || this.quote(&report_data)).await??;
-            Ok(tdx_evidence_json(&quote))
+            // No CC event log: the broker matches RTMRs by policy, not by replaying a log.
+            Ok(tdx_evidence_json(&quote, None))
         })
     }
 }
@@ -116,7 +117,8 @@ mod tests {
         let a = TdxAttester::new(fs.clone());
         assert_eq!(a.tee(), Tee::Tdx);
         let ev = a.evidence([4; 64]).await.unwrap();
-        assert_eq!(ev, tdx_evidence_json(&fake_quote(&[4; 64])));
+        assert_eq!(ev, tdx_evidence_json(&fake_quote(&[4; 64]), None));
+        assert!(ev["quote"].is_string());
         assert_eq!(fs.live(), 0);
     }
 

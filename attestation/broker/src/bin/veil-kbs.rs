@@ -10,6 +10,7 @@ use veil_common::error_chain;
 use veil_kbs::audit::AuditLog;
 use veil_kbs::server::{load_tls_config, serve, Kbs, KbsConfig};
 use veil_kbs::session::SystemClock;
+use veil_verifier::verify::amd::{AmdRoots, SnpCrls};
 use veil_verifier::verify::snp::SnpTrust;
 use veil_verifier::verify::tdx::TdxTrust;
 use veil_verifier::TrustAnchors;
@@ -70,9 +71,15 @@ struct ServeArgs {
     /// evidence never verifies. Policy must still set allow_simulated per resource.
     #[arg(long)]
     sim_root: Option<PathBuf>,
-    /// Offline VCEK store (`<hex chip_id>.der`) for SNP reports without a certificate table.
+    /// Offline SNP endorsement-key store for reports without a certificate chain: VCEKs as
+    /// `<hex chip_id>.der` (or `vcek.der`), a VLEK as `vlek.der`.
     #[arg(long)]
     vcek_dir: Option<PathBuf>,
+    /// AMD SNP CRLs (PEM `X509 CRL` blocks or one DER CRL, as AMD's key distribution service
+    /// publishes them per generation); with it, every SNP chain must be covered by a current
+    /// CRL of its ARK.
+    #[arg(long)]
+    snp_crl: Option<PathBuf>,
     /// TDX collateral (dcap-qvl QuoteCollateralV3 JSON) for offline quote verification.
     #[arg(long)]
     tdx_collateral: Option<PathBuf>,
@@ -122,7 +129,13 @@ fn config(a: &ServeArgs) -> Result<KbsConfig, String> {
     };
     cfg.anchors = TrustAnchors {
         snp: SnpTrust {
-            vcek_dir: a.vcek_dir.clone(),
+            vek_dir: a.vcek_dir.clone(),
+            // Parsed once here rather than per verification.
+            roots: Some(AmdRoots::all_pinned().map_err(|e| error_chain(&e))?),
+            crls: match &a.snp_crl {
+                Some(p) => Some(SnpCrls::load(p).map_err(|e| error_chain(&e))?),
+                None => None,
+            },
         },
         tdx: TdxTrust {
             collateral,

@@ -38,6 +38,8 @@ pub struct BrokerOptions {
     pub tls: bool,
     pub sim_root: bool,
     pub session_ttl_secs: u64,
+    /// TDX collateral and the clock to start at (the collateral's validity).
+    pub tdx: Option<(veil_verifier::verify::tdx::TdxTrust, u64)>,
 }
 
 impl Default for BrokerOptions {
@@ -46,6 +48,7 @@ impl Default for BrokerOptions {
             tls: false,
             sim_root: true,
             session_ttl_secs: 300,
+            tdx: None,
         }
     }
 }
@@ -56,7 +59,7 @@ pub async fn start_broker(opts: BrokerOptions) -> Broker {
     let sim_dir = dir.path().join("sim-ca");
     let files = init_sim_ca(&sim_dir, false).unwrap();
     let chip = SimChip::load(&sim_dir).unwrap();
-    let clock = ManualClock::new(1_800_000_000);
+    let clock = ManualClock::new(opts.tdx.as_ref().map_or(1_800_000_000, |t| t.1));
     let mut cfg = KbsConfig::new(dir.path().join("state"));
     cfg.admin_token = Some(ADMIN_TOKEN.into());
     cfg.session_ttl_secs = opts.session_ttl_secs;
@@ -66,6 +69,7 @@ pub async fn start_broker(opts: BrokerOptions) -> Broker {
         sim_root: opts
             .sim_root
             .then(|| load_verifying_key(&files.root_pub()).unwrap()),
+        tdx: opts.tdx.map(|t| t.0).unwrap_or_default(),
         ..Default::default()
     };
     let kbs = Kbs::new(cfg).unwrap();
@@ -174,6 +178,17 @@ impl Broker {
         tweak(&mut p);
         let r = build_sim_report(&self.chip.key, &p);
         serde_json::to_value(SimEvidence::new(r.as_bytes(), self.chip.cert.clone())).unwrap()
+    }
+
+    /// An admin request with the admin token.
+    pub fn admin(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        raw(
+            self.addr,
+            method,
+            path,
+            &[("Authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+            body,
+        )
     }
 }
 

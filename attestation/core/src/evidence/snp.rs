@@ -99,6 +99,20 @@ pub enum SnpParseError {
     /// The same GUID appears twice.
     #[error("SNP certificate table lists {0} twice")]
     CertDuplicate(String),
+    /// A version-2 report with a masked (all-zero) chip ID: its TCB layout cannot be told.
+    #[error("SNP report version 2 has a masked chip ID, so its TCB layout is unknown")]
+    MaskedChipId,
+    /// The report's CPUID names no SEV-SNP processor generation.
+    #[error("SNP report CPUID family {family:#x} model {model:#x} is no known SEV-SNP processor")]
+    UnknownProcessor {
+        /// CPUID family.
+        family: u8,
+        /// CPUID model.
+        model: u8,
+    },
+    /// A field of the JSON report form has the wrong length or value.
+    #[error("SNP report field {0} has the wrong length or value")]
+    Field(&'static str),
 }
 
 impl Classify for SnpParseError {
@@ -112,7 +126,10 @@ impl Classify for SnpParseError {
             | SnpParseError::CertTableTruncated(_)
             | SnpParseError::CertTableUnterminated
             | SnpParseError::CertEntryOutOfBounds { .. }
-            | SnpParseError::CertDuplicate(_) => Kind::InvalidArgument,
+            | SnpParseError::CertDuplicate(_)
+            | SnpParseError::MaskedChipId
+            | SnpParseError::UnknownProcessor { .. }
+            | SnpParseError::Field(_) => Kind::InvalidArgument,
         }
     }
 }
@@ -600,6 +617,12 @@ mod tests {
                 length: 0,
             },
             SnpParseError::CertDuplicate(String::new()),
+            SnpParseError::MaskedChipId,
+            SnpParseError::UnknownProcessor {
+                family: 0,
+                model: 0,
+            },
+            SnpParseError::Field("chip_id"),
         ] {
             assert_eq!(e.kind(), Kind::InvalidArgument, "{e}");
         }

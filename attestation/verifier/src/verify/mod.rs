@@ -5,6 +5,7 @@
 //! (reference measurements, minimum TCB, simulated allowed, host data) is decided by
 //! the broker's policy (`veil_kbs::policy`), not here.
 
+pub mod amd;
 pub mod sim;
 pub mod snp;
 pub mod tdx;
@@ -44,7 +45,7 @@ impl Classify for VerifyError {
 /// The trust anchors and offline material a verifier uses.
 #[derive(Debug, Clone, Default)]
 pub struct TrustAnchors {
-    /// SEV-SNP: offline VCEK store (AMD roots are pinned in the binary).
+    /// SEV-SNP: offline endorsement-key store, roots (AMD's pinned by default), CRLs.
     pub snp: snp::SnpTrust,
     /// TDX: collateral and accepted TCB statuses.
     pub tdx: tdx::TdxTrust,
@@ -66,8 +67,15 @@ pub struct Claims {
     pub host_data: String,
     /// TDX: RTMR0..3, hex.
     pub rtmrs: Vec<String>,
-    /// SNP: the processor generation whose root signed the VCEK; TDX: the TCB status.
+    /// SNP: the processor generation whose root signed the endorsement key; TDX: the TCB
+    /// status.
     pub platform: Option<String>,
+    /// SNP / simulated: the VMPL that requested the report (policy decides which it accepts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmpl: Option<u32>,
+    /// SNP: which key signed the report, `VCEK` or `VLEK`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
 }
 
 /// Verifies `evidence` against the session's `expected_report_data` at `now_secs`.
@@ -79,8 +87,8 @@ pub fn verify_evidence(
 ) -> Result<Claims, VerifyError> {
     match evidence {
         Evidence::Snp(e) => {
-            let v =
-                snp::verify_snp(e, expected_report_data, &anchors.snp).map_err(VerifyError::Snp)?;
+            let v = snp::verify_snp(e, expected_report_data, &anchors.snp, now_secs)
+                .map_err(VerifyError::Snp)?;
             Ok(Claims {
                 tee: Tee::Snp,
                 measurement: hex::encode(e.report.measurement()),
@@ -88,6 +96,8 @@ pub fn verify_evidence(
                 host_data: hex::encode(e.report.host_data()),
                 rtmrs: Vec::new(),
                 platform: Some(v.generation.name().to_string()),
+                vmpl: Some(e.report.vmpl()),
+                signing_key: Some(v.signing_key.name().to_string()),
             })
         }
         Evidence::Tdx(e) => {
@@ -101,6 +111,8 @@ pub fn verify_evidence(
                 host_data: hex::encode(td.mr_config_id),
                 rtmrs: td.rtmr.iter().map(hex::encode).collect(),
                 platform: Some(v.tcb_status),
+                vmpl: None,
+                signing_key: None,
             })
         }
         Evidence::Sim { report, chip_cert } => {
@@ -117,6 +129,8 @@ pub fn verify_evidence(
                 host_data: hex::encode(report.host_data()),
                 rtmrs: Vec::new(),
                 platform: Some("simulated".to_string()),
+                vmpl: Some(report.vmpl()),
+                signing_key: None,
             })
         }
     }

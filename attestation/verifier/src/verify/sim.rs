@@ -31,8 +31,8 @@ pub enum SimVerifyError {
     #[error("simulated report chip ID does not match the chip certificate")]
     ChipIdMismatch,
     /// A check on the report itself failed.
-    #[error(transparent)]
-    Report(#[from] ReportCheckError),
+    #[error("simulated report check failed")]
+    Report(#[source] ReportCheckError),
 }
 
 impl Classify for SimVerifyError {
@@ -60,11 +60,11 @@ pub fn verify_sim(
     root.verify(&tbs, &sig)
         .map_err(|_| SimVerifyError::ChipCertSignature)?;
     let chip = chip_public_key(chip_cert).map_err(SimVerifyError::ChipCert)?;
-    verify_report_signature(report, &chip)?;
+    verify_report_signature(report, &chip).map_err(SimVerifyError::Report)?;
     if report.chip_id() != sim_chip_id(&chip) {
         return Err(SimVerifyError::ChipIdMismatch);
     }
-    check_report_fields(report, expected_report_data)?;
+    check_report_fields(report, expected_report_data).map_err(SimVerifyError::Report)?;
     Ok(())
 }
 
