@@ -85,6 +85,23 @@ fn veil(args: &[&str]) -> std::process::Output {
         .expect("run veil")
 }
 
+/// `veil measure --mode snp ARGS` and `sev-snp-measure --mode snp ARGS`, in that order.
+fn measure_both(args: &[&str]) -> (String, String) {
+    let theirs = sev_snp_measure(args);
+    let mut ours_args = vec!["measure", "--mode", "snp"];
+    ours_args.extend(args);
+    let out = veil(&ours_args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        theirs,
+    )
+}
+
 #[test]
 fn veil_measure_agrees_with_sev_snp_measure() {
     require_file(OVMF, "ovmf");
@@ -97,22 +114,15 @@ fn veil_measure_agrees_with_sev_snp_measure() {
         (OVMF, "8", "EPYC-Turin", None),
         (OVMF_CODE_2M, "2", "EPYC-Milan", None),
         (OVMF_CODE_2M, "1", "EPYC-v4", Some("0x1")),
+        // Decimal, as sev-snp-measure reads it: 33 is 0x21.
+        (OVMF, "4", "EPYC-Genoa", Some("33")),
     ];
     for (fw, vcpus, cpu, features) in combos {
         let mut args = vec!["--ovmf", fw, "--vcpus", vcpus, "--vcpu-type", cpu];
         if let Some(f) = features {
             args.extend(["--guest-features", f]);
         }
-        let theirs = sev_snp_measure(&args);
-        let mut ours_args = vec!["measure", "--mode", "snp"];
-        ours_args.extend(&args);
-        let out = veil(&ours_args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ours = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let (ours, theirs) = measure_both(&args);
         assert_eq!(ours, theirs, "disagreement for {args:?}");
         if *fw == OVMF && *vcpus == "1" && *cpu == "EPYC-v4" {
             assert!(
@@ -143,6 +153,115 @@ fn veil_measure_refuses_direct_boot_without_kernel_hashes_section() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SNP_KERNEL_HASHES"), "{err}");
+}
+
+#[test]
+fn veil_measure_hashes_the_command_line_as_given_like_sev_snp_measure() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    // Debian's OVMF cannot measure direct boot; a firmware-shaped image with the SEV metadata
+    // (SNP_KERNEL_HASHES included) stands in, read by both tools.
+    std::fs::write(p("ovmf.fd"), veil_verifier::measure::snp::synthetic_ovmf()).unwrap();
+    std::fs::write(p("vmlinuz"), b"a kernel image").unwrap();
+    std::fs::write(p("initrd"), b"an initrd").unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for cmdline in [
+        "console=ttyS0 quiet",
+        " console=ttyS0 quiet",
+        "console=ttyS0 quiet ",
+        "console=ttyS0 quiet\n",
+        "\n  console=ttyS0   quiet \n\n",
+    ] {
+        let args = [
+            "--ovmf",
+            &p("ovmf.fd"),
+            "--kernel",
+            &p("vmlinuz"),
+            "--initrd",
+            &p("initrd"),
+            "--append",
+            cmdline,
+            "--vcpus",
+            "2",
+            "--vcpu-type",
+            "EPYC-Milan",
+        ];
+        let (ours, theirs) = measure_both(&args);
+        assert_eq!(ours, theirs, "disagreement for command line {cmdline:?}");
+        assert!(
+            seen.insert(ours),
+            "{cmdline:?} measured like another command line"
+        );
+    }
+    // --verbose shows the page walk.
+    let out = veil(&[
+        "measure",
+        "--mode",
+        "snp",
+        "--ovmf",
+        &p("ovmf.fd"),
+        "--kernel",
+        &p("vmlinuz"),
+        "--vcpus",
+        "1",
+        "--verbose",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let walk = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "Normal",
+        "Zero",
+        "Secrets",
+        "Cpuid",
+        "SNP_KERNEL_HASHES",
+        "VMSA of vCPU 0",
+    ] {
+        assert!(walk.contains(line), "{walk}");
+    }
+}
+
+#[test]
+fn veil_measure_refuses_inputs_it_would_ignore() {
+    require_file(OVMF, "ovmf");
+    let dir = tempfile::tempdir().unwrap();
+    let i = dir.path().join("initrd");
+    std::fs::write(&i, b"initrd").unwrap();
+    let i = i.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["--initrd", i],
+            "--initrd is only measured with --kernel",
+        ),
+        (
+            vec!["--append", "console=ttyS0"],
+            "--append is only measured with --kernel",
+        ),
+        (vec!["--guest-features", "0x"], "is not a number"),
+    ] {
+        let mut all = vec!["measure", "--mode", "snp", "--ovmf", OVMF];
+        all.extend(args);
+        let out = veil(&all);
+        assert!(!out.status.success(), "{all:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    }
+    let out = veil(&[
+        "measure",
+        "--mode",
+        "sim",
+        "--kernel",
+        i,
+        "--initrd",
+        i,
+        "--vcpu-type",
+        "EPYC-v4",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpu-type applies to --mode snp only"));
 }
 
 /// Starts the real `veil-kbs` binary; returns the child and its address.

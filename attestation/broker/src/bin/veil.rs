@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use veil_attestation::Tee;
 use veil_common::error_chain;
 use veil_verifier::measure::sim::sim_measurement_files;
-use veil_verifier::measure::snp::{snp_launch_measurement, SnpMeasureInput};
+use veil_verifier::measure::snp::{
+    parse_guest_features, snp_launch_measurement_traced, MeasuredPages, SnpMeasureInput,
+};
 use veil_verifier::reference::{ReferenceValue, ReferenceValues, REFERENCE_VALUES_VERSION};
 use veil_verifier::sim_ca::{init_sim_ca, SimChip};
 
@@ -61,12 +63,16 @@ enum Cmd {
         /// vCPU count.
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// vCPU type (snp), e.g. EPYC-v4, EPYC-Milan, EPYC-Genoa.
-        #[arg(long, default_value = "EPYC-v4")]
-        vcpu_type: String,
-        /// Guest features in hex (snp), default 0x1.
+        /// vCPU type (snp; default EPYC-v4), e.g. EPYC-v4, EPYC-Milan, EPYC-Genoa.
+        #[arg(long)]
+        vcpu_type: Option<String>,
+        /// Guest features (snp; default 0x1): decimal, or hex with 0x, as sev-snp-measure
+        /// reads it (`21` is twenty-one, `0x21` thirty-three).
         #[arg(long)]
         guest_features: Option<String>,
+        /// Print each run of measured pages (type, GPA, count, what) to stderr (snp).
+        #[arg(long)]
+        verbose: bool,
         /// Reference value name (json output).
         #[arg(long, default_value = "default")]
         name: String,
@@ -129,6 +135,7 @@ fn run(cli: Cli) -> Result<(), String> {
             vcpus,
             vcpu_type,
             guest_features,
+            verbose,
             name,
             output_format,
             output,
@@ -141,7 +148,16 @@ fn run(cli: Cli) -> Result<(), String> {
             let (tee, m) = match mode {
                 Mode::Snp => {
                     let ovmf = ovmf.ok_or("--ovmf is required for --mode snp")?;
+                    let vcpu_type = vcpu_type.unwrap_or_else(|| "EPYC-v4".to_string());
                     inputs.insert("vcpu_type".into(), vcpu_type.clone().into());
+                    let guest_features = guest_features
+                        .as_deref()
+                        .map(parse_guest_features)
+                        .transpose()
+                        .map_err(|e| error_chain(&e))?;
+                    if let Some(g) = guest_features {
+                        inputs.insert("guest_features".into(), g.into());
+                    }
                     let input = SnpMeasureInput {
                         ovmf,
                         kernel,
@@ -150,14 +166,32 @@ fn run(cli: Cli) -> Result<(), String> {
                         vcpus,
                         vcpu_type,
                         guest_features,
-                        vmm: None,
+                    };
+                    let mut show = |p: MeasuredPages| {
+                        if verbose {
+                            eprintln!(
+                                "{:<8} gpa={:#014x} pages={:<5} {}",
+                                p.page_type, p.gpa, p.pages, p.source
+                            );
+                        }
                     };
                     (
                         Tee::Snp,
-                        snp_launch_measurement(&input).map_err(|e| error_chain(&e))?,
+                        snp_launch_measurement_traced(&input, &mut show)
+                            .map_err(|e| error_chain(&e))?,
                     )
                 }
                 Mode::Sim => {
+                    // Refuse what the simulated measurement would silently ignore.
+                    for (given, flag) in [
+                        (vcpu_type.is_some(), "--vcpu-type"),
+                        (guest_features.is_some(), "--guest-features"),
+                        (verbose, "--verbose"),
+                    ] {
+                        if given {
+                            return Err(format!("{flag} applies to --mode snp only"));
+                        }
+                    }
                     let kernel = kernel.ok_or("--kernel is required for --mode sim")?;
                     let initrd = initrd.ok_or("--initrd is required for --mode sim")?;
                     let m = sim_measurement_files(
