@@ -59,7 +59,7 @@ shim="$bin_dir/containerd-shim-veil-v2"
 [ -x "$shim" ] || die "shim binary $shim missing after build"
 
 log "building the key broker and the veil CLI ($profile)"
-cargo build --quiet --profile "$profile" -p veil-attestation --bins
+cargo build --quiet --profile "$profile" -p veil-kbs --bins
 kbs="$bin_dir/veil-kbs"
 veil_cli="$bin_dir/veil"
 [ -x "$kbs" ] || die "veil-kbs binary $kbs missing after build"

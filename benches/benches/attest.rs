@@ -19,8 +19,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use veil_attestation::{
-    client::{Attester, KbsClient, TcpConnector, Transport},
-    sim_ca::SimChip,
+    client::{Attester, AttesterError, KbsClient, TcpConnector, Transport},
     Tee,
 };
 use veil_benches::{report, runs, summarize};
@@ -30,6 +29,7 @@ use veil_protocol::{
 };
 use veil_shim::config::TeeKind;
 use veil_test_support::{kbs::KbsSetup, Artefacts, TestVm, VmOptions};
+use veil_verifier::sim_ca::SimChip;
 
 /// Signs simulated evidence in process (the host baseline).
 struct InProcess {
@@ -45,8 +45,9 @@ impl Attester for InProcess {
     fn evidence<'a>(
         &'a self,
         report_data: [u8; 64],
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>>
-    {
+    ) -> Pin<
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>,
+    > {
         Box::pin(async move { Ok(self.chip.evidence(&report_data, &self.measurement, None)) })
     }
 }

@@ -1,25 +1,31 @@
-//! Key-broker request bodies: auth Request, Attestation (with its evidence for every TEE),
-//! JWE responses, the TOML policy and reference values, all from arbitrary bytes.
+//! Key-broker request bodies: the auth Request, the Attestation (with its composite evidence
+//! for every TEE and its runtime-data binding), JWE responses, the TOML policy and reference
+//! values, all from arbitrary bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use veil_attestation::evidence::Evidence;
-use veil_attestation::kbs::jwe::Jwe;
-use veil_attestation::kbs::policy::Policy;
-use veil_attestation::kbs::protocol::{self, Attestation, HashAlgorithm, Request};
-use veil_attestation::reference::ReferenceValues;
+use veil_attestation::jwe::Jwe;
+use veil_attestation::protocol::{self, AuthRequest, HashAlgorithm};
 use veil_attestation::Tee;
+use veil_kbs::policy::Policy;
+use veil_verifier::reference::ReferenceValues;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = serde_json::from_slice::<Request>(data);
-    if let Ok(a) = serde_json::from_slice::<Attestation>(data) {
-        let _ = protocol::runtime_data_report_data(&a.runtime_data, HashAlgorithm::Sha384);
-        let _ = veil_attestation::kbs::jwe::public_key_from_jwk(&a.runtime_data.tee_pubkey);
+    let _ = AuthRequest::parse(data);
+    if let Ok(a) = protocol::parse_attestation(data) {
+        let _ = protocol::report_data(
+            &a.runtime_data,
+            &a.tee_evidence.additional_evidence,
+            HashAlgorithm::Sha384,
+        );
+        let _ = veil_attestation::jwe::public_key_from_jwk(&a.runtime_data.tee_pubkey);
         for tee in [Tee::Snp, Tee::Tdx, Tee::VeilSim] {
-            let _ = Evidence::from_value(tee, &a.tee_evidence);
+            let _ = Evidence::from_composite(tee, &a.tee_evidence);
         }
     }
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         let _ = protocol::jcs(&v);
+        let _ = protocol::selected_hash(&v);
     }
     if let Ok(j) = serde_json::from_slice::<Jwe>(data) {
         let _ = veil_attestation::client::TeeKey::generate().decrypt(&j);
@@ -29,4 +35,3 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = ReferenceValues::from_json(data);
 });
-

@@ -39,7 +39,7 @@ use std::{
 };
 
 use veil_attestation::{
-    client::{Attester, ClientError, Connector, KbsClient, Transport},
+    client::{Attester, AttesterError, ClientError, Connector, KbsClient, Transport},
     evidence::Evidence,
     Tee,
 };
@@ -82,45 +82,8 @@ pub enum AttestConfigError {
     NoPin,
 }
 
-/// A broker resource path `repo/type/tag`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResourcePath {
-    /// Repository.
-    pub repo: String,
-    /// Type.
-    pub kind: String,
-    /// Tag.
-    pub tag: String,
-}
-
-impl ResourcePath {
-    fn parse(s: &str) -> Option<Self> {
-        let ok = |c: &str| {
-            !c.is_empty()
-                && c.len() <= 128
-                && c != "."
-                && c != ".."
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        };
-        let mut it = s.split('/');
-        let (repo, kind, tag) = (it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() || !ok(repo) || !ok(kind) || !ok(tag) {
-            return None;
-        }
-        Some(ResourcePath {
-            repo: repo.into(),
-            kind: kind.into(),
-            tag: tag.into(),
-        })
-    }
-}
-
-impl std::fmt::Display for ResourcePath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.repo, self.kind, self.tag)
-    }
-}
+/// A broker resource path `repo/type/tag` (the one rule, shared with the broker).
+pub use veil_attestation::ResourcePath;
 
 /// The guest's measured attestation configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +143,7 @@ impl GuestAttestConfig {
                 if !name_ok {
                     return Err(bad(key, value));
                 }
-                let path = ResourcePath::parse(value).ok_or_else(|| bad(key, value))?;
+                let path: ResourcePath = value.parse().map_err(|_| bad(key, value))?;
                 if resources.insert(name.to_string(), path).is_some() {
                     return Err(AttestConfigError::Duplicate(key.into()));
                 }
@@ -298,16 +261,13 @@ impl Attester for Recording<'_> {
         &'b self,
         report_data: [u8; 64],
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'b>,
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'b>,
     > {
         Box::pin(async move {
             let ev = self.inner.evidence(report_data).await?;
-            let m = match Evidence::from_value(self.inner.tee(), &ev) {
-                Ok(Evidence::Snp(s)) => hex::encode(s.report.measurement()),
-                Ok(Evidence::Sim { report, .. }) => hex::encode(report.measurement()),
-                Ok(Evidence::Tdx(t)) => hex::encode(t.quote.report.mr_td),
-                Err(_) => String::new(),
-            };
+            let m = Evidence::from_primary(self.inner.tee(), &ev)
+                .map(|e| e.measurement_hex())
+                .unwrap_or_default();
             *self.measurement.lock().unwrap_or_else(|p| p.into_inner()) = m;
             Ok(ev)
         })

@@ -9,7 +9,11 @@
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
-use veil_attestation::{client::Attester, evidence::sim::SimEvidence, Tee};
+use veil_attestation::{
+    client::{Attester, AttesterError},
+    evidence::sim::SimEvidence,
+    Tee,
+};
 
 use veil_protocol::vsock::dial_host;
 
@@ -101,19 +105,15 @@ impl Attester for SimAttester {
     fn evidence<'a>(
         &'a self,
         report_data: [u8; 64],
-    ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + 'a>> {
-        Box::pin(async move {
-            self.get(&report_data)
-                .await
-                .map_err(|e| crate::error_chain(&e))
-        })
+    ) -> Pin<Box<dyn Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>> {
+        Box::pin(async move { Ok(self.get(&report_data).await?) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use veil_attestation::sim_ca::SimChip;
+    use veil_verifier::sim_ca::SimChip;
 
     /// A firmware on an in-memory pipe answering with `answer(report_data)`.
     fn firmware(
@@ -141,7 +141,7 @@ mod tests {
 
     fn chip() -> SimChip {
         let dir = tempfile::tempdir().unwrap();
-        veil_attestation::sim_ca::init_sim_ca(dir.path(), false).unwrap();
+        veil_verifier::sim_ca::init_sim_ca(dir.path(), false).unwrap();
         SimChip::load(dir.path()).unwrap()
     }
 
@@ -159,23 +159,29 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_garbage_and_unbound_reports_are_errors() {
-        let e = firmware(|_| Err("no chip key".into()))
-            .evidence([0; 64])
-            .await
-            .unwrap_err();
+        let e = crate::error_chain(
+            &*firmware(|_| Err("no chip key".into()))
+                .evidence([0; 64])
+                .await
+                .unwrap_err(),
+        );
         assert!(e.contains("no chip key"), "{e}");
-        let e = firmware(|_| Ok(b"{}".to_vec()))
-            .evidence([0; 64])
-            .await
-            .unwrap_err();
+        let e = crate::error_chain(
+            &*firmware(|_| Ok(b"{}".to_vec()))
+                .evidence([0; 64])
+                .await
+                .unwrap_err(),
+        );
         assert!(e.contains("malformed"), "{e}");
         let c = chip();
-        let e = firmware(move |_| {
-            Ok(serde_json::to_vec(&c.evidence(&[7; 64], &[1; 48], None)).unwrap())
-        })
-        .evidence([0; 64])
-        .await
-        .unwrap_err();
+        let e = crate::error_chain(
+            &*firmware(move |_| {
+                Ok(serde_json::to_vec(&c.evidence(&[7; 64], &[1; 48], None)).unwrap())
+            })
+            .evidence([0; 64])
+            .await
+            .unwrap_err(),
+        );
         assert!(
             e.contains("does not carry the requested report_data"),
             "{e}"

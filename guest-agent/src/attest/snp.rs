@@ -9,7 +9,7 @@
 use std::{path::Path, sync::Arc};
 
 use veil_attestation::{
-    client::Attester,
+    client::{Attester, AttesterError},
     evidence::{snp::SnpReport, snp::REPORT_LEN, snp_evidence_json},
     Tee,
 };
@@ -231,15 +231,13 @@ impl Attester for SnpAttester {
         &'a self,
         report_data: [u8; 64],
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>,
     > {
         let this = self.clone();
         Box::pin(async move {
-            let (report, certs) = tokio::task::spawn_blocking(move || this.report(&report_data))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| crate::error_chain(&e))?;
-            Ok(snp_evidence_json(&report, certs.as_deref()))
+            let (report, certs) =
+                tokio::task::spawn_blocking(move || this.report(&report_data)).await??;
+            Ok(snp_evidence_json(&report, certs.as_deref())?)
         })
     }
 }
@@ -255,6 +253,7 @@ mod tests {
         pub const SIG_ALGO: usize = 0x34;
         pub const REPORT_DATA: usize = 0x50;
         pub const MEASUREMENT: usize = 0x90;
+        pub const CHIP_ID: usize = 0x1A0;
     }
 
     /// A report-shaped buffer carrying `rd` (unsigned: the broker checks
@@ -265,7 +264,20 @@ mod tests {
         r[layout::SIG_ALGO..layout::SIG_ALGO + 4].copy_from_slice(&1u32.to_le_bytes());
         r[layout::REPORT_DATA..layout::REPORT_DATA + rd.len()].copy_from_slice(rd);
         r[layout::MEASUREMENT..layout::MEASUREMENT + 48].copy_from_slice(&[0xab; 48]);
+        r[layout::CHIP_ID..layout::CHIP_ID + 64].copy_from_slice(&[0xcd; 64]);
         r
+    }
+
+    /// A host certificate table holding one VCEK-typed entry.
+    fn cert_table() -> Vec<u8> {
+        use veil_attestation::evidence::snp::{guid, CertEntry, CertTable};
+        CertTable {
+            entries: vec![CertEntry {
+                guid: guid::VCEK.into(),
+                data: b"a VCEK".to_vec(),
+            }],
+        }
+        .encode()
     }
 
     struct FakeDevice {
@@ -300,22 +312,25 @@ mod tests {
     #[tokio::test]
     async fn configfs_tsm_gives_report_and_certificate_table_as_evidence() {
         let mut fs = FakeTsm::new(TSM_PROVIDER, Box::new(|rd: &[u8]| fake_report(rd)));
-        fs.aux = Some(b"cert table".to_vec());
+        fs.aux = Some(cert_table());
         let fs = Arc::new(fs);
         let a = SnpAttester::new(SnpSource::Tsm(fs.clone()));
         assert_eq!(a.tee(), Tee::Snp);
         let ev = a.evidence([9; 64]).await.unwrap();
         assert_eq!(
             ev,
-            snp_evidence_json(&fake_report(&[9; 64]), Some(b"cert table"))
+            snp_evidence_json(&fake_report(&[9; 64]), Some(&cert_table())).unwrap()
         );
+        // Trustee's shape: the report in the sev serde form, the table as cert_chain.
+        assert_eq!(ev["attestation_report"]["report_data"][0], 9);
+        assert_eq!(ev["cert_chain"][0]["cert_type"], "VCEK");
         assert_eq!(fs.live(), 0);
         // A TDX kernel's configfs-tsm is refused by name.
         let tdx = SnpAttester::new(SnpSource::Tsm(Arc::new(FakeTsm::new(
             "tdx_guest",
             Box::new(|rd: &[u8]| fake_report(rd)),
         ))));
-        let e = tdx.evidence([0; 64]).await.unwrap_err();
+        let e = crate::error_chain(&*tdx.evidence([0; 64]).await.unwrap_err());
         assert!(e.contains("provider is \"tdx_guest\""), "{e}");
     }
 
@@ -325,7 +340,8 @@ mod tests {
             .evidence([5; 64])
             .await
             .unwrap();
-        assert_eq!(ev, snp_evidence_json(&fake_report(&[5; 64]), None));
+        assert_eq!(ev, snp_evidence_json(&fake_report(&[5; 64]), None).unwrap());
+        assert!(ev["cert_chain"].is_null());
         let e = device(0x16, REPORT_LEN as u32, false)
             .report(&[0; 64])
             .unwrap_err();

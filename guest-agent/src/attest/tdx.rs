@@ -10,7 +10,7 @@
 use std::{path::Path, sync::Arc};
 
 use veil_attestation::{
-    client::Attester,
+    client::{Attester, AttesterError},
     evidence::{tdx::TdxQuote, tdx_evidence_json},
     Tee,
 };
@@ -77,15 +77,13 @@ impl Attester for TdxAttester {
         &'a self,
         report_data: [u8; 64],
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<serde_json::Value, AttesterError>> + Send + 'a>,
     > {
         let this = self.clone();
         Box::pin(async move {
-            let quote = tokio::task::spawn_blocking(move || this.quote(&report_data))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| crate::error_chain(&e))?;
-            Ok(tdx_evidence_json(&quote))
+            let quote = tokio::task::spawn_blocking(move || this.quote(&report_data)).await??;
+            // No CC event log: the broker matches RTMRs by policy, not by replaying a log.
+            Ok(tdx_evidence_json(&quote, None))
         })
     }
 }
@@ -119,7 +117,8 @@ mod tests {
         let a = TdxAttester::new(fs.clone());
         assert_eq!(a.tee(), Tee::Tdx);
         let ev = a.evidence([4; 64]).await.unwrap();
-        assert_eq!(ev, tdx_evidence_json(&fake_quote(&[4; 64])));
+        assert_eq!(ev, tdx_evidence_json(&fake_quote(&[4; 64]), None));
+        assert!(ev["quote"].is_string());
         assert_eq!(fs.live(), 0);
     }
 

@@ -1,17 +1,17 @@
-//! The guest's attestation against a real broker (the `veil-attestation`
+//! The guest's attestation against a real broker (the `veil-kbs`
 //! library's, in process, over TLS on 127.0.0.1) with a simulated attester
 //! that speaks the firmware protocol over an in-memory pipe.
 
 use std::sync::Arc;
 
-use veil_attestation::{
-    client::{Connector, TcpConnector},
-    kbs::{
-        audit::{AuditLog, Outcome},
-        server::{load_tls_config, serve, Kbs, KbsConfig},
-    },
+use veil_attestation::client::{Connector, TcpConnector};
+use veil_kbs::{
+    audit::{AuditLog, Outcome},
+    server::{load_tls_config, serve, Kbs, KbsConfig},
+};
+use veil_verifier::{
     sim_ca::{init_sim_ca, load_verifying_key, SimChip},
-    verify::TrustAnchors,
+    TrustAnchors,
 };
 
 use super::{sim::FirmwareConn, *};

@@ -4,7 +4,7 @@
 //!
 //! The launch measurement is computed here, once per pod, from what the shim
 //! launched — kernel, initrd, command line, vCPU count, firmware — with
-//! `veil_attestation::sim_measurement`, the function `veil measure --mode sim`
+//! `veil_verifier::sim_measurement`, the function `veil measure --mode sim`
 //! uses for reference values. It is computed before QEMU starts (the service
 //! starts first), from the same files QEMU is given.
 //!
@@ -17,8 +17,8 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::net::{UnixListener, UnixStream};
-use veil_attestation::sim_ca::{SimCaError, SimChip};
 use veil_protocol::simfw;
+use veil_verifier::sim_ca::{SimCaError, SimChip};
 
 use crate::{
     config::TeeKind,
@@ -93,7 +93,7 @@ pub fn measure(launch: &LaunchInfo) -> Result<[u8; 48], FirmwareError> {
         Some(f) => Some(read("firmware", f)?),
         None => None,
     };
-    Ok(veil_attestation::sim_measurement(
+    Ok(veil_verifier::sim_measurement(
         &kernel,
         &initrd,
         &launch.cmdline,
@@ -203,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn signs_reports_over_the_launch_measurement_and_report_data() {
         let dir = tempfile::tempdir().unwrap();
-        veil_attestation::sim_ca::init_sim_ca(&dir.path().join("ca"), false).unwrap();
+        veil_verifier::sim_ca::init_sim_ca(&dir.path().join("ca"), false).unwrap();
         let fw = Arc::new(SimFirmware::load(&dir.path().join("ca")).unwrap());
         let sock = dir.path().join("fw.sock");
         let task = fw.serve(
@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(report.report_data(), rd);
         assert_eq!(
             report.measurement(),
-            veil_attestation::sim_measurement(
+            veil_verifier::sim_measurement(
                 b"kernel",
                 b"initrd",
                 "console=ttyS0 veil.tee=sim",
@@ -240,7 +240,7 @@ mod tests {
     #[tokio::test]
     async fn never_signs_for_a_pod_that_is_not_simulated_nor_without_keys() {
         let dir = tempfile::tempdir().unwrap();
-        veil_attestation::sim_ca::init_sim_ca(&dir.path().join("ca"), false).unwrap();
+        veil_verifier::sim_ca::init_sim_ca(&dir.path().join("ca"), false).unwrap();
         let fw = Arc::new(SimFirmware::load(&dir.path().join("ca")).unwrap());
         let sock = dir.path().join("fw.sock");
         let task = fw.serve(

@@ -78,7 +78,7 @@ pub enum AttestSetupError {
         dir: PathBuf,
         /// Why.
         #[source]
-        source: veil_attestation::sim_ca::SimCaError,
+        source: veil_verifier::sim_ca::SimCaError,
     },
 }
 
@@ -316,7 +316,7 @@ mod tests {
             host_services(&h),
             Err(AttestSetupError::SimKeys { .. })
         ));
-        veil_attestation::sim_ca::init_sim_ca(&h.sim_ca_dir, false).unwrap();
+        veil_verifier::sim_ca::init_sim_ca(&h.sim_ca_dir, false).unwrap();
         let ports: Vec<u32> = host_services(&h)
             .unwrap()
             .iter()
