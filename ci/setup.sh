@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything veil needs on a Debian 12 machine: system packages and tools.
-# Idempotent: a second run installs nothing new. Needs root (or sudo).
+# Idempotent: a second run installs nothing new. Run as root (sudo is used only when not root).
 #
 # usage: ci/setup.sh
 set -euo pipefail
