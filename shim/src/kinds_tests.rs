@@ -137,7 +137,7 @@ fn vm_vsock_qmp_boot() {
 
 #[test]
 fn attestation_set_up() {
-    let sim_keys = veil_attestation::sim_ca::SimChip::load(std::path::Path::new("/nonexistent"))
+    let sim_keys = veil_verifier::sim_ca::SimChip::load(std::path::Path::new("/nonexistent"))
         .map(|_| ())
         .expect_err("no keys there");
     check(cases![

@@ -168,6 +168,11 @@ impl HybridVsockBackend {
         self.process.pid()
     }
 
+    /// Whether the backend still runs (reaps it once it exited).
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
     /// Stops the backend and removes its sockets.
     pub fn stop(&mut self) {
         self.process.kill();

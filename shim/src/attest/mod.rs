@@ -64,7 +64,7 @@ pub enum AttestSetupError {
     #[error("kbs_address and kbs_cert must be set together")]
     Incomplete,
     /// A resource name or path that the guest would not accept.
-    #[error("invalid kbs_resources entry {name:?} = {path:?} (names [a-z0-9-], paths repo/type/tag of [A-Za-z0-9_.-])")]
+    #[error("invalid kbs_resources entry {name:?} = {path:?} (names [a-z0-9-], paths repo/type/tag of [A-Za-z0-9_.-] without a leading dot)")]
     Resource {
         /// Resource name.
         name: String,
@@ -117,17 +117,9 @@ fn valid_name(n: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// The one resource-path rule, shared with the guest client and the broker.
 fn valid_path(p: &str) -> bool {
-    let parts: Vec<&str> = p.split('/').collect();
-    parts.len() == 3
-        && parts.iter().all(|c| {
-            !c.is_empty()
-                && c.len() <= 128
-                && *c != "."
-                && *c != ".."
-                && c.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        })
+    p.parse::<veil_attestation::ResourcePath>().is_ok()
 }
 
 /// SHA-256 of the broker certificate named by `kbs_cert` (DER).

@@ -206,6 +206,25 @@ impl Images {
         Ok(unplugged?)
     }
 
+    /// Drops one use of `image` without the guest (its VM is gone): the
+    /// last use releases the pod's reference in the store.
+    pub async fn forget(&self, image: &AttachedImage) {
+        let last = {
+            let mut attached = self.attached.lock().await;
+            match attached.get_mut(&image.key) {
+                Some(a) if a.users > 1 => {
+                    a.users -= 1;
+                    false
+                }
+                Some(_) => attached.remove(&image.key).is_some(),
+                None => false,
+            }
+        };
+        if last {
+            self.release(&image.key).await;
+        }
+    }
+
     async fn release(&self, key: &str) {
         let (store, k, holder) = (self.store.clone(), key.to_string(), self.pod.clone());
         let released = tokio::task::spawn_blocking(move || store.release(&k, &holder)).await;

@@ -14,7 +14,12 @@ pub mod boot;
 pub mod images;
 pub mod launch;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use protobuf::MessageField;
 use veil_common::{Classify, Kind};
@@ -49,6 +54,8 @@ use images::Images;
 /// How long output may still flow after the agent reported an exit (it
 /// reports it once the output was written, so this only covers transit).
 const OUTPUT_GRACE: Duration = Duration::from_secs(30);
+/// How often the watchdog looks at the VMM and the vsock backend.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
 
 /// Errors of the pod's own steps (the agent's, the images' and the boot's
 /// errors keep their own types).
@@ -63,6 +70,9 @@ pub enum SandboxError {
     /// No relay for a process (never created here, or already waited for).
     #[error("no stdio for process {0}")]
     NoRelay(String),
+    /// The pod's VM is gone; only teardown calls still succeed.
+    #[error("the pod's VM is gone ({0}); the pod can only be removed")]
+    Gone(String),
 }
 
 impl Classify for SandboxError {
@@ -71,6 +81,7 @@ impl Classify for SandboxError {
             SandboxError::Config(e) => e.kind(),
             SandboxError::Spec(e) => e.kind(),
             SandboxError::NoRelay(_) => Kind::NotFound,
+            SandboxError::Gone(_) => Kind::Unavailable,
         }
     }
 }
@@ -124,7 +135,7 @@ impl Launcher for VmLauncher {
                 return Err(e.into());
             }
         };
-        Ok(Arc::new(Sandbox {
+        let sandbox = Arc::new(Sandbox {
             id: req.sandbox_id.to_string(),
             dir: b.dir,
             vm: Lock::new(Some(b.vm)),
@@ -138,7 +149,29 @@ impl Launcher for VmLauncher {
             launch: b.launch,
             has_scratch: b.has_scratch,
             relays: Lock::new(HashMap::new()),
-        }))
+            gone: Lock::new(None),
+        });
+        tokio::spawn(watchdog(Arc::downgrade(&sandbox)));
+        Ok(sandbox)
+    }
+}
+
+/// Watches the pod's host processes: when the VMM or the vsock backend
+/// exits, the pod is gone — the other is stopped (its connections close, so
+/// every waiting call returns and the processes are reported exited, once)
+/// and from then on guest calls fail with the reason while teardown calls
+/// succeed on the host side alone. Ends with the sandbox.
+async fn watchdog(pod: Weak<Sandbox>) {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(pod) = pod.upgrade() else { return };
+        if pod.gone.lock().is_some() {
+            return;
+        }
+        if let Some(reason) = pod.check_host_processes() {
+            tracing::warn!(pod = %pod.id, %reason, "pod VM lost; stopping what is left of it");
+            return;
+        }
     }
 }
 
@@ -163,6 +196,8 @@ pub struct Sandbox {
     /// layers and emptyDir volumes live there).
     pub has_scratch: bool,
     relays: Lock<HashMap<(String, String), Shared<Relay>>>,
+    /// Why the VM is gone, once it is (it died, or the pod was shut down).
+    gone: Lock<Option<String>>,
 }
 
 fn creq(id: &str) -> ContainerRequest {
@@ -183,6 +218,79 @@ fn key(c: &str, e: &str) -> (String, String) {
 }
 
 impl Sandbox {
+    /// Looks at the VMM and the backend; if either exited, records why,
+    /// stops the other and returns the reason.
+    fn check_host_processes(&self) -> Option<String> {
+        let vm_exit = {
+            let mut vm = self.vm.lock();
+            match vm.as_mut() {
+                Some(v) => (!v.is_running()).then(|| {
+                    format!(
+                        "its VMM (pid {}) exited",
+                        v.pid().map_or_else(|| "?".into(), |p| p.to_string())
+                    )
+                }),
+                None => None,
+            }
+        };
+        let backend_exit = || {
+            let mut b = self.backend.lock();
+            match b.as_mut() {
+                Some(b) => (!b.is_running()).then(|| {
+                    format!(
+                        "its vsock backend (pid {}) exited",
+                        b.pid().map_or_else(|| "?".into(), |p| p.to_string())
+                    )
+                }),
+                None => None,
+            }
+        };
+        let reason = vm_exit.or_else(backend_exit)?;
+        {
+            let mut gone = self.gone.lock();
+            if let Some(r) = gone.as_ref() {
+                return Some(r.clone());
+            }
+            *gone = Some(reason.clone());
+        }
+        // Both go: a VM without its backend cannot be reached, a backend
+        // without its VM serves nobody.
+        if let Some(mut vm) = self.vm.lock().take() {
+            vm.kill();
+        }
+        if let Some(mut b) = self.backend.lock().take() {
+            b.stop();
+        }
+        Some(reason)
+    }
+
+    /// Fails with [`SandboxError::Gone`] once the VM is gone.
+    fn guest(&self) -> Result<(), PodError> {
+        match self.gone.lock().as_ref() {
+            Some(r) => Err(SandboxError::Gone(r.clone()).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the VM is gone, looking now rather than at the watchdog's
+    /// last round (a call that just lost its connection asks).
+    fn is_gone(&self) -> bool {
+        self.gone.lock().is_some() || self.check_host_processes().is_some()
+    }
+
+    /// A guest call's result: a lost connection to a VM that died reads as
+    /// the pod being gone, with the reason.
+    fn answer<T>(&self, r: Result<T, agent::AgentError>) -> Result<T, PodError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => {
+                self.guest()?;
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn relay(&self, c: &str, e: &str) -> Option<Shared<Relay>> {
         self.relays.lock().get(&key(c, e)).cloned()
     }
@@ -216,6 +324,7 @@ impl Pod for Sandbox {
         work_dir: PathBuf,
         phases: &Phases,
     ) -> Result<AttachedImage, PodError> {
+        self.guest()?;
         let image = self
             .images
             .attach(layers, name, work_dir, &self.qmp, &self.agent)
@@ -225,7 +334,16 @@ impl Pod for Sandbox {
     }
 
     async fn detach_image(&self, image: &AttachedImage) -> Result<(), PodError> {
-        Ok(self.images.detach(image, &self.qmp, &self.agent).await?)
+        if self.gone.lock().is_some() {
+            self.images.forget(image).await;
+            return Ok(());
+        }
+        match self.images.detach(image, &self.qmp, &self.agent).await {
+            // The reference is released either way; the guest side went
+            // with the VM.
+            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => Ok(()),
+            r => Ok(r?),
+        }
     }
 
     async fn create_container(
@@ -233,6 +351,7 @@ impl Pod for Sandbox {
         c: NewContainer<'_>,
         phases: &Phases,
     ) -> Result<u32, PodError> {
+        self.guest()?;
         let guest = c
             .spec
             .for_guest(self.has_scratch)
@@ -248,13 +367,13 @@ impl Pod for Sandbox {
         }
         req.rootfs = MessageField::some(root);
         req.stdio = MessageField::some(c.stdio.wanted());
-        let resp = agent::rpc(
+        let resp = self.answer(agent::rpc(
             "CreateContainer",
             self.agent
                 .containers
                 .create_container(agent::ctx(), &req)
                 .await,
-        )?;
+        ))?;
         if let Err(e) = self.attach_stdio(c.id, "", c.stdio).await {
             let _ = self
                 .agent
@@ -268,15 +387,16 @@ impl Pod for Sandbox {
     }
 
     async fn exec(&self, e: NewExec<'_>) -> Result<(), PodError> {
+        self.guest()?;
         let mut req = ExecProcessRequest::new();
         req.container_id = e.container.to_string();
         req.exec_id = e.exec.to_string();
         req.process = e.process.to_vec();
         req.stdio = MessageField::some(e.stdio.wanted());
-        agent::rpc(
+        self.answer(agent::rpc(
             "ExecProcess",
             self.agent.containers.exec_process(agent::ctx(), &req).await,
-        )?;
+        ))?;
         if let Err(err) = self.attach_stdio(e.container, e.exec, e.stdio).await {
             let _ = self
                 .agent
@@ -289,13 +409,14 @@ impl Pod for Sandbox {
     }
 
     async fn start(&self, container: &str, exec: &str) -> Result<u32, PodError> {
-        let r = agent::rpc(
+        self.guest()?;
+        let r = self.answer(agent::rpc(
             "StartProcess",
             self.agent
                 .containers
                 .start_process(agent::ctx(), &preq(container, exec))
                 .await,
-        )?;
+        ))?;
         Ok(r.pid)
     }
 
@@ -347,70 +468,88 @@ impl Pod for Sandbox {
         s.exec_id = exec.to_string();
         s.signal = signal;
         s.all = all;
-        agent::rpc(
+        self.guest()?;
+        self.answer(agent::rpc(
             "SignalProcess",
             self.agent.containers.signal_process(agent::ctx(), &s).await,
-        )?;
+        ))?;
         Ok(())
     }
 
     async fn delete_process(&self, container: &str, exec: &str) -> Result<(), PodError> {
         self.relays.lock().remove(&key(container, exec));
-        agent::rpc(
+        if self.gone.lock().is_some() {
+            return Ok(());
+        }
+        let r = agent::rpc(
             "DeleteProcess",
             self.agent
                 .containers
                 .delete_process(agent::ctx(), &preq(container, exec))
                 .await,
-        )?;
-        Ok(())
+        );
+        match r {
+            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => Ok(()),
+            r => r.map(|_| ()).map_err(PodError::from),
+        }
     }
 
     async fn remove_container(&self, container: &str) -> Result<(), PodError> {
-        agent::rpc(
-            "RemoveContainer",
-            self.agent
-                .containers
-                .remove_container(agent::ctx(), &creq(container))
-                .await,
-        )?;
+        if self.gone.lock().is_none() {
+            let r = agent::rpc(
+                "RemoveContainer",
+                self.agent
+                    .containers
+                    .remove_container(agent::ctx(), &creq(container))
+                    .await,
+            );
+            match r {
+                Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => {}
+                r => {
+                    r?;
+                }
+            }
+        }
         self.relays.lock().retain(|(c, _), _| c != container);
         Ok(())
     }
 
     async fn pids(&self, container: &str) -> Result<Vec<u32>, PodError> {
-        let r = agent::rpc(
+        self.guest()?;
+        let r = self.answer(agent::rpc(
             "ListPids",
             self.agent
                 .containers
                 .list_pids(agent::ctx(), &creq(container))
                 .await,
-        )?;
+        ))?;
         Ok(r.pids)
     }
 
     async fn stats(&self, container: &str) -> Result<ContainerStats, PodError> {
-        Ok(agent::rpc(
+        self.guest()?;
+        self.answer(agent::rpc(
             "StatsContainer",
             self.agent
                 .containers
                 .stats_container(agent::ctx(), &creq(container))
                 .await,
-        )?)
+        ))
     }
 
     async fn freeze(&self, container: &str, frozen: bool) -> Result<(), PodError> {
+        self.guest()?;
         let c = self.agent.containers.clone();
         if frozen {
-            agent::rpc(
+            self.answer(agent::rpc(
                 "PauseContainer",
                 c.pause_container(agent::ctx(), &creq(container)).await,
-            )?;
+            ))?;
         } else {
-            agent::rpc(
+            self.answer(agent::rpc(
                 "ResumeContainer",
                 c.resume_container(agent::ctx(), &creq(container)).await,
-            )?;
+            ))?;
         }
         Ok(())
     }
@@ -419,13 +558,14 @@ impl Pod for Sandbox {
         let mut u = UpdateContainerRequest::new();
         u.container_id = container.to_string();
         u.resources = resources.to_vec();
-        agent::rpc(
+        self.guest()?;
+        self.answer(agent::rpc(
             "UpdateContainer",
             self.agent
                 .containers
                 .update_container(agent::ctx(), &u)
                 .await,
-        )?;
+        ))?;
         Ok(())
     }
 
@@ -434,13 +574,14 @@ impl Pod for Sandbox {
             .relay(container, exec)
             .ok_or_else(|| SandboxError::NoRelay(format!("{container}/{exec}")))?;
         relay.lock().await.close_stdin();
-        agent::rpc(
+        self.guest()?;
+        self.answer(agent::rpc(
             "CloseStdin",
             self.agent
                 .containers
                 .close_stdin(agent::ctx(), &preq(container, exec))
                 .await,
-        )?;
+        ))?;
         Ok(())
     }
 
@@ -456,13 +597,14 @@ impl Pod for Sandbox {
         r.exec_id = exec.to_string();
         r.rows = rows;
         r.cols = cols;
-        agent::rpc(
+        self.guest()?;
+        self.answer(agent::rpc(
             "ResizeTerminal",
             self.agent
                 .containers
                 .resize_terminal(agent::ctx(), &r)
                 .await,
-        )?;
+        ))?;
         Ok(())
     }
 
@@ -496,17 +638,23 @@ impl Pod for Sandbox {
         for s in &self.services {
             s.abort();
         }
-        let short = || ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
-        let _ = self
-            .agent
-            .sandbox
-            .destroy_sandbox(short(), &DestroySandboxRequest::new())
-            .await;
-        let _ = self
-            .agent
-            .guest
-            .shutdown(short(), &ShutdownRequest::new())
-            .await;
+        let died = self.is_gone();
+        self.gone
+            .lock()
+            .get_or_insert_with(|| "it was shut down".to_string());
+        if !died {
+            let short = || ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+            let _ = self
+                .agent
+                .sandbox
+                .destroy_sandbox(short(), &DestroySandboxRequest::new())
+                .await;
+            let _ = self
+                .agent
+                .guest
+                .shutdown(short(), &ShutdownRequest::new())
+                .await;
+        }
         let vm = self.vm.lock().take();
         if let Some(mut vm) = vm {
             let exited = tokio::task::spawn_blocking(move || {

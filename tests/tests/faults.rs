@@ -1,0 +1,117 @@
+//! A pod is always removable: with a `veil` pod running under a private
+//! containerd, the test kills one of its host processes — QEMU, the vsock
+//! backend, or the shim itself — and then removes the task and the
+//! container with plain `ctr` commands, as an operator (or kubelet) would.
+//! Both must succeed, and no process, mount, pod directory, scratch disk or
+//! image reference may be left.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use veil_tests::{
+    containerd::{output_text, processes, Containerd, VEIL_STATE_DIR},
+    oci, Artefacts,
+};
+
+const NS: &str = "veil-test";
+const RUNTIME: &str = "io.containerd.veil.v2";
+
+fn task_status(c: &Containerd, id: &str) -> Result<String> {
+    let out = c.ctr_ok(NS, &["task", "ls"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("")
+        .to_string())
+}
+
+fn wait_status(c: &Containerd, id: &str, want: &[&str]) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = task_status(c, id)?;
+        if want.contains(&s.as_str()) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("task {id} is {s:?}, not one of {want:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The PID of the pod's host process whose command line contains `what`.
+fn host_process(c: &Containerd, id: &str, what: &str) -> Result<u32> {
+    let found = if what == "containerd-shim" {
+        c.shim_processes()
+            .into_iter()
+            .find(|(_, cmd)| cmd.split_whitespace().any(|w| w == id))
+    } else {
+        let dir = format!("{VEIL_STATE_DIR}/{id}/");
+        processes()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(&dir) && cmd.contains(what))
+    };
+    match found {
+        Some((pid, _)) => Ok(pid),
+        None => bail!("no {what} process for pod {id}"),
+    }
+}
+
+fn kill_and_remove(c: &Containerd, rt: &str, id: &str, victim: &str) -> Result<()> {
+    let out = c
+        .ctr(NS)
+        .args([
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            rt,
+        ])
+        .args([oci::BUSYBOX_IMAGE, id, "sleep", "600"])
+        .output()?;
+    if !out.status.success() {
+        bail!("ctr run -d {id}: {}", output_text(&out));
+    }
+    wait_status(c, id, &["RUNNING"])?;
+    let pid = host_process(c, id, victim)?;
+    eprintln!("{id}: killing {victim} (pid {pid})");
+    kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
+    if victim != "containerd-shim" {
+        // containerd learns of the exit: the VM took the process with it.
+        wait_status(c, id, &["STOPPED"])?;
+    }
+    let del = c.ctr(NS).args(["task", "delete", id]).output()?;
+    if !del.status.success() {
+        bail!(
+            "ctr task delete {id} after killing {victim}: {}",
+            output_text(&del)
+        );
+    }
+    let rm = c.ctr(NS).args(["container", "rm", id]).output()?;
+    if !rm.status.success() {
+        bail!(
+            "ctr container rm {id} after killing {victim}: {}",
+            output_text(&rm)
+        );
+    }
+    c.wait_clean(&[id])
+}
+
+#[test]
+fn a_pod_whose_host_processes_die_can_still_be_removed() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    kill_and_remove(&c, &rt, "fault-qemu", "qemu-system")?;
+    kill_and_remove(&c, &rt, "fault-backend", "vhost-device-vsock")?;
+    kill_and_remove(&c, &rt, "fault-shim", "containerd-shim")?;
+    Ok(())
+}
