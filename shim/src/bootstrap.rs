@@ -274,6 +274,39 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     Ok(())
 }
 
+/// Whether a live shim listens on `socket`. A connection alone does not
+/// tell: a child that inherited the listening socket keeps it accepting
+/// connections after the shim died. The socket's credentials name the
+/// process that listened; it must still be alive.
+fn shim_alive(socket: &Path) -> bool {
+    let Ok(conn) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => {
+            let pid = cred.pid();
+            pid > 0
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                && !is_zombie(pid)
+        }
+        // Cannot tell: assume it lives (never clean up under a live shim).
+        Err(_) => true,
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')').and_then(|(_, rest)| {
+                rest.split_whitespace()
+                    .next()
+                    .map(|st| st == "Z" || st == "X")
+            })
+        })
+        .unwrap_or(false)
+}
+
 /// `delete`: cleans up after a shim that is gone (or never fully started) —
 /// the pod VM's processes, mounts and directory, the pod's image references,
 /// a stale socket — and prints the `DeleteResponse`.
@@ -285,7 +318,7 @@ pub fn delete(args: &Args) -> Result<(), BootstrapError> {
         .map(|s| s.sandbox_id(&args.id).to_string())
         .unwrap_or_else(|_| args.id.clone());
     let address = socket_address(&args.address, &args.namespace, &group);
-    let alive = std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok();
+    let alive = shim_alive(&socket_path(&address));
     if group == args.id && !alive {
         if let Ok(dir) = PodDir::at(&config.state_dir, &group) {
             dir.cleanup();

@@ -82,16 +82,22 @@ fn kill_and_remove(c: &Containerd, rt: &str, id: &str, victim: &str) -> Result<(
     let pid = host_process(c, id, victim)?;
     eprintln!("{id}: killing {victim} (pid {pid})");
     kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
-    if victim != "containerd-shim" {
+    if victim == "containerd-shim" {
+        // containerd notices its shim died and cleans the task up itself
+        // (running the shim's `delete`), as it does for runc's shim.
+        wait_status(c, id, &["", "STOPPED"])?;
+    } else {
         // containerd learns of the exit: the VM took the process with it.
         wait_status(c, id, &["STOPPED"])?;
     }
-    let del = c.ctr(NS).args(["task", "delete", id]).output()?;
-    if !del.status.success() {
-        bail!(
-            "ctr task delete {id} after killing {victim}: {}",
-            output_text(&del)
-        );
+    if !task_status(c, id)?.is_empty() {
+        let del = c.ctr(NS).args(["task", "delete", id]).output()?;
+        if !del.status.success() {
+            bail!(
+                "ctr task delete {id} after killing {victim}: {}",
+                output_text(&del)
+            );
+        }
     }
     let rm = c.ctr(NS).args(["container", "rm", id]).output()?;
     if !rm.status.success() {
