@@ -91,7 +91,10 @@ fn stdout_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_string(&mut err);
         }
-        bail!("{id}: {status}, {total} of {n} bytes, digest ok: {}; {err}", digest == expected_stdout(n));
+        bail!(
+            "{id}: {status}, {total} of {n} bytes, digest ok: {}; {err}",
+            digest == expected_stdout(n)
+        );
     }
     Ok(n as f64 / MIB as f64 / took.as_secs_f64().max(1e-9))
 }
@@ -149,10 +152,18 @@ fn main() -> Result<()> {
         ("veil stdin", Vec::new()),
     ];
     for i in 0..n_runs {
-        rows[0].1.push(stdout_once(&c, None, &format!("runc-out-{i}"), n)?);
-        rows[1].1.push(stdout_once(&c, Some(&rt), &format!("veil-out-{i}"), n)?);
-        rows[2].1.push(stdin_once(&c, None, &format!("runc-in-{i}"), n)?);
-        rows[3].1.push(stdin_once(&c, Some(&rt), &format!("veil-in-{i}"), n)?);
+        rows[0]
+            .1
+            .push(stdout_once(&c, None, &format!("runc-out-{i}"), n)?);
+        rows[1]
+            .1
+            .push(stdout_once(&c, Some(&rt), &format!("veil-out-{i}"), n)?);
+        rows[2]
+            .1
+            .push(stdin_once(&c, None, &format!("runc-in-{i}"), n)?);
+        rows[3]
+            .1
+            .push(stdin_once(&c, Some(&rt), &format!("veil-in-{i}"), n)?);
         eprintln!(
             "run {}/{n_runs}: {}",
             i + 1,

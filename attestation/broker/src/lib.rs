@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod audit;
 pub mod policy;
+pub mod routes;
 pub mod server;
 pub mod session;
 pub mod store;

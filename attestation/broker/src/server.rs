@@ -1,6 +1,6 @@
 //! The broker: its state, the protocol routes (`/auth`, `/attest`, `/resource`) and TLS serving.
 //!
-//! The admin routes are in [`crate::admin`]; payloads in [`veil_attestation::protocol`]. Handlers are plain
+//! The admin routes are in the `admin` module; payloads in [`veil_attestation::protocol`]. Handlers are plain
 //! methods on [`Kbs`] so tests can call them without HTTP; [`Kbs::router`] wires them to axum.
 
 use std::future::Future;
@@ -9,10 +9,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use sha2::{Digest, Sha256, Sha384};
 use thiserror::Error;
@@ -21,8 +20,8 @@ use tokio::net::TcpListener;
 use veil_attestation::evidence::Evidence;
 use veil_attestation::jwe;
 use veil_attestation::protocol::{
-    self, AttestationToken, AuthRequest, Challenge, HashAlgorithm, MAX_BODY_LEN,
-    SELECTED_HASH_ALGORITHM, SESSION_COOKIE,
+    self, AttestationToken, AuthRequest, Challenge, HashAlgorithm, SELECTED_HASH_ALGORITHM,
+    SESSION_COOKIE,
 };
 use veil_attestation::{ResourcePath, Tee};
 use veil_common::{error_chain, Classify, Kind};
@@ -380,34 +379,6 @@ impl Kbs {
         }
         jwe::encrypt(&tee_key, &data).map_err(KbsError::Encrypt)
     }
-
-    /// The axum router with the protocol and admin routes.
-    pub fn router(self: Arc<Self>) -> Router {
-        Router::new()
-            .route("/kbs/v0/auth", post(h_auth).fallback(h_method_not_allowed))
-            .route(
-                "/kbs/v0/attest",
-                post(h_attest).fallback(h_method_not_allowed),
-            )
-            .route(
-                "/kbs/v0/resource/{repo}/{kind}/{tag}",
-                get(h_resource)
-                    .post(crate::admin::h_put_resource)
-                    .delete(crate::admin::h_delete_resource)
-                    .fallback(h_method_not_allowed),
-            )
-            .route(
-                "/kbs/v0/resource-policy",
-                post(crate::admin::h_set_policy).fallback(h_method_not_allowed),
-            )
-            .route(
-                "/kbs/v0/reference-value",
-                post(crate::admin::h_add_reference).fallback(h_method_not_allowed),
-            )
-            .fallback(h_not_found)
-            .layer(DefaultBodyLimit::max(MAX_BODY_LEN))
-            .with_state(self)
-    }
 }
 
 /// Checks that the init-data digest equals SNP HOST_DATA (SHA-256) or TDX MRCONFIGID (SHA-384).
@@ -439,15 +410,15 @@ fn cookie_header(id: &str, ttl: u64, tls: bool) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("kbs-session-id=invalid"))
 }
 
-async fn h_method_not_allowed(method: axum::http::Method) -> Response {
+pub(crate) async fn h_method_not_allowed(method: axum::http::Method) -> Response {
     KbsError::MethodNotAllowed(method.to_string()).into_response()
 }
 
-async fn h_not_found() -> Response {
+pub(crate) async fn h_not_found() -> Response {
     KbsError::NoSuchEndpoint.into_response()
 }
 
-async fn h_auth(
+pub(crate) async fn h_auth(
     State(kbs): State<Arc<Kbs>>,
     tls: Option<axum::Extension<ConnectionTls>>,
     body: Bytes,
@@ -474,7 +445,11 @@ async fn h_auth(
     }
 }
 
-async fn h_attest(State(kbs): State<Arc<Kbs>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn h_attest(
+    State(kbs): State<Arc<Kbs>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut ev = kbs.event(Outcome::Refusal, "attest");
     let Some(id) = session_cookie(&headers) else {
         let e = KbsError::NoCredentials;
@@ -497,7 +472,7 @@ async fn h_attest(State(kbs): State<Arc<Kbs>>, headers: HeaderMap, body: Bytes) 
     }
 }
 
-async fn h_resource(
+pub(crate) async fn h_resource(
     State(kbs): State<Arc<Kbs>>,
     headers: HeaderMap,
     UrlPath(path): UrlPath<(String, String, String)>,
