@@ -271,6 +271,18 @@ impl Containerd {
         Ok(out)
     }
 
+    /// The status `ctr task ls` shows for task `id` in `namespace` ("" if
+    /// there is no such task).
+    pub fn task_status(&self, namespace: &str, id: &str) -> Result<String> {
+        let out = self.ctr_ok(namespace, &["task", "ls"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string())
+    }
+
     /// Imports an OCI archive into `namespace`.
     pub fn import(&self, namespace: &str, archive: &Path) -> Result<()> {
         let a = archive.display().to_string();

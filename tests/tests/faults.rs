@@ -21,13 +21,7 @@ const NS: &str = "veil-test";
 const RUNTIME: &str = "io.containerd.veil.v2";
 
 fn task_status(c: &Containerd, id: &str) -> Result<String> {
-    let out = c.ctr_ok(NS, &["task", "ls"])?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("")
-        .to_string())
+    c.task_status(NS, id)
 }
 
 fn wait_status(c: &Containerd, id: &str, want: &[&str]) -> Result<String> {
