@@ -83,3 +83,103 @@ fn an_oom_killed_container_produces_containerds_oom_event() -> Result<()> {
     })();
     result
 }
+
+/// Through CRI, as kubelet sees it: the container's status says `OOMKilled`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
+    use k8s_cri::v1::{
+        ContainerState, ContainerStatusRequest, CreateContainerRequest, LinuxContainerConfig,
+        LinuxContainerResources, RemovePodSandboxRequest, RunPodSandboxRequest,
+        StartContainerRequest, StopPodSandboxRequest,
+    };
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
+    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let logs = logs.display().to_string();
+    let mut cri = veil_tests::cri::client(&c).await?;
+    let pod_config = veil_tests::cri::pod_config("oom-pod", "uid-oom", "oompod", &logs);
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: "veil".into(),
+        })
+        .await
+        .context("RunPodSandbox")?
+        .into_inner()
+        .pod_sandbox_id;
+    let result = async {
+        let mut config = veil_tests::cri::busybox_container(
+            "hog",
+            &[
+                "sh",
+                "-c",
+                "x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}",
+            ],
+        );
+        config.linux = Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 32 * 1024 * 1024,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .context("CreateContainer")?
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .context("StartContainer")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = cri
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await?
+                .into_inner()
+                .status
+                .context("no status")?;
+            if st.state == ContainerState::ContainerExited as i32 {
+                if st.reason != "OOMKilled" {
+                    bail!(
+                        "container exited with reason {:?} (exit {}), not OOMKilled",
+                        st.reason,
+                        st.exit_code
+                    );
+                }
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("container still {:?} after 60 s", st.state);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    .await;
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    result?;
+    c.wait_clean(&[pod.as_str()])
+}
