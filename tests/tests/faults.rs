@@ -74,6 +74,14 @@ fn kill_and_remove(c: &Containerd, rt: &str, id: &str, victim: &str) -> Result<(
     }
     wait_status(c, id, &["RUNNING"])?;
     let pid = host_process(c, id, victim)?;
+    if victim == "qemu-system" {
+        // QEMU runs under its seccomp sandbox (`-sandbox on`, filter mode 2).
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let seccomp = status.lines().find(|l| l.starts_with("Seccomp:"));
+        if seccomp.map(|l| l.split_whitespace().nth(1)) != Some(Some("2")) {
+            bail!("QEMU (pid {pid}) is not in seccomp filter mode: {seccomp:?}");
+        }
+    }
     eprintln!("{id}: killing {victim} (pid {pid})");
     kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGKILL)?;
     if victim == "containerd-shim" {

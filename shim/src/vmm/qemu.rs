@@ -144,11 +144,18 @@ pub fn q35_args(spec: &VmSpec, tee: &Tee, firmware: &Path) -> Result<Vec<String>
     Ok(a)
 }
 
-/// Arguments every machine shares: no defaults, kernel, initrd, command line,
-/// serial console to a file, QMP.
+/// QEMU's seccomp sandbox: besides its default deny list, no obsolete
+/// syscalls, no setuid/setgid/capability changes, no fork/exec, no
+/// scheduler/affinity changes. QEMU needs none of them once started.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Arguments every machine shares: seccomp sandbox, no defaults, kernel,
+/// initrd, command line, serial console to a file, QMP.
 fn common_args(spec: &VmSpec, a: &mut Vec<String>) {
     let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
     push(&[
+        "-sandbox",
+        SANDBOX,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -330,6 +337,14 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn every_machine_runs_under_the_seccomp_sandbox() {
+        assert_eq!(after(&microvm_args(&spec()), "-sandbox"), [SANDBOX]);
+        for deny in ["obsolete", "elevateprivileges", "spawn", "resourcecontrol"] {
+            assert!(SANDBOX.contains(&format!("{deny}=deny")), "{deny}");
+        }
     }
 
     #[test]
