@@ -21,6 +21,8 @@ packages=(
   busybox-static e2fsprogs erofs-utils cryptsetup-bin
   # container engine pieces: seccomp for the agent, containerd + runc for tests and baselines
   libseccomp-dev containerd runc
+  # CNI plugins: test pods get a network namespace of their own (veil refuses hostNetwork)
+  containernetworking-plugins
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -10,13 +10,13 @@
 # kernel source tarball, the fragments and this script. Prints the artefact
 # directory on stdout (everything else goes to stderr).
 #
-# usage: build.sh [--fragments "base snp tdx"] [--extra FILE]... [--check-only]
+# usage: build.sh [--fragments "base netadmin snp tdx"] [--extra FILE]... [--check-only]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${VEIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/veil}
 src_tar=${VEIL_KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}
-fragments="base snp tdx"
+fragments="base netadmin snp tdx"
 extra=()
 check_only=0
 

@@ -203,6 +203,20 @@ impl plan::Context for PlanCtx<'_> {
     fn shared_pid_namespace(&self) -> Option<PathBuf> {
         self.inner.sandbox.as_ref().and_then(Sandbox::pid_namespace)
     }
+
+    fn pod_namespace(&self, kind: engine::wire::Namespace) -> Option<PathBuf> {
+        let sb = self.inner.sandbox.as_ref()?;
+        let pause = self.inner.containers.get(&sb.id)?;
+        if pause.init.has_exited() {
+            return None;
+        }
+        let pid = pause.init.state().pid()?;
+        Some(engine::ns_path(pid, kind))
+    }
+
+    fn guest_devices(&self) -> Vec<engine::wire::DevicePlan> {
+        engine::devices::guest_devices(Path::new("/dev"))
+    }
 }
 
 impl Pod {

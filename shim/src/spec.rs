@@ -4,10 +4,19 @@
 //! containerd writes a spec for a host runtime: namespace paths of the pause
 //! process, bind mounts of host files, a host cgroup path. Inside the pod VM
 //! those mean nothing, so this module rewrites them — once, here:
-//! - namespace paths: the pod's containers share the VM's network and IPC
-//!   namespaces (the VM *is* the pod), so joining those is dropped; a
-//!   joined PID or UTS namespace becomes a new one (the agent gives every UTS
-//!   namespace the pod's hostname);
+//! - namespace paths: the pod's containers share the VM's network namespace
+//!   (the VM *is* the pod's network), so joining it is dropped; a joined PID,
+//!   IPC or UTS namespace (the pause container's, as CRI's `NamespaceOption`
+//!   POD asks) becomes `sandbox:pid|ipc|uts`, which the agent resolves to the
+//!   namespace of the pod's sandbox container in the guest, as runc joins the
+//!   pause process's;
+//! - the node's namespaces (hostNetwork, hostPID, hostIPC: CRI leaves the
+//!   namespace out of the spec) cannot reach into a VM: [`HostSpec::check_namespaces`]
+//!   refuses them before anything is started;
+//! - device nodes: a container allowed every device (privileged: the device
+//!   cgroup rule `a *:* rwm`) gets the guest's devices, not the host's list
+//!   (whose numbers mean nothing in the guest): its `linux.devices` is
+//!   replaced by the annotation [`GUEST_DEVICES_ANNOTATION`]` = all`;
 //! - bind mounts of the pod's `hosts`, `resolv.conf` and `hostname` become
 //!   `sandbox:` sources the agent provides; a bind of the pod's `/dev/shm`
 //!   becomes a tmpfs; an emptyDir (a bind of kubelet's
@@ -41,6 +50,13 @@ pub const POD_SANDBOX_IMAGE: &str = "pod-sandbox";
 /// veil's own image-name annotation, for clients without CRI
 /// (`ctr run --annotation io.veil.image-name=NAME`).
 pub const VEIL_IMAGE_NAME_ANNOTATION: &str = "io.veil.image-name";
+/// Annotation of the guest spec asking the agent for every device node of
+/// the guest (`all`): how a privileged container's device list reaches the
+/// guest.
+pub const GUEST_DEVICES_ANNOTATION: &str = "io.veil.guest-devices";
+/// The namespace path prefix the agent resolves to the pod sandbox
+/// container's namespace (`sandbox:pid`, `sandbox:ipc`, `sandbox:uts`).
+pub const SANDBOX_NAMESPACE_PREFIX: &str = "sandbox:";
 /// The path component under which kubelet makes a pod's emptyDir volumes.
 const EMPTY_DIR_COMPONENT: &str = "/volumes/kubernetes.io~empty-dir/";
 
@@ -62,13 +78,26 @@ pub enum SpecError {
     /// It is JSON but not a spec.
     #[error("the bundle spec is not an object")]
     NotObject,
+    /// The spec shares a namespace of the node, which cannot reach into the
+    /// pod VM.
+    #[error(
+        "{option} is not supported by veil: the pod runs in its own VM, which cannot share the node's {namespace} namespace (the spec has no '{namespace}' namespace entry); run this pod with a runc runtime class or without {option}"
+    )]
+    HostNamespace {
+        /// The Kubernetes pod option (hostNetwork, hostPID, hostIPC).
+        option: &'static str,
+        /// The OCI namespace type.
+        namespace: &'static str,
+    },
 }
 
 impl Classify for SpecError {
     fn kind(&self) -> Kind {
         match self {
             SpecError::Read { .. } => Kind::NotFound,
-            SpecError::Json(_) | SpecError::NotObject => Kind::InvalidArgument,
+            SpecError::Json(_) | SpecError::NotObject | SpecError::HostNamespace { .. } => {
+                Kind::InvalidArgument
+            }
         }
     }
 }
@@ -152,6 +181,50 @@ impl HostSpec {
         self.0.get("hostname")?.as_str().filter(|h| !h.is_empty())
     }
 
+    /// Refuses a spec that shares the node's network, PID or IPC namespace
+    /// (CRI's hostNetwork, hostPID, hostIPC: the namespace is left out of
+    /// `linux.namespaces`). A spec without a namespace list (not written by
+    /// containerd) is not judged.
+    pub fn check_namespaces(&self) -> Result<(), SpecError> {
+        let Some(nss) = self.0.pointer("/linux/namespaces").and_then(Value::as_array) else {
+            return Ok(());
+        };
+        let has = |t: &str| {
+            nss.iter()
+                .any(|n| n.get("type").and_then(Value::as_str) == Some(t))
+        };
+        for (namespace, option) in [
+            ("network", "hostNetwork"),
+            ("pid", "hostPID"),
+            ("ipc", "hostIPC"),
+        ] {
+            if !has(namespace) {
+                return Err(SpecError::HostNamespace { option, namespace });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the spec allows every device (privileged containers: a device
+    /// cgroup rule allowing all types, majors and minors).
+    pub fn all_devices_allowed(&self) -> bool {
+        self.0
+            .pointer("/linux/resources/devices")
+            .and_then(Value::as_array)
+            .is_some_and(|rules| {
+                rules.iter().any(|r| {
+                    let field = |k: &str| r.get(k).filter(|v| !v.is_null());
+                    r.get("allow").and_then(Value::as_bool) == Some(true)
+                        && field("type").is_none_or(|t| t.as_str() == Some("a"))
+                        && field("major").is_none_or(|m| m.as_i64() == Some(-1))
+                        && field("minor").is_none_or(|m| m.as_i64() == Some(-1))
+                        && field("access")
+                            .and_then(Value::as_str)
+                            .is_some_and(|a| ["r", "w", "m"].iter().all(|c| a.contains(c)))
+                })
+            })
+    }
+
     /// The spec as the guest should see it; `scratch`: the pod has its
     /// scratch disk (emptyDir volumes go there).
     pub fn for_guest(&self, scratch: bool) -> Result<GuestSpec, SpecError> {
@@ -180,23 +253,32 @@ impl HostSpec {
                     return true;
                 }
                 match ns.get("type").and_then(Value::as_str) {
-                    // A pod-shared PID namespace: a new one per container (the
-                    // agent's shared_pid_namespace covers pod sharing). The
-                    // pod's UTS namespace: a new one, which the agent gives
-                    // the pod's hostname.
-                    Some("pid") | Some("uts") => {
-                        if let Some(o) = ns.as_object_mut() {
-                            o.remove("path");
-                        }
+                    // The pause container's namespaces: the pod sandbox
+                    // container's in the guest.
+                    Some(t @ ("pid" | "ipc" | "uts")) => {
+                        ns["path"] = json!(format!("{SANDBOX_NAMESPACE_PREFIX}{t}"));
                         true
                     }
-                    // network, ipc, uts: the VM's own are the pod's.
-                    _ => false,
+                    // The pod's network namespace: the VM's own.
+                    Some("network") => false,
+                    // Anything else joined: the agent refuses a host path.
+                    _ => true,
                 }
             });
         }
+        let all_devices = self.all_devices_allowed();
         if let Some(o) = v.get_mut("linux").and_then(Value::as_object_mut) {
             o.remove("cgroupsPath");
+            if all_devices {
+                // The host's device list means nothing in the guest.
+                o.remove("devices");
+            }
+        }
+        if all_devices {
+            if !v.get("annotations").is_some_and(Value::is_object) {
+                v["annotations"] = json!({});
+            }
+            v["annotations"][GUEST_DEVICES_ANNOTATION] = json!("all");
         }
         for d in &dropped {
             tracing::warn!(destination = %d, "host bind mount cannot reach the pod VM; dropped");
@@ -335,8 +417,80 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(types, ["pid", "uts", "mount"]);
+        assert_eq!(types, ["pid", "ipc", "uts", "mount"]);
+        let paths: Vec<Option<&str>> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.get("path").and_then(Value::as_str))
+            .collect();
+        // The pause container's IPC and UTS namespaces become the pod
+        // sandbox container's in the guest; the PID namespace is the
+        // container's own (no path).
+        assert_eq!(paths, [None, Some("sandbox:ipc"), Some("sandbox:uts"), None]);
         assert!(v["linux"].get("cgroupsPath").is_none());
+        assert!(v["annotations"].get(GUEST_DEVICES_ANNOTATION).is_none());
+    }
+
+    fn with_namespaces(types: &[&str]) -> HostSpec {
+        let nss: Vec<Value> = types.iter().map(|t| json!({"type": t})).collect();
+        HostSpec(json!({"linux": {"namespaces": nss}}))
+    }
+
+    #[test]
+    fn node_namespaces_are_refused_naming_the_pod_option() {
+        with_namespaces(&["pid", "ipc", "uts", "mount", "network"])
+            .check_namespaces()
+            .unwrap();
+        for (types, option) in [
+            (&["pid", "ipc", "uts", "mount"][..], "hostNetwork"),
+            (&["ipc", "uts", "mount", "network"][..], "hostPID"),
+            (&["pid", "uts", "mount", "network"][..], "hostIPC"),
+        ] {
+            let e = with_namespaces(types).check_namespaces().unwrap_err();
+            assert_eq!(e.kind(), Kind::InvalidArgument);
+            assert!(e.to_string().starts_with(option), "{e}");
+        }
+        // Not a containerd spec: nothing to judge.
+        HostSpec::parse(b"{}").unwrap().check_namespaces().unwrap();
+    }
+
+    #[test]
+    fn a_pod_shared_pid_namespace_is_the_sandbox_containers() {
+        let spec = HostSpec(json!({"linux": {"namespaces": [
+            {"type": "pid", "path": "/proc/42/ns/pid"},
+            {"type": "mount"},
+            {"type": "cgroup", "path": "/proc/42/ns/cgroup"},
+        ]}}));
+        let v: Value = serde_json::from_slice(&spec.for_guest(false).unwrap().json).unwrap();
+        assert_eq!(v["linux"]["namespaces"][0]["path"], "sandbox:pid");
+        // Other joined namespaces go to the agent as they are (and it
+        // refuses a host path).
+        assert_eq!(v["linux"]["namespaces"][2]["path"], "/proc/42/ns/cgroup");
+    }
+
+    #[test]
+    fn a_privileged_container_gets_the_guests_devices_not_the_hosts() {
+        let privileged = HostSpec(json!({"linux": {
+            "devices": [{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}],
+            "resources": {"devices": [{"allow": true, "access": "rwm"}]},
+        }}));
+        assert!(privileged.all_devices_allowed());
+        let v: Value = serde_json::from_slice(&privileged.for_guest(false).unwrap().json).unwrap();
+        assert!(v["linux"].get("devices").is_none(), "{v}");
+        assert_eq!(v["annotations"][GUEST_DEVICES_ANNOTATION], "all");
+
+        let plain = HostSpec(json!({"linux": {
+            "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+            "resources": {"devices": [
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 10, "minor": 229, "access": "rwm"},
+            ]},
+        }}));
+        assert!(!plain.all_devices_allowed());
+        let v: Value = serde_json::from_slice(&plain.for_guest(false).unwrap().json).unwrap();
+        assert_eq!(v["linux"]["devices"][0]["path"], "/dev/fuse");
+        assert!(v.get("annotations").is_none());
     }
 
     #[test]

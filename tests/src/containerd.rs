@@ -1,8 +1,8 @@
 //! A private containerd for end-to-end tests: its own root, state, sockets and
 //! config (CRI plugin with the overlayfs snapshotter, the `veil` and
 //! `veil-sim` handlers mapped to `io.containerd.veil.v2`, `runc` for
-//! baselines, a pause image built offline), started by the test and stopped
-//! by PID.
+//! baselines, a pause image built offline, Debian's CNI `loopback` plugin as
+//! the pod network), started by the test and stopped by PID.
 //!
 //! [`Containerd`] owns it all: dropping it (also while a failing test
 //! unwinds) stops containerd, then the shims it started (found by their
@@ -39,7 +39,46 @@ pub struct Containerd {
     /// containerd's stdout/stderr (shim logs included).
     pub log: PathBuf,
     pods_before: Vec<String>,
+    netns_before: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+/// Where the CRI plugin makes pod network namespaces.
+const NETNS_DIR: &str = "/run/netns";
+/// Debian's CNI plugins (`containernetworking-plugins`).
+const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
+
+fn list_netns() -> Vec<String> {
+    fs::read_dir(NETNS_DIR)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The CNI setup of the private containerd: Debian's `loopback` plugin as
+/// the only network, so every pod gets a network namespace of its own (with
+/// only `lo`: nothing reaches outside) without touching the node's network.
+fn install_cni(dir: &Path) -> Result<()> {
+    let bin = dir.join("cni/bin");
+    let conf = dir.join("cni/conf");
+    fs::create_dir_all(&bin)?;
+    fs::create_dir_all(&conf)?;
+    let loopback = Path::new(CNI_PLUGIN_DIR).join("loopback");
+    if !loopback.is_file() {
+        bail!(
+            "CNI loopback plugin {} not found: run ci/setup.sh (containernetworking-plugins)",
+            loopback.display()
+        );
+    }
+    std::os::unix::fs::symlink(&loopback, bin.join("loopback"))?;
+    fs::write(
+        conf.join("10-veil-test.conflist"),
+        r#"{"cniVersion": "0.4.0", "name": "veil-test-lo", "plugins": [{"type": "loopback"}]}"#,
+    )?;
+    Ok(())
 }
 
 fn toml_str(p: &Path) -> String {
@@ -183,8 +222,7 @@ impl Containerd {
         fs::write(&veil_config, veil_config_text(a, &image_dir))?;
         let config = dir.path().join("config.toml");
         fs::write(&config, containerd_config(dir.path(), &veil_config))?;
-        fs::create_dir_all(dir.path().join("cni/bin"))?;
-        fs::create_dir_all(dir.path().join("cni/conf"))?;
+        install_cni(dir.path())?;
         let log = dir.path().join("containerd.log");
         let out = fs::File::create(&log)?;
         let shim_dir = a
@@ -198,6 +236,7 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         let pods_before = list_pods();
+        let netns_before = list_netns();
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
@@ -215,6 +254,7 @@ impl Containerd {
             image_dir,
             log,
             pods_before,
+            netns_before,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -443,6 +483,15 @@ impl Drop for Containerd {
                     &pod,
                 );
                 let _ = fs::remove_file(a.trim_start_matches("unix://"));
+            }
+        }
+        // Pod network namespaces CRI made and did not remove (a test that
+        // failed before removing its pod).
+        for ns in list_netns() {
+            if ns.starts_with("cni-") && !self.netns_before.contains(&ns) {
+                let p = Path::new(NETNS_DIR).join(&ns);
+                let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+                let _ = fs::remove_file(&p);
             }
         }
         // Whatever is still mounted below our root (CRI's sandbox shm, ...).

@@ -29,8 +29,9 @@ pub async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
 }
 
 /// A pod sandbox config: `name`/`uid` in namespace `default`, `hostname`,
-/// container logs under `log_directory`, the node's network (no CNI
-/// offline), a PID namespace per container, a shared IPC namespace.
+/// container logs under `log_directory`, a network namespace of the pod's
+/// own (the test containerd's CNI gives it only `lo`), a PID namespace per
+/// container, a shared IPC namespace.
 pub fn pod_config(name: &str, uid: &str, hostname: &str, log_directory: &str) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -44,7 +45,7 @@ pub fn pod_config(name: &str, uid: &str, hostname: &str, log_directory: &str) ->
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
+                    network: NamespaceMode::Pod as i32,
                     pid: NamespaceMode::Container as i32,
                     ipc: NamespaceMode::Pod as i32,
                     ..Default::default()

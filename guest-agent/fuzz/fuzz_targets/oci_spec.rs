@@ -24,6 +24,12 @@ impl plan::Context for Ctx {
     fn shared_pid_namespace(&self) -> Option<PathBuf> {
         None
     }
+    fn pod_namespace(&self, kind: veil_agent::engine::wire::Namespace) -> Option<PathBuf> {
+        Some(PathBuf::from(format!("/proc/1/ns/{}", kind.proc_name())))
+    }
+    fn guest_devices(&self) -> Vec<veil_agent::engine::wire::DevicePlan> {
+        Vec::new()
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -17,9 +17,11 @@
 //! Module map: [`plan`] (OCI spec → what the child does; validated in the
 //! agent, so a bad spec fails before anything forks), [`wire`] (the messages),
 //! `child` (the helper and the container process side), `rootfs` (mounts and
-//! `pivot_root`), `security` (user, capabilities, rlimits, seccomp).
+//! `pivot_root`), `security` (user, capabilities, rlimits, seccomp),
+//! [`devices`] (the guest's device nodes, for privileged containers).
 
 mod child;
+pub mod devices;
 pub mod plan;
 pub mod rootfs;
 mod security;

@@ -19,6 +19,10 @@ pub enum PlanError {
     /// The spec asks for something the engine does not do.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// The spec joins a namespace of the pod sandbox container, which does
+    /// not run (yet or any more).
+    #[error("cannot join the pod's {0} namespace: the pod sandbox container is not running")]
+    NoPodNamespace(&'static str),
     /// A bind mount source that cannot be resolved.
     #[error("bind mount source '{source_name}' for {destination}")]
     BindSource {
@@ -37,6 +41,7 @@ impl Classify for PlanError {
         match self {
             PlanError::Invalid(_) | PlanError::BindSource { .. } => Kind::InvalidArgument,
             PlanError::Unsupported(_) => Kind::Unimplemented,
+            PlanError::NoPodNamespace(_) => Kind::FailedPrecondition,
         }
     }
 }
@@ -59,7 +64,21 @@ pub trait Context {
     fn sandbox_hostname(&self) -> Option<String>;
     /// The pod-wide PID namespace to join instead of creating one.
     fn shared_pid_namespace(&self) -> Option<PathBuf>;
+    /// The namespace `kind` of the pod's sandbox container (the CRI pause
+    /// container: the container whose id is the sandbox id), while it runs.
+    fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf>;
+    /// Every device node of the guest, for a container that may use them all.
+    fn guest_devices(&self) -> Vec<DevicePlan>;
 }
+
+/// The namespace path prefix naming the pod sandbox container's namespaces
+/// (`sandbox:pid`, `sandbox:ipc`, `sandbox:uts`), as the shim writes a
+/// CRI container's joining of the pause container's namespaces.
+pub const SANDBOX_NAMESPACE_PREFIX: &str = "sandbox:";
+
+/// The spec annotation asking for every device node of the guest (`all`):
+/// how the shim passes on a privileged container's device access.
+pub const GUEST_DEVICES_ANNOTATION: &str = "io.veil.guest-devices";
 
 /// Parses and validates a spec from JSON.
 pub fn parse_spec(json: &[u8]) -> Result<Spec, PlanError> {
@@ -133,6 +152,24 @@ pub fn plan_init(
             LinuxNamespaceType::Cgroup => Namespace::Cgroup,
             other => return Err(PlanError::Unsupported(format!("{other} namespace"))),
         };
+        let pod_ns = ns
+            .path()
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_prefix(SANDBOX_NAMESPACE_PREFIX));
+        if let Some(name) = pod_ns {
+            if name != kind.proc_name() || !matches!(kind, Namespace::Pid | Namespace::Ipc | Namespace::Uts) {
+                return Err(invalid(format!(
+                    "namespace path {SANDBOX_NAMESPACE_PREFIX}{name} for a {} namespace (the pod's pid, ipc and uts namespaces can be joined)",
+                    kind.proc_name()
+                )));
+            }
+            let path = ctx
+                .pod_namespace(kind)
+                .ok_or(PlanError::NoPodNamespace(kind.proc_name()))?;
+            join_namespaces.push((kind, path));
+            continue;
+        }
         match ns.path() {
             Some(path) if ctx.host_mode() => join_namespaces.push((kind, path.clone())),
             // In a VM, the host's namespace paths mean nothing: the pod's
@@ -208,7 +245,25 @@ pub fn plan_init(
         sysctls.push((k.clone(), v.clone()));
     }
     sysctls.sort();
-    let mut devices = Vec::new();
+    let all_devices = match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(GUEST_DEVICES_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(invalid(format!(
+                "annotation {GUEST_DEVICES_ANNOTATION}={other} (only 'all')"
+            )))
+        }
+    };
+    let mut devices = if all_devices {
+        ctx.guest_devices()
+    } else {
+        Vec::new()
+    };
     for d in linux
         .and_then(|l| l.devices().as_ref())
         .into_iter()
@@ -435,6 +490,19 @@ mod tests {
         fn shared_pid_namespace(&self) -> Option<PathBuf> {
             None
         }
+        fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf> {
+            (kind != Namespace::Uts).then(|| PathBuf::from(format!("/proc/7/ns/{}", kind.proc_name())))
+        }
+        fn guest_devices(&self) -> Vec<DevicePlan> {
+            vec![DevicePlan {
+                path: "/dev/vda".into(),
+                mode: libc::S_IFBLK | 0o660,
+                major: 254,
+                minor: 0,
+                uid: 0,
+                gid: 6,
+            }]
+        }
     }
 
     fn spec(extra: &str) -> Vec<u8> {
@@ -468,6 +536,54 @@ mod tests {
         assert_eq!(
             r.new_namespaces,
             vec![Namespace::Mount, Namespace::Pid, Namespace::Uts]
+        );
+    }
+
+    #[test]
+    fn pod_namespaces_are_the_sandbox_containers() {
+        let s = parse_spec(
+            br#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "linux":{"namespaces":[{"type":"mount"},{"type":"pid","path":"sandbox:pid"},{"type":"ipc","path":"sandbox:ipc"}]}}"#,
+        )
+        .unwrap();
+        let r = plan_init(&s, Path::new("/r"), None, &Ctx).unwrap();
+        assert_eq!(r.new_namespaces, vec![Namespace::Mount]);
+        assert_eq!(
+            r.join_namespaces,
+            vec![
+                (Namespace::Pid, PathBuf::from("/proc/7/ns/pid")),
+                (Namespace::Ipc, PathBuf::from("/proc/7/ns/ipc"))
+            ]
+        );
+        // No running sandbox container to join: a precondition, named.
+        let swap = |from: &str, to: &str| {
+            let text = String::from_utf8(spec("")).unwrap().replace(from, to);
+            parse_spec(text.as_bytes()).unwrap()
+        };
+        let s = swap(r#"{"type":"uts"}"#, r#"{"type":"uts","path":"sandbox:uts"}"#);
+        let e = plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err();
+        assert_eq!(e.kind(), Kind::FailedPrecondition);
+        assert!(e.to_string().contains("uts"), "{e}");
+        // The prefix names the kind it is used for.
+        let s = swap(r#"{"type":"pid"}"#, r#"{"type":"pid","path":"sandbox:ipc"}"#);
+        assert_eq!(
+            plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn all_guest_devices_on_request() {
+        let s = parse_spec(&spec(r#","annotations":{"io.veil.guest-devices":"all"}"#)).unwrap();
+        let r = plan_init(&s, Path::new("/r"), None, &Ctx).unwrap();
+        let Setup::Init(init) = r.setup else {
+            panic!("not init")
+        };
+        assert_eq!(init.devices[0].path, PathBuf::from("/dev/vda"));
+        let s = parse_spec(&spec(r#","annotations":{"io.veil.guest-devices":"some"}"#)).unwrap();
+        assert_eq!(
+            plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(),
+            Kind::InvalidArgument
         );
     }
 

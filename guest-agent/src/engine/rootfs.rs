@@ -55,6 +55,9 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
         }
         let kind = SFlag::from_bits_truncate(d.mode & libc::S_IFMT);
         let perm = Mode::from_bits_truncate(d.mode & 0o7777);
+        // A node already there (a default device bound from the agent's
+        // /dev, a node of the image) is replaced by the spec's.
+        let _ = umount2(&dest, MntFlags::MNT_DETACH);
         let _ = fs::remove_file(&dest);
         mknod(&dest, kind, perm, makedev(d.major, d.minor))
             .map_err(|e| format!("mknod {}: {e}", d.path.display()))?;

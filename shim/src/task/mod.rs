@@ -305,6 +305,8 @@ impl TaskService {
         }
         let bundle = PathBuf::from(&req.bundle);
         let spec = HostSpec::read(&bundle)?;
+        // hostNetwork/hostPID/hostIPC: refused before anything starts.
+        spec.check_namespaces()?;
         let sandbox_id = spec.sandbox_id(&req.id).to_string();
         validate_id("sandbox id", &sandbox_id)?;
         let mounts: Vec<RootfsMount> = req

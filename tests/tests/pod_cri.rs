@@ -1,0 +1,551 @@
+//! Pod semantics the kubelet relies on, through CRI with the real containerd,
+//! each case run on `runc` and on `veil` pods of the same containerd in the
+//! same test and compared: host-namespace pods (refused by veil, naming the
+//! option, nothing left behind), StopContainer of `top` and the answers to
+//! stopping or removing a container twice, privileged containers (the guest's
+//! devices, bridges and VLANs) and added capabilities, the pod's shared PID
+//! namespace, and pod sysctls seen by every container.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_cri::v1::{
+    runtime_service_client::RuntimeServiceClient, Capability, ContainerConfig, ContainerState,
+    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, LinuxContainerConfig,
+    LinuxContainerSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::Channel;
+use veil_tests::{containerd::Containerd, cri, oci, Artefacts};
+
+/// The handlers every case runs on: the reference first.
+const HANDLERS: [&str; 2] = ["runc", "veil"];
+
+/// A private containerd with the test images, and a CRI client to it.
+struct Node {
+    c: Containerd,
+    cri: RuntimeServiceClient<Channel>,
+    work: tempfile::TempDir,
+    pods: Vec<String>,
+}
+
+impl Node {
+    async fn start() -> Result<Self> {
+        let a = Artefacts::locate()?;
+        let c = Containerd::start(&a)?;
+        let work = tempfile::tempdir()?;
+        c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
+        c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+        std::fs::create_dir_all(work.path().join("logs"))?;
+        let cri = cri::client(&c).await?;
+        Ok(Node {
+            c,
+            cri,
+            work,
+            pods: Vec::new(),
+        })
+    }
+
+    fn pod_config(&self, name: &str) -> PodSandboxConfig {
+        let logs = self.work.path().join("logs").join(name);
+        let _ = std::fs::create_dir_all(&logs);
+        cri::pod_config(name, &format!("uid-{name}"), name, &logs.display().to_string())
+    }
+
+    async fn run_pod(&mut self, handler: &str, config: &PodSandboxConfig) -> Result<String> {
+        let id = self
+            .cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .with_context(|| format!("RunPodSandbox on {handler}"))?
+            .into_inner()
+            .pod_sandbox_id;
+        self.pods.push(id.clone());
+        Ok(id)
+    }
+
+    async fn create(
+        &mut self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String> {
+        let name = config.metadata.as_ref().map(|m| m.name.clone());
+        Ok(self
+            .cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .with_context(|| format!("CreateContainer {name:?}"))?
+            .into_inner()
+            .container_id)
+    }
+
+    async fn run(
+        &mut self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String> {
+        let id = self.create(pod, pod_config, config).await?;
+        self.cri
+            .start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .context("StartContainer")?;
+        Ok(id)
+    }
+
+    /// Runs `script` with `sh -c` in container `id`: (stdout, stderr, exit code).
+    async fn exec(&mut self, id: &str, script: &str) -> Result<(String, String, i32)> {
+        let r = self
+            .cri
+            .exec_sync(ExecSyncRequest {
+                container_id: id.into(),
+                cmd: vec!["sh".into(), "-c".into(), script.into()],
+                timeout: 60,
+            })
+            .await
+            .with_context(|| format!("ExecSync {script:?}"))?
+            .into_inner();
+        Ok((
+            String::from_utf8_lossy(&r.stdout).into_owned(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+            r.exit_code,
+        ))
+    }
+
+    /// [`Self::exec`] that must succeed; its stdout.
+    async fn exec_ok(&mut self, id: &str, script: &str) -> Result<String> {
+        let (out, err, code) = self.exec(id, script).await?;
+        ensure!(
+            code == 0,
+            "{script:?} exited {code}: stdout {out:?} stderr {err:?}"
+        );
+        Ok(out)
+    }
+
+    async fn remove_pod(&mut self, pod: &str) -> Result<()> {
+        self.cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .context("StopPodSandbox")?;
+        self.cri
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.into(),
+            })
+            .await
+            .context("RemovePodSandbox")?;
+        self.pods.retain(|p| p != pod);
+        Ok(())
+    }
+
+    /// Removes the pods still there, then checks nothing of `veil_pods` is left.
+    async fn finish(mut self, veil_pods: &[String]) -> Result<()> {
+        for p in self.pods.clone() {
+            self.remove_pod(&p).await?;
+        }
+        let pods: Vec<&str> = veil_pods.iter().map(String::as_str).collect();
+        self.c.wait_clean(&pods)
+    }
+}
+
+/// Runs `scenario` on a fresh [`Node`], printing containerd's log on failure.
+async fn on_node<F>(scenario: F) -> Result<()>
+where
+    F: for<'a> FnOnce(
+        &'a mut Node,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<String>>> + Send + 'a>,
+    >,
+{
+    let mut node = Node::start().await?;
+    let result = scenario(&mut node).await;
+    match result {
+        Ok(veil_pods) => node.finish(&veil_pods).await,
+        Err(e) => {
+            eprintln!("containerd log:\n{}", node.c.log_text());
+            let pods = node.pods.clone();
+            for p in pods {
+                let _ = node.remove_pod(&p).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn namespaces(config: &mut PodSandboxConfig) -> &mut NamespaceOption {
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+}
+
+fn with_security(
+    mut config: ContainerConfig,
+    f: impl FnOnce(&mut LinuxContainerSecurityContext),
+) -> ContainerConfig {
+    let linux = config.linux.get_or_insert_with(LinuxContainerConfig::default);
+    f(linux.security_context.get_or_insert_with(Default::default));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_namespace_pods_are_refused_naming_the_option_and_leave_nothing() -> Result<()> {
+    on_node(|n| Box::pin(host_namespaces(n))).await
+}
+
+async fn host_namespaces(n: &mut Node) -> Result<Vec<String>> {
+    type Set = fn(&mut NamespaceOption);
+    let cases: [(&str, Set); 3] = [
+        ("hostNetwork", |o| o.network = NamespaceMode::Node as i32),
+        ("hostPID", |o| o.pid = NamespaceMode::Node as i32),
+        ("hostIPC", |o| o.ipc = NamespaceMode::Node as i32),
+    ];
+    for (i, (option, set)) in cases.iter().enumerate() {
+        let mut config = n.pod_config(&format!("host{i}"));
+        set(namespaces(&mut config));
+        // runc runs such a pod: the request is a valid one.
+        let pod = n.run_pod("runc", &config).await?;
+        n.remove_pod(&pod).await?;
+
+        let refused = n
+            .cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: "veil".into(),
+            })
+            .await;
+        let status = match refused {
+            Ok(r) => {
+                let id = r.into_inner().pod_sandbox_id;
+                n.pods.push(id.clone());
+                bail!("veil ran a pod with {option}: {id}");
+            }
+            Err(s) => s,
+        };
+        ensure!(
+            status.message().contains(option) && status.message().contains("not supported"),
+            "the refusal does not name {option}: {}",
+            status.message()
+        );
+        // Nothing was started or kept: no VM, no shim, no pod directory.
+        n.c.wait_clean(&[])?;
+        ensure!(
+            n.c.new_pod_dirs().is_empty(),
+            "pod directories left: {:?}",
+            n.c.new_pod_dirs()
+        );
+    }
+    Ok(Vec::new())
+}
+
+/// What StopContainer and the repeated stops and removes answered.
+#[derive(Debug, PartialEq, Eq)]
+struct StopAnswers {
+    exit_code: i32,
+    reason: String,
+    stop_again: Option<tonic::Code>,
+    remove: Option<tonic::Code>,
+    remove_again: Option<tonic::Code>,
+    stop_removed: Option<tonic::Code>,
+    status_removed: Option<tonic::Code>,
+}
+
+fn code<T>(r: &std::result::Result<T, tonic::Status>) -> Option<tonic::Code> {
+    r.as_ref().err().map(tonic::Status::code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_of_top_and_repeated_stop_and_remove_answer_as_with_runc() -> Result<()> {
+    on_node(|n| Box::pin(stop_and_remove(n))).await
+}
+
+async fn stop_and_remove(n: &mut Node) -> Result<Vec<String>> {
+    // Long enough that a stop which waited for it (and then killed) is told
+    // apart from one that did not.
+    const GRACE: i64 = 30;
+    let mut answers = Vec::new();
+    let mut veil_pods = Vec::new();
+    for handler in HANDLERS {
+        let config = n.pod_config(&format!("stop-{handler}"));
+        let pod = n.run_pod(handler, &config).await?;
+        if handler == "veil" {
+            veil_pods.push(pod.clone());
+        }
+        let id = n
+            .run(&pod, &config, cri::busybox_container("top", &["top"]))
+            .await?;
+        // top is up and has its SIGTERM handler before it is stopped.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while n.exec(&id, "grep -q . /proc/1/status").await?.2 != 0 {
+            ensure!(Instant::now() < deadline, "top did not come up");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        n.cri
+            .stop_container(StopContainerRequest {
+                container_id: id.clone(),
+                timeout: GRACE,
+            })
+            .await
+            .with_context(|| format!("StopContainer of top on {handler}"))?;
+        let took = t.elapsed();
+        ensure!(
+            took < Duration::from_secs(GRACE as u64),
+            "StopContainer of top on {handler} waited the whole grace period ({took:?})"
+        );
+        let st = n
+            .cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .status
+            .context("no status")?;
+        ensure!(
+            st.state == ContainerState::ContainerExited as i32,
+            "{handler}: {st:?}"
+        );
+        let stop = |id: &str| StopContainerRequest {
+            container_id: id.into(),
+            timeout: GRACE,
+        };
+        let stop_again = code(&n.cri.stop_container(stop(&id)).await);
+        let remove = code(
+            &n.cri
+                .remove_container(RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await,
+        );
+        let remove_again = code(
+            &n.cri
+                .remove_container(RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await,
+        );
+        let stop_removed = code(&n.cri.stop_container(stop(&id)).await);
+        let status_removed = code(
+            &n.cri
+                .container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
+                .await,
+        );
+        let a = StopAnswers {
+            exit_code: st.exit_code,
+            reason: st.reason.clone(),
+            stop_again,
+            remove,
+            remove_again,
+            stop_removed,
+            status_removed,
+        };
+        eprintln!("{handler}: stop took {took:?}, {a:?}");
+        answers.push(a);
+        n.remove_pod(&pod).await?;
+    }
+    ensure!(
+        answers[0] == answers[1],
+        "veil answered differently from runc:\nrunc: {:?}\nveil: {:?}",
+        answers[0],
+        answers[1]
+    );
+    // top handles SIGTERM: it was not killed after the grace period.
+    ensure!(answers[1].exit_code != 137, "{:?}", answers[1]);
+    Ok(veil_pods)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_and_net_admin_containers_manage_links_as_with_runc() -> Result<()> {
+    on_node(|n| Box::pin(privileged(n))).await
+}
+
+/// Creates a bridge, a dummy link and a VLAN on it, a veth pair and a tun
+/// device, then lists them.
+const LINKS: &str = "ip link add br0 type bridge && ip link add d0 type dummy \
+    && ip link set d0 master br0 && ip link add link d0 name d0.10 type vlan id 10 \
+    && ip link add v0 type veth peer name v1 && ip tuntap add t0 mode tap \
+    && for l in br0 d0 d0.10 v0 v1 t0; do ip -o link show $l | cut -d: -f2; done";
+
+async fn privileged(n: &mut Node) -> Result<Vec<String>> {
+    let mut veil_pods = Vec::new();
+    let mut listings = Vec::new();
+    let mut caps = Vec::new();
+    for handler in HANDLERS {
+        let mut config = n.pod_config(&format!("priv-{handler}"));
+        config
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default)
+            .privileged = true;
+        let pod = n.run_pod(handler, &config).await?;
+        if handler == "veil" {
+            veil_pods.push(pod.clone());
+        }
+        let privileged = with_security(
+            cri::busybox_container("privileged", &["sleep", "1000"]),
+            |s| s.privileged = true,
+        );
+        let p = n.run(&pod, &config, privileged).await?;
+        let links = n.exec_ok(&p, LINKS).await?;
+        listings.push(links);
+
+        // The devices it sees are the kernel's it runs on: every block
+        // device of its sysfs has its node.
+        let missing = n
+            .exec_ok(
+                &p,
+                "for b in /sys/block/*; do [ -b /dev/${b##*/} ] || echo ${b##*/}; done",
+            )
+            .await?;
+        ensure!(
+            missing.trim().is_empty(),
+            "{handler}: block devices without a node in /dev: {missing}"
+        );
+        caps.push(n.exec_ok(&p, "grep CapEff /proc/self/status").await?);
+        let has_kvm = n.exec(&p, "[ -c /dev/kvm ]").await?.2 == 0;
+        // The host has /dev/kvm (tests run QEMU); the guest has no KVM.
+        ensure!(
+            has_kvm == (handler == "runc"),
+            "{handler}: /dev/kvm in the privileged container: {has_kvm}"
+        );
+
+        // An added NET_ADMIN is enough for a bridge; without it, refused.
+        let admin = with_security(
+            cri::busybox_container("netadmin", &["sleep", "1000"]),
+            |s| {
+                s.capabilities = Some(Capability {
+                    add_capabilities: vec!["NET_ADMIN".into()],
+                    ..Default::default()
+                })
+            },
+        );
+        let a = n.run(&pod, &config, admin).await?;
+        n.exec_ok(&a, "ip link add br1 type bridge && ip link show br1")
+            .await?;
+        let plain = n
+            .run(
+                &pod,
+                &config,
+                cri::busybox_container("plain", &["sleep", "1000"]),
+            )
+            .await?;
+        let (out, err, code) = n.exec(&plain, "ip link add br2 type bridge").await?;
+        ensure!(
+            code != 0 && err.contains("Operation not permitted"),
+            "{handler}: a container without NET_ADMIN made a bridge: {code} {out:?} {err:?}"
+        );
+        n.remove_pod(&pod).await?;
+    }
+    // Every capability, as runc gives.
+    ensure!(caps[0] == caps[1], "capabilities differ: {caps:?}");
+    ensure!(
+        listings[0].split_whitespace().collect::<Vec<_>>()
+            == listings[1].split_whitespace().collect::<Vec<_>>(),
+        "links differ:\nrunc: {}\nveil: {}",
+        listings[0],
+        listings[1]
+    );
+    Ok(veil_pods)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_pid_namespace_and_sysctls_as_with_runc() -> Result<()> {
+    on_node(|n| Box::pin(pid_and_sysctls(n))).await
+}
+
+/// What a container of the pod sees: PID 1's command, the commands of the
+/// other processes, the pod sysctls, the hostname.
+const LOOK: &str = "tr '\\0' ' ' </proc/1/cmdline; echo; \
+    for p in /proc/[0-9]*; do [ -r $p/cmdline ] && tr '\\0' ' ' <$p/cmdline && echo; done | sort -u | grep -E 'sleep|pause' | tr '\\n' ';'; echo; \
+    cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max; hostname";
+
+async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
+    let mut veil_pods = Vec::new();
+    let mut seen = Vec::new();
+    for handler in HANDLERS {
+        for shared in [true, false] {
+            let name = format!("pid-{handler}-{}", if shared { "pod" } else { "ctr" });
+            let mut config = n.pod_config(&name);
+            let pid_mode = if shared {
+                NamespaceMode::Pod
+            } else {
+                NamespaceMode::Container
+            };
+            namespaces(&mut config).pid = pid_mode as i32;
+            let linux = config.linux.get_or_insert_with(Default::default);
+            linux
+                .sysctls
+                .insert("kernel.shm_rmid_forced".into(), "1".into());
+            linux.sysctls.insert("fs.mqueue.msg_max".into(), "37".into());
+            let pod = n.run_pod(handler, &config).await?;
+            if handler == "veil" {
+                veil_pods.push(pod.clone());
+            }
+            let mode = NamespaceOption {
+                network: NamespaceMode::Pod as i32,
+                pid: pid_mode as i32,
+                ipc: NamespaceMode::Pod as i32,
+                ..Default::default()
+            };
+            let mut ids = Vec::new();
+            for (c, secs) in [("one", "1001"), ("two", "1002")] {
+                let cfg = with_security(cri::busybox_container(c, &["sleep", secs]), |s| {
+                    s.namespace_options = Some(mode.clone())
+                });
+                ids.push(n.run(&pod, &config, cfg).await?);
+            }
+            let mut views = Vec::new();
+            for id in &ids {
+                views.push(n.exec_ok(id, LOOK).await?);
+            }
+            eprintln!("{handler} shared={shared}: {views:?}");
+            seen.push(views);
+            n.remove_pod(&pod).await?;
+        }
+    }
+    // runc: [pod views, container views], then veil's.
+    ensure!(
+        seen[0] == seen[2] && seen[1] == seen[3],
+        "veil's containers see something else than runc's:\nrunc {:?}\nveil {:?}",
+        &seen[..2],
+        &seen[2..]
+    );
+    // And what runc's see is what the feature means.
+    let pod_view = &seen[2][0];
+    ensure!(
+        pod_view.starts_with("/pause") && pod_view.contains("sleep 1001") && pod_view.contains("sleep 1002"),
+        "shared PID namespace: {pod_view}"
+    );
+    let own_view = &seen[3][1];
+    ensure!(
+        own_view.starts_with("sleep 1002") && !own_view.contains("sleep 1001") && !own_view.contains("pause"),
+        "own PID namespace: {own_view}"
+    );
+    ensure!(
+        own_view.contains("\n1\n37\n"),
+        "pod sysctls not visible: {own_view}"
+    );
+    Ok(veil_pods)
+}
