@@ -186,7 +186,11 @@ impl HostSpec {
     /// `linux.namespaces`). A spec without a namespace list (not written by
     /// containerd) is not judged.
     pub fn check_namespaces(&self) -> Result<(), SpecError> {
-        let Some(nss) = self.0.pointer("/linux/namespaces").and_then(Value::as_array) else {
+        let Some(nss) = self
+            .0
+            .pointer("/linux/namespaces")
+            .and_then(Value::as_array)
+        else {
             return Ok(());
         };
         let has = |t: &str| {
@@ -427,7 +431,10 @@ mod tests {
         // The pause container's IPC and UTS namespaces become the pod
         // sandbox container's in the guest; the PID namespace is the
         // container's own (no path).
-        assert_eq!(paths, [None, Some("sandbox:ipc"), Some("sandbox:uts"), None]);
+        assert_eq!(
+            paths,
+            [None, Some("sandbox:ipc"), Some("sandbox:uts"), None]
+        );
         assert!(v["linux"].get("cgroupsPath").is_none());
         assert!(v["annotations"].get(GUEST_DEVICES_ANNOTATION).is_none());
     }

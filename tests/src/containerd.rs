@@ -1,8 +1,8 @@
 //! A private containerd for end-to-end tests: its own root, state, sockets and
 //! config (CRI plugin with the overlayfs snapshotter, the `veil` and
 //! `veil-sim` handlers mapped to `io.containerd.veil.v2`, `runc` for
-//! baselines, a pause image built offline, Debian's CNI `loopback` plugin as
-//! the pod network), started by the test and stopped by PID.
+//! baselines, a pause image built offline, a pod network that stays inside
+//! each pod's network namespace), started by the test and stopped by PID.
 //!
 //! [`Containerd`] owns it all: dropping it (also while a failing test
 //! unwinds) stops containerd, then the shims it started (found by their
@@ -58,9 +58,12 @@ fn list_netns() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The CNI setup of the private containerd: Debian's `loopback` plugin as
-/// the only network, so every pod gets a network namespace of its own (with
-/// only `lo`: nothing reaches outside) without touching the node's network.
+/// The CNI setup of the private containerd: every pod gets a network
+/// namespace of its own with an `eth0` holding a test address (one end of a
+/// veth pair whose other end stays in the pod too;
+/// `support/cni-dummy.sh`: CRI requires a pod IP) and `lo` (Debian's
+/// `loopback` plugin). Nothing reaches outside the pod and the node's
+/// network is not touched.
 fn install_cni(dir: &Path) -> Result<()> {
     let bin = dir.join("cni/bin");
     let conf = dir.join("cni/conf");
@@ -74,9 +77,13 @@ fn install_cni(dir: &Path) -> Result<()> {
         );
     }
     std::os::unix::fs::symlink(&loopback, bin.join("loopback"))?;
+    std::os::unix::fs::symlink(
+        crate::workspace_root().join("tests/support/cni-dummy.sh"),
+        bin.join("veil-test-dummy"),
+    )?;
     fs::write(
         conf.join("10-veil-test.conflist"),
-        r#"{"cniVersion": "0.4.0", "name": "veil-test-lo", "plugins": [{"type": "loopback"}]}"#,
+        r#"{"cniVersion": "0.4.0", "name": "veil-test", "plugins": [{"type": "veil-test-dummy"}, {"type": "loopback"}]}"#,
     )?;
     Ok(())
 }
@@ -153,6 +160,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
+  # Pods get no lower OOM score than containerd's own: where the tests run,
+  # lowering it may be denied even to root (runc then cannot start a pod).
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"

@@ -30,7 +30,7 @@ pub async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
 
 /// A pod sandbox config: `name`/`uid` in namespace `default`, `hostname`,
 /// container logs under `log_directory`, a network namespace of the pod's
-/// own (the test containerd's CNI gives it only `lo`), a PID namespace per
+/// own (the test containerd's CNI gives it an `eth0` and `lo`), a PID namespace per
 /// container, a shared IPC namespace.
 pub fn pod_config(name: &str, uid: &str, hostname: &str, log_directory: &str) -> PodSandboxConfig {
     PodSandboxConfig {

@@ -37,7 +37,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
     let logs = logs.display().to_string();
     let mut cri = veil_tests::cri::client(c).await?;
 
-    // The pod has a network namespace of its own (loopback CNI).
+    // The pod has a network namespace of its own (the test CNI's).
     let pod_config = veil_tests::cri::pod_config("veil-pod", "uid-1", "veilpod", &logs);
     let pod = cri
         .run_pod_sandbox(RunPodSandboxRequest {

@@ -158,7 +158,9 @@ pub fn plan_init(
             .and_then(|p| p.to_str())
             .and_then(|p| p.strip_prefix(SANDBOX_NAMESPACE_PREFIX));
         if let Some(name) = pod_ns {
-            if name != kind.proc_name() || !matches!(kind, Namespace::Pid | Namespace::Ipc | Namespace::Uts) {
+            if name != kind.proc_name()
+                || !matches!(kind, Namespace::Pid | Namespace::Ipc | Namespace::Uts)
+            {
                 return Err(invalid(format!(
                     "namespace path {SANDBOX_NAMESPACE_PREFIX}{name} for a {} namespace (the pod's pid, ipc and uts namespaces can be joined)",
                     kind.proc_name()
@@ -491,7 +493,8 @@ mod tests {
             None
         }
         fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf> {
-            (kind != Namespace::Uts).then(|| PathBuf::from(format!("/proc/7/ns/{}", kind.proc_name())))
+            (kind != Namespace::Uts)
+                .then(|| PathBuf::from(format!("/proc/7/ns/{}", kind.proc_name())))
         }
         fn guest_devices(&self) -> Vec<DevicePlan> {
             vec![DevicePlan {
@@ -560,14 +563,22 @@ mod tests {
             let text = String::from_utf8(spec("")).unwrap().replace(from, to);
             parse_spec(text.as_bytes()).unwrap()
         };
-        let s = swap(r#"{"type":"uts"}"#, r#"{"type":"uts","path":"sandbox:uts"}"#);
+        let s = swap(
+            r#"{"type":"uts"}"#,
+            r#"{"type":"uts","path":"sandbox:uts"}"#,
+        );
         let e = plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err();
         assert_eq!(e.kind(), Kind::FailedPrecondition);
         assert!(e.to_string().contains("uts"), "{e}");
         // The prefix names the kind it is used for.
-        let s = swap(r#"{"type":"pid"}"#, r#"{"type":"pid","path":"sandbox:ipc"}"#);
+        let s = swap(
+            r#"{"type":"pid"}"#,
+            r#"{"type":"pid","path":"sandbox:ipc"}"#,
+        );
         assert_eq!(
-            plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(),
+            plan_init(&s, Path::new("/r"), None, &Ctx)
+                .unwrap_err()
+                .kind(),
             Kind::InvalidArgument
         );
     }
@@ -582,7 +593,9 @@ mod tests {
         assert_eq!(init.devices[0].path, PathBuf::from("/dev/vda"));
         let s = parse_spec(&spec(r#","annotations":{"io.veil.guest-devices":"some"}"#)).unwrap();
         assert_eq!(
-            plan_init(&s, Path::new("/r"), None, &Ctx).unwrap_err().kind(),
+            plan_init(&s, Path::new("/r"), None, &Ctx)
+                .unwrap_err()
+                .kind(),
             Kind::InvalidArgument
         );
     }
