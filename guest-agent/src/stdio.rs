@@ -391,15 +391,25 @@ impl Attachment {
                     }
                 };
                 let (conn_r, conn_w) = tokio::io::split(conn);
-                tokio::spawn(async move {
+                // Once the terminal's output ended (no process holds it any
+                // more), its input is over too: the connection is closed
+                // entirely. A half-closed connection is not enough: the
+                // hybrid vsock backend does not pass a one-way shutdown on, so
+                // the shim would never see the output end.
+                let output_ended = Arc::new(Notify::new());
+                let input_stop = Arc::clone(&output_ended);
+                let input = tokio::spawn(async move {
                     if let Ok(master) = FdStream::new(write_fd) {
-                        copy_stdin(conn_r, master, Arc::new(Notify::new())).await;
+                        copy_stdin(conn_r, master, input_stop).await;
                     }
                 });
                 tokio::spawn(async move {
                     if let Ok(master) = FdStream::new(fd) {
                         copy_output(master, conn_w).await;
                     }
+                    output_ended.notify_one();
+                    // Both halves gone: the connection closes.
+                    let _ = input.await;
                     io.output_done();
                 });
             }
