@@ -526,7 +526,8 @@ async fn pod_pid_namespace_and_sysctls_as_with_runc() -> Result<()> {
 /// What a container of the pod sees: PID 1's command, the commands of the
 /// other processes, the pod sysctls, the hostname.
 const LOOK: &str = "tr '\\0' ' ' </proc/1/cmdline; echo; \
-    for p in /proc/[0-9]*; do [ -r $p/cmdline ] && tr '\\0' ' ' <$p/cmdline && echo; done | sort -u | grep -E 'sleep|pause' | tr '\\n' ';'; echo; \
+    for p in /proc/[0-9]*; do [ -r $p/cmdline ] && tr '\\0' ' ' <$p/cmdline && echo; done \
+    | grep -E '^(sleep [0-9]+|/pause) $' | sort | tr '\\n' ';'; echo; \
     cat /proc/sys/kernel/shm_rmid_forced /proc/sys/fs/mqueue/msg_max; hostname";
 
 async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
@@ -536,6 +537,7 @@ async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
         for shared in [true, false] {
             let name = format!("pid-{handler}-{}", if shared { "pod" } else { "ctr" });
             let mut config = n.pod_config(&name);
+            config.hostname = "podhost".into();
             let pid_mode = if shared {
                 NamespaceMode::Pod
             } else {
@@ -582,24 +584,21 @@ async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
         &seen[..2],
         &seen[2..]
     );
-    // And what runc's see is what the feature means.
-    let pod_view = &seen[2][0];
+    // And what they see is what the feature means: with pod sharing, pause
+    // is PID 1 and both containers' processes are there; without, a
+    // container's command is PID 1 and it sees only its own. The pod's IPC
+    // sysctls and hostname are there either way.
+    let pod_view = "/pause \n/pause ;sleep 1001 ;sleep 1002 ;\n1\n37\npodhost\n";
     ensure!(
-        pod_view.starts_with("/pause")
-            && pod_view.contains("sleep 1001")
-            && pod_view.contains("sleep 1002"),
-        "shared PID namespace: {pod_view}"
+        seen[2] == [pod_view, pod_view],
+        "shared PID namespace: {:?}",
+        seen[2]
     );
-    let own_view = &seen[3][1];
+    let own = |n: &str| format!("sleep {n} \nsleep {n} ;\n1\n37\npodhost\n");
     ensure!(
-        own_view.starts_with("sleep 1002")
-            && !own_view.contains("sleep 1001")
-            && !own_view.contains("pause"),
-        "own PID namespace: {own_view}"
-    );
-    ensure!(
-        own_view.contains("\n1\n37\n"),
-        "pod sysctls not visible: {own_view}"
+        seen[3] == [own("1001"), own("1002")],
+        "own PID namespaces: {:?}",
+        seen[3]
     );
     Ok(veil_pods)
 }
