@@ -419,16 +419,16 @@ async fn privileged_and_net_admin_containers_manage_links_as_with_runc() -> Resu
 }
 
 /// Creates a bridge, a veth pair with one end on the bridge, a macvlan on
-/// the other end and a tap device, then lists them. (VLANs: see
-/// [`VLAN`].)
-const LINKS: &str = "ip link add br0 type bridge && ip link add v0 type veth peer name v1 \
-    && ip link set v0 master br0 && ip link add m0 link v1 type macvlan \
-    && ip tuntap add t0 mode tap \
-    && for l in br0 v0 v1 m0 t0; do ip -o link show $l | cut -d: -f2; done";
+/// the other end and a tap device (`tunctl`), then lists them. (busybox `ip` names a
+/// veth peer itself: `veth0`. VLANs: see [`VLAN`].)
+const LINKS: &str = "ip link add br0 type bridge && ip link add v0 type veth \
+    && ip link set v0 master br0 && ip link add m0 link veth0 type macvlan \
+    && tunctl -t t0 >/dev/null \
+    && for l in br0 v0 veth0 m0 t0; do ip -o link show $l | cut -d: -f2; done";
 
 /// An 802.1Q VLAN on the veth end: the guest kernel has it; the kernel of
 /// the machine the tests run on may not (runc's result is not compared).
-const VLAN: &str = "ip link add link v1 name v1.10 type vlan id 10 && ip -o link show v1.10";
+const VLAN: &str = "ip link add link veth0 name veth0.10 type vlan id 10 && ip -o link show veth0.10";
 
 async fn privileged(n: &mut Node) -> Result<Vec<String>> {
     let mut veil_pods = Vec::new();
