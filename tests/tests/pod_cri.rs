@@ -230,17 +230,12 @@ async fn host_namespaces(n: &mut Node) -> Result<Vec<String>> {
             // (it shares the node's UTS namespace; runc refuses one).
             config.hostname.clear();
         }
-        // runc runs such a pod: the request is a valid one. (Not for
-        // hostNetwork: runc 1.1.5 of Debian 12 dies creating a pod sandbox
-        // on the node's network under this containerd, "can't get final
-        // child's PID from pipe: EOF"; the refusal below is veil's own.)
-        if *option != "hostNetwork" {
-            let pod = n
-                .run_pod("runc", &config)
-                .await
-                .with_context(|| format!("a runc pod with {option}"))?;
-            n.remove_pod(&pod).await?;
-        }
+        // runc runs such a pod: the request is a valid one.
+        let pod = n
+            .run_pod("runc", &config)
+            .await
+            .with_context(|| format!("a runc pod with {option}"))?;
+        n.remove_pod(&pod).await?;
 
         let refused = n
             .cri
@@ -257,6 +252,7 @@ async fn host_namespaces(n: &mut Node) -> Result<Vec<String>> {
             }
             Err(s) => s,
         };
+        eprintln!("{option}: {}", status.message());
         ensure!(
             status.message().contains(option) && status.message().contains("not supported"),
             "the refusal does not name {option}: {}",
@@ -428,7 +424,8 @@ const LINKS: &str = "ip link add br0 type bridge && ip link add v0 type veth \
 
 /// An 802.1Q VLAN on the veth end: the guest kernel has it; the kernel of
 /// the machine the tests run on may not (runc's result is not compared).
-const VLAN: &str = "ip link add link veth0 name veth0.10 type vlan id 10 && ip -o link show veth0.10";
+const VLAN: &str =
+    "ip link add link veth0 name veth0.10 type vlan id 10 && ip -o link show veth0.10";
 
 async fn privileged(n: &mut Node) -> Result<Vec<String>> {
     let mut veil_pods = Vec::new();
