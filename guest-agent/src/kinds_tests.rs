@@ -63,6 +63,8 @@ fn requests_containers_and_stdio() {
         PodError::Storage(StorageError::InUse("s".into())) => FailedPrecondition,
         PodError::Cgroup(CgroupError::NoController("memory")) => FailedPrecondition,
         PodError::Engine(EngineError::Child("x".into())) => Internal,
+        PodError::Engine(EngineError::Program("x: not found".into())) => NotFound,
+        PodError::Plan(PlanError::NoPodNamespace("pid")) => FailedPrecondition,
         PodError::Stdio(StdioError::NoTerminal) => FailedPrecondition,
         PodError::Io { what: "x".into(), source: io() } => Internal,
         ValidationError::HostName { field: "hostname", value: "a b".into() } => InvalidArgument,

@@ -99,7 +99,8 @@ impl Classify for PodError {
             PodError::Storage(e) => e.kind(),
             PodError::Cgroup(e) => e.kind(),
             PodError::Stdio(e) => e.kind(),
-            PodError::Engine(_) | PodError::Io { .. } => Kind::Internal,
+            PodError::Engine(e) => e.kind(),
+            PodError::Io { .. } => Kind::Internal,
         }
     }
 }

@@ -599,3 +599,44 @@ async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
     );
     Ok(veil_pods)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_fails_at_create_as_with_runc() -> Result<()> {
+    on_node(|n| Box::pin(missing_program(n))).await
+}
+
+async fn missing_program(n: &mut Node) -> Result<Vec<String>> {
+    let mut veil_pods = Vec::new();
+    for handler in HANDLERS {
+        let config = n.pod_config(&format!("noprog-{handler}"));
+        let pod = n.run_pod(handler, &config).await?;
+        if handler == "veil" {
+            veil_pods.push(pod.clone());
+        }
+        for prog in ["no-such-program", "/bin/no-such-program"] {
+            let created = n
+                .cri
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(cri::busybox_container("noprog", &[prog])),
+                    sandbox_config: Some(config.clone()),
+                })
+                .await;
+            let status = match created {
+                Ok(r) => bail!(
+                    "{handler}: CreateContainer of {prog} succeeded: {}",
+                    r.into_inner().container_id
+                ),
+                Err(s) => s,
+            };
+            eprintln!("{handler} {prog}: {}", status.message());
+            ensure!(
+                status.message().contains(prog) && status.message().contains("executable file"),
+                "{handler}: the error does not name {prog}: {}",
+                status.message()
+            );
+        }
+        n.remove_pod(&pod).await?;
+    }
+    Ok(veil_pods)
+}

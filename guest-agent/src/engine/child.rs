@@ -213,6 +213,15 @@ fn finish(control: &OwnedFd, req: &SpawnRequest) -> Result<Never, String> {
             ));
         }
     }
+    // The program is looked up now, so that a missing one fails the create
+    // (as runc does) rather than the start.
+    let exec = match security::prepare_exec(process) {
+        Ok(e) => e,
+        Err(e) => {
+            report(control, &ChildMessage::Program(e));
+            std::process::exit(127);
+        }
+    };
     report(control, &ChildMessage::Ready);
     let mut byte = [0u8; 1];
     loop {
@@ -228,7 +237,6 @@ fn finish(control: &OwnedFd, req: &SpawnRequest) -> Result<Never, String> {
     unsafe {
         libc::fcntl(control.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
     }
-    let exec = security::prepare_exec(process)?;
     security::apply(process, req.seccomp.as_ref())?;
     exec.exec()
 }

@@ -45,6 +45,8 @@ use nix::sys::socket::{
 pub use child::helper_main;
 use wire::{ChildMessage, SpawnRequest, MAX_MESSAGE};
 
+use crate::status::{Classify, Kind};
+
 /// The argument that makes `veil-agent` run as the engine helper.
 pub const HELPER_ARG: &str = "__spawn";
 
@@ -63,12 +65,28 @@ pub enum EngineError {
     /// The container process reported a failure.
     #[error("container setup failed: {0}")]
     Child(String),
+    /// The program to run cannot be found or run.
+    #[error("{0}")]
+    Program(String),
     /// The helper or container process ended without saying why.
     #[error("container helper ended before reporting {0}")]
     Vanished(&'static str),
     /// The agent's own executable cannot be found.
     #[error("cannot find the agent executable")]
     SelfExe(#[source] io::Error),
+}
+
+impl Classify for EngineError {
+    fn kind(&self) -> Kind {
+        match self {
+            EngineError::Program(_) => Kind::NotFound,
+            EngineError::Io(_)
+            | EngineError::Encode(_)
+            | EngineError::Child(_)
+            | EngineError::Vanished(_)
+            | EngineError::SelfExe(_) => Kind::Internal,
+        }
+    }
 }
 
 /// The stdio a new process gets.
@@ -100,6 +118,7 @@ impl Created {
         match read_message(&self.control)? {
             None => Ok(()),
             Some(ChildMessage::Error(e)) => Err(EngineError::Child(e)),
+            Some(ChildMessage::Program(e)) => Err(EngineError::Program(e)),
             Some(_) => Err(EngineError::Vanished("exec")),
         }
     }
@@ -176,6 +195,10 @@ pub fn create_with(
             Ok(Some(ChildMessage::Error(e))) => {
                 kill_quietly(pid);
                 return Err(EngineError::Child(e));
+            }
+            Ok(Some(ChildMessage::Program(e))) => {
+                kill_quietly(pid);
+                return Err(EngineError::Program(e));
             }
             Ok(None) => {
                 kill_quietly(pid);

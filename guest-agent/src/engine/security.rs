@@ -26,6 +26,12 @@ pub(super) fn prepare_exec(p: &Process) -> Result<Exec, String> {
     let prog = args.first().ok_or("process.args is empty")?;
     let env = p.env().clone().unwrap_or_default();
     let path = if prog.contains('/') {
+        if !is_executable(Path::new(prog)) {
+            return Err(format!(
+                "{prog}: no such executable file in the container (cwd {})",
+                p.cwd().display()
+            ));
+        }
         prog.clone()
     } else {
         let search = env
@@ -37,7 +43,7 @@ pub(super) fn prepare_exec(p: &Process) -> Result<Exec, String> {
             .map(|dir| Path::new(dir).join(prog))
             .find(|c| is_executable(c))
             .map(|c| c.to_string_lossy().into_owned())
-            .ok_or_else(|| format!("{prog}: not found in PATH {search}"))?
+            .ok_or_else(|| format!("{prog}: executable file not found in PATH {search}"))?
     };
     let cstr = |s: &str| CString::new(s).map_err(|_| format!("NUL byte in {s:?}"));
     Ok(Exec {

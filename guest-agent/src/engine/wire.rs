@@ -164,4 +164,7 @@ pub enum ChildMessage {
     Ready,
     /// Something failed; the whole error chain.
     Error(String),
+    /// The program (or its working directory) cannot be found or run, found
+    /// before the process reports ready: the create fails, as with runc.
+    Program(String),
 }
