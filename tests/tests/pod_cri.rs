@@ -601,8 +601,44 @@ async fn pid_and_sysctls(n: &mut Node) -> Result<Vec<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_program_fails_at_create_as_with_runc() -> Result<()> {
+async fn a_missing_program_fails_in_the_task_create_naming_it_as_with_runc() -> Result<()> {
     on_node(|n| Box::pin(missing_program(n))).await
+}
+
+/// Where creating and starting a container of a missing program failed,
+/// and the message.
+async fn create_and_start(
+    n: &mut Node,
+    pod: &str,
+    config: &PodSandboxConfig,
+    prog: &str,
+) -> Result<(&'static str, String)> {
+    let created = n
+        .cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(cri::busybox_container("noprog", &[prog])),
+            sandbox_config: Some(config.clone()),
+        })
+        .await;
+    let id = match created {
+        Ok(r) => r.into_inner().container_id,
+        Err(s) => return Ok(("create", s.message().to_string())),
+    };
+    let started = n
+        .cri
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await;
+    n.cri
+        .remove_container(RemoveContainerRequest { container_id: id })
+        .await
+        .context("RemoveContainer")?;
+    match started {
+        Ok(_) => bail!("{prog} started"),
+        Err(s) => Ok(("start", s.message().to_string())),
+    }
 }
 
 async fn missing_program(n: &mut Node) -> Result<Vec<String>> {
@@ -614,27 +650,24 @@ async fn missing_program(n: &mut Node) -> Result<Vec<String>> {
             veil_pods.push(pod.clone());
         }
         for prog in ["no-such-program", "/bin/no-such-program"] {
-            let created = n
-                .cri
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(cri::busybox_container("noprog", &[prog])),
-                    sandbox_config: Some(config.clone()),
-                })
-                .await;
-            let status = match created {
-                Ok(r) => bail!(
-                    "{handler}: CreateContainer of {prog} succeeded: {}",
-                    r.into_inner().container_id
-                ),
-                Err(s) => s,
-            };
-            eprintln!("{handler} {prog}: {}", status.message());
+            let (step, message) = create_and_start(n, &pod, &config, prog).await?;
+            eprintln!("{handler} {prog}: fails at {step}: {message}");
             ensure!(
-                status.message().contains(prog) && status.message().contains("executable file"),
-                "{handler}: the error does not name {prog}: {}",
-                status.message()
+                message.contains(prog),
+                "{handler}: the error does not name {prog}: {message}"
             );
+            // containerd's CRI makes the task (the runtime's create) at
+            // StartContainer: runc fails there in `runc create`, veil in the
+            // task Create, when the agent looks the program up before the
+            // container reports ready (not later, at its start).
+            ensure!(step == "start", "{handler}: {prog} failed at {step}");
+            if handler == "veil" {
+                ensure!(
+                    message.contains("agent CreateContainer failed")
+                        && message.contains("executable file"),
+                    "veil: {prog} did not fail in the task create: {message}"
+                );
+            }
         }
         n.remove_pod(&pod).await?;
     }
