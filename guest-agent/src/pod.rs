@@ -640,7 +640,10 @@ impl Pod {
         let spec = plan::parse_process(&req.process)?;
         let terminal = spec.terminal().unwrap_or(false);
         let want = req.stdio.as_ref().cloned().unwrap_or_default();
-        let (fds, io) = stdio::prepare(&want, terminal)?;
+        // The terminal of an exec'd process is a /dev/pts/N of the
+        // container's own devpts, as runc makes it.
+        let ptmx = c.init.state().pid().map(engine::pty::container_ptmx);
+        let (fds, io) = stdio::prepare_in(&want, terminal, ptmx.as_deref())?;
         let exec = Exec {
             process: Process::new(&req.exec_id, fds, io),
             spec: std::sync::Mutex::new(Some(spec)),

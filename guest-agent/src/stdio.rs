@@ -91,12 +91,33 @@ pub struct ProcessIo {
 
 /// Makes the stdio for a new process: the fds it gets and the agent's side.
 pub fn prepare(want: &Stdio, terminal: bool) -> Result<(ProcessFds, Arc<ProcessIo>), StdioError> {
+    prepare_in(want, terminal, None)
+}
+
+/// [`prepare`], with a terminal made on the devpts `ptmx` given (a
+/// container's own, [`crate::engine::pty`]) when there is one, else in the
+/// agent's devpts.
+pub fn prepare_in(
+    want: &Stdio,
+    terminal: bool,
+    ptmx: Option<&std::path::Path>,
+) -> Result<(ProcessFds, Arc<ProcessIo>), StdioError> {
     let mut slots = Slots::default();
     let mut pending = 0;
     let fds;
     let mut pty_master = None;
     if terminal {
-        let pty = openpty(None, None).map_err(|e| StdioError::Create(e.into()))?;
+        let in_container = ptmx.and_then(|p| match crate::engine::pty::open_in(p) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::info!(ptmx = %p.display(), error = %e, "no terminal in the container's devpts; using the agent's");
+                None
+            }
+        });
+        let pty = match in_container {
+            Some((master, slave)) => nix::pty::OpenptyResult { master, slave },
+            None => openpty(None, None).map_err(|e| StdioError::Create(e.into()))?,
+        };
         let slave = pty.slave;
         fds = ProcessFds {
             stdin: slave.try_clone().map_err(StdioError::Create)?,

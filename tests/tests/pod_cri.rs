@@ -673,3 +673,71 @@ async fn missing_program(n: &mut Node) -> Result<Vec<String>> {
     }
     Ok(veil_pods)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_with_a_terminal_names_a_dev_pts_device_as_with_runc() -> Result<()> {
+    on_node(|n| Box::pin(exec_tty(n))).await
+}
+
+/// `ctr task exec -t` in container `id`, on a terminal that `script` gives
+/// it: the raw bytes the terminal showed.
+fn ctr_exec_tty(n: &Node, id: &str, exec_id: &str, cmd: &str) -> Result<Vec<u8>> {
+    let line = format!(
+        "ctr --address {} --namespace k8s.io task exec -t --exec-id {exec_id} {id} {cmd}",
+        n.c.socket.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running script (util-linux)")?;
+    ensure!(
+        out.status.success(),
+        "{line}: {}",
+        veil_tests::containerd::output_text(&out)
+    );
+    Ok(out.stdout)
+}
+
+async fn exec_tty(n: &mut Node) -> Result<Vec<String>> {
+    let mut veil_pods = Vec::new();
+    let mut seen = Vec::new();
+    for handler in HANDLERS {
+        let config = n.pod_config(&format!("tty-{handler}"));
+        let pod = n.run_pod(handler, &config).await?;
+        if handler == "veil" {
+            veil_pods.push(pod.clone());
+        }
+        let id = n
+            .run(
+                &pod,
+                &config,
+                cri::busybox_container("sleeper", &["sleep", "1000"]),
+            )
+            .await?;
+        let shown = ctr_exec_tty(n, &id, "tty1", "tty")?;
+        // The first line is the program's (ctr may add its own complaints
+        // after it, such as a resize of a pty whose process already ended).
+        let out: Vec<u8> = shown
+            .split(|b| *b == b'\n')
+            .next()
+            .unwrap_or_default()
+            .to_vec();
+        eprintln!("{handler}: {:?}", String::from_utf8_lossy(&out));
+        ensure!(
+            // Nothing before the name, not even a NUL byte.
+            out.starts_with(b"/dev/pts/"),
+            "{handler}: tty in exec -t printed {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        seen.push(out);
+        n.remove_pod(&pod).await?;
+    }
+    ensure!(
+        seen[0] == seen[1],
+        "the terminal showed something else: runc {:?}, veil {:?}",
+        String::from_utf8_lossy(&seen[0]),
+        String::from_utf8_lossy(&seen[1])
+    );
+    Ok(veil_pods)
+}

@@ -18,11 +18,13 @@
 //! agent, so a bad spec fails before anything forks), [`wire`] (the messages),
 //! `child` (the helper and the container process side), `rootfs` (mounts and
 //! `pivot_root`), `security` (user, capabilities, rlimits, seccomp),
-//! [`devices`] (the guest's device nodes, for privileged containers).
+//! [`devices`] (the guest's device nodes, for privileged containers), [`pty`]
+//! (terminals in a container's own devpts).
 
 mod child;
 pub mod devices;
 pub mod plan;
+pub mod pty;
 pub mod rootfs;
 mod security;
 pub mod wire;
