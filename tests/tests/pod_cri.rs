@@ -716,19 +716,26 @@ async fn exec_tty(n: &mut Node) -> Result<Vec<String>> {
             )
             .await?;
         let shown = ctr_exec_tty(n, &id, "tty1", "tty")?;
-        // The first line is the program's (ctr may add its own complaints
-        // after it, such as a resize of a pty whose process already ended).
-        let out: Vec<u8> = shown
-            .split(|b| *b == b'\n')
-            .next()
-            .unwrap_or_default()
-            .to_vec();
-        eprintln!("{handler}: {:?}", String::from_utf8_lossy(&out));
+        eprintln!("{handler}: {:?}", String::from_utf8_lossy(&shown));
+        // No NUL byte in what the terminal showed.
         ensure!(
-            // Nothing before the name, not even a NUL byte.
-            out.starts_with(b"/dev/pts/"),
-            "{handler}: tty in exec -t printed {:?}",
-            String::from_utf8_lossy(&out)
+            !shown.contains(&0),
+            "{handler}: a NUL byte in the terminal output: {shown:?}"
+        );
+        // The program's line: ctr may add its own complaints after it (a
+        // resize of a pty whose process already ended), and the terminal
+        // echoes what ctr wrote to its input before it (a NUL ctr sends
+        // shows as "^@" when it reaches the terminal before the program
+        // ends, which on veil it does: the terminal's input is attached
+        // before the start).
+        let text = String::from_utf8_lossy(&shown).into_owned();
+        let out = text
+            .split(['\r', '\n'])
+            .find_map(|l| l.find("/dev/").map(|i| l[i..].to_string()))
+            .unwrap_or_default();
+        ensure!(
+            out.starts_with("/dev/pts/"),
+            "{handler}: tty in exec -t printed {text:?}"
         );
         seen.push(out);
         n.remove_pod(&pod).await?;
@@ -736,8 +743,8 @@ async fn exec_tty(n: &mut Node) -> Result<Vec<String>> {
     ensure!(
         seen[0] == seen[1],
         "the terminal showed something else: runc {:?}, veil {:?}",
-        String::from_utf8_lossy(&seen[0]),
-        String::from_utf8_lossy(&seen[1])
+        seen[0],
+        seen[1]
     );
     Ok(veil_pods)
 }
