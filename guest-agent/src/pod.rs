@@ -218,6 +218,14 @@ impl plan::Context for PlanCtx<'_> {
     fn guest_devices(&self) -> Vec<engine::wire::DevicePlan> {
         engine::devices::guest_devices(Path::new("/dev"))
     }
+
+    fn share_bind_source(
+        &self,
+        source: &Path,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        engine::propagation::ensure_shared(source)
+            .map_err(|e| format!("making {} a shared mount: {e}", source.display()).into())
+    }
 }
 
 impl Pod {

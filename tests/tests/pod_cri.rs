@@ -199,6 +199,16 @@ fn namespaces(config: &mut PodSandboxConfig) -> &mut NamespaceOption {
         .get_or_insert_with(Default::default)
 }
 
+/// A pod whose containers may be privileged.
+fn make_privileged(config: &mut PodSandboxConfig) {
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .privileged = true;
+}
+
 fn with_security(
     mut config: ContainerConfig,
     f: impl FnOnce(&mut LinuxContainerSecurityContext),
@@ -433,12 +443,7 @@ async fn privileged(n: &mut Node) -> Result<Vec<String>> {
     let mut caps = Vec::new();
     for handler in HANDLERS {
         let mut config = n.pod_config(&format!("priv-{handler}"));
-        config
-            .linux
-            .get_or_insert_with(Default::default)
-            .security_context
-            .get_or_insert_with(Default::default)
-            .privileged = true;
+        make_privileged(&mut config);
         let pod = n.run_pod(handler, &config).await?;
         if handler == "veil" {
             veil_pods.push(pod.clone());
@@ -745,6 +750,130 @@ async fn exec_tty(n: &mut Node) -> Result<Vec<String>> {
         "the terminal showed something else: runc {:?}, veil {:?}",
         seen[0],
         seen[1]
+    );
+    Ok(veil_pods)
+}
+
+/// A host directory made a shared mount point (a bind onto itself) for the
+/// length of a test, as kubelet's volume directories are on a node; unmounted
+/// with everything below it when dropped.
+struct SharedDir(std::path::PathBuf);
+
+impl SharedDir {
+    fn new(path: std::path::PathBuf) -> Result<Self> {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(&path)?;
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("binding {}", path.display()))?;
+        let d = SharedDir(path);
+        mount(
+            None::<&str>,
+            &d.0,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .context("making the volume directory shared")?;
+        Ok(d)
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_propagation_modes_start_and_private_stays_private() -> Result<()> {
+    on_node(|n| Box::pin(propagation(n))).await
+}
+
+async fn propagation(n: &mut Node) -> Result<Vec<String>> {
+    use k8s_cri::v1::{Mount, MountPropagation};
+    // emptyDir volumes reach a veil pod through its scratch disk.
+    n.c.configure(&Artefacts::locate()?, &[("veil", "scratch_disk_mib = 32")])?;
+    let mut veil_pods = Vec::new();
+    let mut seen = Vec::new();
+    for handler in HANDLERS {
+        let name = format!("prop-{handler}");
+        let vol = SharedDir::new(n.work.path().join(format!(
+            "kubelet/pods/uid-{name}/volumes/kubernetes.io~empty-dir/vol"
+        )))?;
+        let mut config = n.pod_config(&name);
+        make_privileged(&mut config);
+        let pod = n.run_pod(handler, &config).await?;
+        if handler == "veil" {
+            veil_pods.push(pod.clone());
+        }
+        let mut ids = Vec::new();
+        for (c, prop) in [
+            ("bidirectional", MountPropagation::PropagationBidirectional),
+            (
+                "hosttocontainer",
+                MountPropagation::PropagationHostToContainer,
+            ),
+            ("none", MountPropagation::PropagationPrivate),
+        ] {
+            let cfg = ContainerConfig {
+                mounts: vec![Mount {
+                    container_path: "/vol".into(),
+                    host_path: vol.0.display().to_string(),
+                    propagation: prop as i32,
+                    ..Default::default()
+                }],
+                ..with_security(cri::busybox_container(c, &["sleep", "1000"]), |s| {
+                    s.privileged = c == "bidirectional"
+                })
+            };
+            ids.push(n.run(&pod, &config, cfg).await?);
+        }
+        // The Bidirectional container mounts a tmpfs in the volume after
+        // all three started.
+        n.exec_ok(
+            &ids[0],
+            "mkdir -p /vol/sub && mount -t tmpfs t /vol/sub && echo mounted >/vol/sub/f",
+        )
+        .await?;
+        let mut views = Vec::new();
+        for id in &ids {
+            let (out, _, _) = n
+                .exec(id, "cat /vol/sub/f 2>/dev/null || echo absent")
+                .await?;
+            views.push(out);
+        }
+        eprintln!("{handler}: {views:?}");
+        seen.push(views);
+        n.remove_pod(&pod).await?;
+        drop(vol);
+    }
+    ensure!(
+        seen[0] == ["mounted\n", "mounted\n", "absent\n"],
+        "runc: {:?}",
+        seen[0]
+    );
+    // veil: every propagation mode starts (a Bidirectional container used
+    // to fail: a shared root could not be pivoted), the Bidirectional
+    // container's own mount is there and a None container does not see it.
+    // Not yet as with runc: the HostToContainer container does not receive
+    // it either (its and the Bidirectional container's copies of the shared
+    // volume end up slaves of the agent's; docs/kubernetes.md, "Still
+    // open"). Its view is printed, not asserted.
+    ensure!(
+        seen[1][0] == seen[0][0] && seen[1][2] == seen[0][2],
+        "veil: {:?}, runc: {:?}",
+        seen[1],
+        seen[0]
+    );
+    eprintln!(
+        "HostToContainer: runc {:?}, veil {:?} (known difference)",
+        seen[0][1], seen[1][1]
     );
     Ok(veil_pods)
 }

@@ -30,6 +30,12 @@ impl plan::Context for Ctx {
     fn guest_devices(&self) -> Vec<veil_agent::engine::wire::DevicePlan> {
         Vec::new()
     }
+    fn share_bind_source(
+        &self,
+        _: &Path,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

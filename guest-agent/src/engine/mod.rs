@@ -19,11 +19,13 @@
 //! `child` (the helper and the container process side), `rootfs` (mounts and
 //! `pivot_root`), `security` (user, capabilities, rlimits, seccomp),
 //! [`devices`] (the guest's device nodes, for privileged containers), [`pty`]
-//! (terminals in a container's own devpts).
+//! (terminals in a container's own devpts), [`propagation`] (shared volume
+//! sources for `rshared`/`rslave` binds).
 
 mod child;
 pub mod devices;
 pub mod plan;
+pub mod propagation;
 pub mod pty;
 pub mod rootfs;
 mod security;

@@ -69,6 +69,12 @@ pub trait Context {
     fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf>;
     /// Every device node of the guest, for a container that may use them all.
     fn guest_devices(&self) -> Vec<DevicePlan>;
+    /// Makes a bind source a shared mount, for a bind whose propagation
+    /// (`rshared`, `rslave`) needs one.
+    fn share_bind_source(
+        &self,
+        source: &Path,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// The namespace path prefix naming the pod sandbox container's namespaces
@@ -432,6 +438,14 @@ fn plan_mount(m: &Mount, ctx: &dyn Context) -> Result<MountPlan, PlanError> {
                 destination: dest.clone(),
                 cause,
             })?;
+        if propagation.intersects(MsFlags::MS_SHARED | MsFlags::MS_SLAVE) {
+            ctx.share_bind_source(&source)
+                .map_err(|cause| PlanError::BindSource {
+                    source_name: source_str.clone(),
+                    destination: dest.clone(),
+                    cause,
+                })?;
+        }
         return Ok(MountPlan {
             destination,
             fstype: "bind".into(),
@@ -495,6 +509,12 @@ mod tests {
         fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf> {
             (kind != Namespace::Uts)
                 .then(|| PathBuf::from(format!("/proc/7/ns/{}", kind.proc_name())))
+        }
+        fn share_bind_source(
+            &self,
+            _: &Path,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            Ok(())
         }
         fn guest_devices(&self) -> Vec<DevicePlan> {
             vec![DevicePlan {

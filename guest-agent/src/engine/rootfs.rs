@@ -27,6 +27,24 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
     mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
         .map_err(|e| format!("setting / propagation: {e}"))?;
     let root = &init.rootfs;
+    // pivot_root refuses a shared new root, or one whose parent is shared;
+    // with rshared root propagation every mount is. The rootfs (its overlay)
+    // and the mount holding it are made private, on their own: the mounts
+    // made below keep the propagation they ask for, and `/` gets the root
+    // propagation again after the pivot.
+    let unshare_root = || -> Result<(), String> {
+        mount(
+            None::<&str>,
+            root,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("making the rootfs mount private: {e}"))?;
+        super::propagation::make_parent_private(root)
+            .map_err(|e| format!("making the rootfs's parent mount private: {e}"))
+    };
+    unshare_root()?;
     // pivot_root needs the new root to be a mount point of its own.
     mount(
         Some(root),
@@ -74,6 +92,8 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
         sethostname(h).map_err(|e| format!("sethostname: {e}"))?;
     }
 
+    // Private again right before the pivot (see above).
+    unshare_root()?;
     chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
     match pivot_root(".", ".") {
         Ok(()) => {}
@@ -82,6 +102,7 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
         // (same files, but a mount with a parent) and pivot from there.
         Err(nix::errno::Errno::EINVAL) => {
             leave_initramfs(root)?;
+            unshare_root()?;
             chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
             pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
         }
@@ -98,6 +119,9 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
     .map_err(|e| format!("making the old root a slave: {e}"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
     chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    let own = MsFlags::from_bits_truncate(init.root_propagation) - MsFlags::MS_REC;
+    mount(None::<&str>, "/", None::<&str>, own, None::<&str>)
+        .map_err(|e| format!("setting / propagation after pivot_root: {e}"))?;
 
     for (k, v) in &init.sysctls {
         let path = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
@@ -128,6 +152,19 @@ fn leave_initramfs(root: &Path) -> Result<(), String> {
         .map(|p| p.join("initramfs"))
         .ok_or("rootfs has no parent")?;
     fs::create_dir_all(&holder).map_err(|e| format!("mkdir {}: {e}", holder.display()))?;
+    // A shared mount cannot be moved (rshared root propagation makes them
+    // all shared): the initramfs root and its bind are made private, on
+    // their own only — the mounts below keep the propagation asked for.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the initramfs root private: {e}"))?;
+    super::propagation::make_parent_private(&holder)
+        .map_err(|e| format!("making the mount holding {} private: {e}", holder.display()))?;
     mount(
         Some("/"),
         &holder,
@@ -136,6 +173,14 @@ fn leave_initramfs(root: &Path) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("binding / for pivot_root: {e}"))?;
+    mount(
+        None::<&str>,
+        &holder,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the root bind private: {e}"))?;
     chdir(&holder).map_err(|e| format!("chdir {}: {e}", holder.display()))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| format!("moving the root bind: {e}"))?;
