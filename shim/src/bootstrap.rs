@@ -283,28 +283,14 @@ fn shim_alive(socket: &Path) -> bool {
         return false;
     };
     match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
-        Ok(cred) => {
-            let pid = cred.pid();
-            pid > 0
-                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-                && !is_zombie(pid)
-        }
+        // A running (not zombie) process has a start time.
+        Ok(cred) => u32::try_from(cred.pid())
+            .ok()
+            .and_then(crate::state::start_time)
+            .is_some(),
         // Cannot tell: assume it lives (never clean up under a live shim).
         Err(_) => true,
     }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')').and_then(|(_, rest)| {
-                rest.split_whitespace()
-                    .next()
-                    .map(|st| st == "Z" || st == "X")
-            })
-        })
-        .unwrap_or(false)
 }
 
 /// `delete`: cleans up after a shim that is gone (or never fully started) —

@@ -3,9 +3,10 @@
 
 use anyhow::{Context, Result};
 use k8s_cri::v1::{
-    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata, ImageSpec,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata,
+    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
+    ContainerStatus, ContainerStatusRequest, ImageSpec, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, RunPodSandboxRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -26,6 +27,39 @@ pub async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {
         .await
         .context("connecting to containerd's CRI")?;
     Ok(RuntimeServiceClient::new(channel))
+}
+
+/// Runs a pod sandbox of `config` with runtime `handler`; returns its id.
+pub async fn run_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    handler: &str,
+    config: &PodSandboxConfig,
+) -> Result<String> {
+    Ok(cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox on {handler}"))?
+        .into_inner()
+        .pod_sandbox_id)
+}
+
+/// The CRI status of container `id`.
+pub async fn container_status(
+    cri: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+) -> Result<ContainerStatus> {
+    cri.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .with_context(|| format!("ContainerStatus of {id}"))?
+    .into_inner()
+    .status
+    .with_context(|| format!("no status for {id}"))
 }
 
 /// A pod sandbox config: `name`/`uid` in namespace `default`, `hostname`,

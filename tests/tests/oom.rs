@@ -88,9 +88,8 @@ fn an_oom_killed_container_produces_containerds_oom_event() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
     use k8s_cri::v1::{
-        ContainerState, ContainerStatusRequest, CreateContainerRequest, LinuxContainerConfig,
-        LinuxContainerResources, RemovePodSandboxRequest, RunPodSandboxRequest,
-        StartContainerRequest, StopPodSandboxRequest,
+        ContainerState, CreateContainerRequest, LinuxContainerConfig, LinuxContainerResources,
+        RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
     };
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
@@ -102,15 +101,7 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
     let logs = logs.display().to_string();
     let mut cri = veil_tests::cri::client(&c).await?;
     let pod_config = veil_tests::cri::pod_config("oom-pod", "uid-oom", "oompod", &logs);
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "veil".into(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = veil_tests::cri::run_pod(&mut cri, "veil", &pod_config).await?;
     let result = async {
         let mut config = veil_tests::cri::busybox_container(
             "hog",
@@ -144,15 +135,7 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
         .context("StartContainer")?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let st = cri
-                .container_status(ContainerStatusRequest {
-                    container_id: id.clone(),
-                    verbose: false,
-                })
-                .await?
-                .into_inner()
-                .status
-                .context("no status")?;
+            let st = veil_tests::cri::container_status(&mut cri, &id).await?;
             if st.state == ContainerState::ContainerExited as i32 {
                 if st.reason != "OOMKilled" {
                     bail!(

@@ -59,16 +59,7 @@ impl Node {
     }
 
     async fn run_pod(&mut self, handler: &str, config: &PodSandboxConfig) -> Result<String> {
-        let id = self
-            .cri
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: handler.into(),
-            })
-            .await
-            .with_context(|| format!("RunPodSandbox on {handler}"))?
-            .into_inner()
-            .pod_sandbox_id;
+        let id = cri::run_pod(&mut self.cri, handler, config).await?;
         self.pods.push(id.clone());
         Ok(id)
     }
@@ -353,16 +344,7 @@ async fn stop_and_remove(n: &mut Node) -> Result<Vec<String>> {
                 took < Duration::from_secs(GRACE as u64),
                 "StopContainer of top on {handler} waited the whole grace period ({took:?})"
             );
-            let st = n
-                .cri
-                .container_status(ContainerStatusRequest {
-                    container_id: id.clone(),
-                    verbose: false,
-                })
-                .await?
-                .into_inner()
-                .status
-                .context("no status")?;
+            let st = cri::container_status(&mut n.cri, &id).await?;
             ensure!(
                 st.state == ContainerState::ContainerExited as i32,
                 "{handler}: {st:?}"

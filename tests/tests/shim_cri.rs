@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use k8s_cri::v1::{
-    ContainerState, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    ContainerState, CreateContainerRequest, ExecSyncRequest, RemovePodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use veil_tests::{
     containerd::{processes, Containerd},
@@ -39,15 +38,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
 
     // The pod has a network namespace of its own (the test CNI's).
     let pod_config = veil_tests::cri::pod_config("veil-pod", "uid-1", "veilpod", &logs);
-    let pod = cri
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: "veil".into(),
-        })
-        .await
-        .context("RunPodSandbox")?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = veil_tests::cri::run_pod(&mut cri, "veil", &pod_config).await?;
 
     let mut ids = Vec::new();
     for (name, cmd) in [
@@ -107,16 +98,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
     assert_eq!(exec.exit_code, 4);
 
     for id in &ids {
-        let st = cri
-            .container_status(ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            })
-            .await
-            .context("ContainerStatus")?
-            .into_inner()
-            .status
-            .context("no status")?;
+        let st = veil_tests::cri::container_status(&mut cri, id).await?;
         assert_eq!(st.state, ContainerState::ContainerRunning as i32, "{st:?}");
     }
     // Their output reached the CRI logs.
@@ -139,15 +121,7 @@ async fn scenario(c: &Containerd) -> Result<()> {
         })
         .await
         .context("StopContainer")?;
-        let st = cri
-            .container_status(ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .context("no status")?;
+        let st = veil_tests::cri::container_status(&mut cri, id).await?;
         assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
     }
     cri.stop_pod_sandbox(StopPodSandboxRequest {

@@ -180,15 +180,10 @@ impl Images {
         qmp: &tokio::sync::Mutex<Qmp>,
         agent: &Agent,
     ) -> Result<(), ImageError> {
+        // Held until the guest let go, so an attach of the same image
+        // waits rather than racing the removal.
         let mut attached = self.attached.lock().await;
-        let Some(a) = attached.get_mut(&image.key) else {
-            return Ok(());
-        };
-        a.users = a.users.saturating_sub(1);
-        if a.users > 0 {
-            return Ok(());
-        }
-        let Some(a) = attached.remove(&image.key) else {
+        let Some(a) = last_use(&mut attached, image) else {
             return Ok(());
         };
         let mut req = RemoveStorageRequest::new();
@@ -209,17 +204,7 @@ impl Images {
     /// Drops one use of `image` without the guest (its VM is gone): the
     /// last use releases the pod's reference in the store.
     pub async fn forget(&self, image: &AttachedImage) {
-        let last = {
-            let mut attached = self.attached.lock().await;
-            match attached.get_mut(&image.key) {
-                Some(a) if a.users > 1 => {
-                    a.users -= 1;
-                    false
-                }
-                Some(_) => attached.remove(&image.key).is_some(),
-                None => false,
-            }
-        };
+        let last = last_use(&mut *self.attached.lock().await, image).is_some();
         if last {
             self.release(&image.key).await;
         }
@@ -249,4 +234,15 @@ impl Images {
             Err(e) => tracing::warn!(error = %e, "image release task failed"),
         }
     }
+}
+
+/// Drops one use of `image`; the last one takes it out of the attached set
+/// and returns it.
+fn last_use(attached: &mut BTreeMap<String, Attached>, image: &AttachedImage) -> Option<Attached> {
+    let a = attached.get_mut(&image.key)?;
+    a.users = a.users.saturating_sub(1);
+    if a.users > 0 {
+        return None;
+    }
+    attached.remove(&image.key)
 }

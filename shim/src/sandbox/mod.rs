@@ -39,7 +39,7 @@ use crate::{
     phases::Phases,
     pod::{
         AttachedImage, ExitInfo, LaunchRequest, Launcher, NewContainer, NewExec, Pod, PodError,
-        PodEvent,
+        PodEvent, PodFailure,
     },
     rootfs::Layers,
     spec::SpecError,
@@ -200,6 +200,12 @@ pub struct Sandbox {
     gone: Lock<Option<String>>,
 }
 
+/// Why the pod is gone if its host process `what` no longer runs.
+fn exit_reason(what: &str, running: bool, pid: Option<u32>) -> Option<String> {
+    let pid = pid.map_or_else(|| "?".into(), |p| p.to_string());
+    (!running).then(|| format!("its {what} (pid {pid}) exited"))
+}
+
 fn creq(id: &str) -> ContainerRequest {
     let mut r = ContainerRequest::new();
     r.container_id = id.to_string();
@@ -221,29 +227,16 @@ impl Sandbox {
     /// Looks at the VMM and the backend; if either exited, records why,
     /// stops the other and returns the reason.
     fn check_host_processes(&self) -> Option<String> {
-        let vm_exit = {
-            let mut vm = self.vm.lock();
-            match vm.as_mut() {
-                Some(v) => (!v.is_running()).then(|| {
-                    format!(
-                        "its VMM (pid {}) exited",
-                        v.pid().map_or_else(|| "?".into(), |p| p.to_string())
-                    )
-                }),
-                None => None,
-            }
-        };
+        let vm_exit = self
+            .vm
+            .lock()
+            .as_mut()
+            .and_then(|v| exit_reason("VMM", v.is_running(), v.pid()));
         let backend_exit = || {
-            let mut b = self.backend.lock();
-            match b.as_mut() {
-                Some(b) => (!b.is_running()).then(|| {
-                    format!(
-                        "its vsock backend (pid {}) exited",
-                        b.pid().map_or_else(|| "?".into(), |p| p.to_string())
-                    )
-                }),
-                None => None,
-            }
+            self.backend
+                .lock()
+                .as_mut()
+                .and_then(|b| exit_reason("vsock backend", b.is_running(), b.pid()))
         };
         let reason = vm_exit.or_else(backend_exit)?;
         {
@@ -281,13 +274,22 @@ impl Sandbox {
     /// A guest call's result: a lost connection to a VM that died reads as
     /// the pod being gone, with the reason.
     fn answer<T>(&self, r: Result<T, agent::AgentError>) -> Result<T, PodError> {
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => {
-                self.guest()?;
-                Err(e.into())
+        r.map_err(|e| {
+            if e.kind() == Kind::Unavailable && self.is_gone() {
+                if let Err(gone) = self.guest() {
+                    return gone;
+                }
             }
-            Err(e) => Err(e.into()),
+            e.into()
+        })
+    }
+
+    /// A teardown step's result: once the VM is gone its guest side went
+    /// with it, so a lost connection counts as done.
+    fn torn_down<T, E: PodFailure>(&self, r: Result<T, E>) -> Result<(), PodError> {
+        match r {
+            Err(e) if e.kind() != Kind::Unavailable || !self.is_gone() => Err(e.into()),
+            _ => Ok(()),
         }
     }
 
@@ -338,12 +340,8 @@ impl Pod for Sandbox {
             self.images.forget(image).await;
             return Ok(());
         }
-        match self.images.detach(image, &self.qmp, &self.agent).await {
-            // The reference is released either way; the guest side went
-            // with the VM.
-            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => Ok(()),
-            r => Ok(r?),
-        }
+        // The reference is released either way.
+        self.torn_down(self.images.detach(image, &self.qmp, &self.agent).await)
     }
 
     async fn create_container(
@@ -387,7 +385,6 @@ impl Pod for Sandbox {
     }
 
     async fn exec(&self, e: NewExec<'_>) -> Result<(), PodError> {
-        self.guest()?;
         let mut req = ExecProcessRequest::new();
         req.container_id = e.container.to_string();
         req.exec_id = e.exec.to_string();
@@ -409,7 +406,6 @@ impl Pod for Sandbox {
     }
 
     async fn start(&self, container: &str, exec: &str) -> Result<u32, PodError> {
-        self.guest()?;
         let r = self.answer(agent::rpc(
             "StartProcess",
             self.agent
@@ -468,7 +464,6 @@ impl Pod for Sandbox {
         s.exec_id = exec.to_string();
         s.signal = signal;
         s.all = all;
-        self.guest()?;
         self.answer(agent::rpc(
             "SignalProcess",
             self.agent.containers.signal_process(agent::ctx(), &s).await,
@@ -481,41 +476,30 @@ impl Pod for Sandbox {
         if self.gone.lock().is_some() {
             return Ok(());
         }
-        let r = agent::rpc(
+        self.torn_down(agent::rpc(
             "DeleteProcess",
             self.agent
                 .containers
                 .delete_process(agent::ctx(), &preq(container, exec))
                 .await,
-        );
-        match r {
-            Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => Ok(()),
-            r => r.map(|_| ()).map_err(PodError::from),
-        }
+        ))
     }
 
     async fn remove_container(&self, container: &str) -> Result<(), PodError> {
         if self.gone.lock().is_none() {
-            let r = agent::rpc(
+            self.torn_down(agent::rpc(
                 "RemoveContainer",
                 self.agent
                     .containers
                     .remove_container(agent::ctx(), &creq(container))
                     .await,
-            );
-            match r {
-                Err(e) if e.kind() == Kind::Unavailable && self.is_gone() => {}
-                r => {
-                    r?;
-                }
-            }
+            ))?;
         }
         self.relays.lock().retain(|(c, _), _| c != container);
         Ok(())
     }
 
     async fn pids(&self, container: &str) -> Result<Vec<u32>, PodError> {
-        self.guest()?;
         let r = self.answer(agent::rpc(
             "ListPids",
             self.agent
@@ -527,7 +511,6 @@ impl Pod for Sandbox {
     }
 
     async fn stats(&self, container: &str) -> Result<ContainerStats, PodError> {
-        self.guest()?;
         self.answer(agent::rpc(
             "StatsContainer",
             self.agent
@@ -538,7 +521,6 @@ impl Pod for Sandbox {
     }
 
     async fn freeze(&self, container: &str, frozen: bool) -> Result<(), PodError> {
-        self.guest()?;
         let c = self.agent.containers.clone();
         if frozen {
             self.answer(agent::rpc(
@@ -558,7 +540,6 @@ impl Pod for Sandbox {
         let mut u = UpdateContainerRequest::new();
         u.container_id = container.to_string();
         u.resources = resources.to_vec();
-        self.guest()?;
         self.answer(agent::rpc(
             "UpdateContainer",
             self.agent
@@ -574,7 +555,6 @@ impl Pod for Sandbox {
             .relay(container, exec)
             .ok_or_else(|| SandboxError::NoRelay(format!("{container}/{exec}")))?;
         relay.lock().await.close_stdin();
-        self.guest()?;
         self.answer(agent::rpc(
             "CloseStdin",
             self.agent
@@ -597,7 +577,6 @@ impl Pod for Sandbox {
         r.exec_id = exec.to_string();
         r.rows = rows;
         r.cols = cols;
-        self.guest()?;
         self.answer(agent::rpc(
             "ResizeTerminal",
             self.agent
