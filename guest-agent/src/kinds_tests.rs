@@ -18,6 +18,7 @@ use crate::{
     stdio::StdioError,
     storage::StorageError,
     validate::ValidationError,
+    volumes::VolumeError,
 };
 
 fn io() -> std::io::Error {
@@ -61,6 +62,12 @@ fn requests_containers_and_stdio() {
         PodError::BadRequest("x".into()) => InvalidArgument,
         PodError::Plan(PlanError::Unsupported("x".into())) => Unimplemented,
         PodError::Storage(StorageError::InUse("s".into())) => FailedPrecondition,
+        PodError::Volume(VolumeError::NotFound("v".into())) => NotFound,
+        VolumeError::Invalid(bad_id()) => InvalidArgument,
+        VolumeError::Refused { volume: "v".into(), reason: "x".into() } => InvalidArgument,
+        VolumeError::TooLarge { volume: "v".into(), size: 2, entries: 1, max_bytes: 1, max_entries: 1 } => ResourceExhausted,
+        VolumeError::NotFound("v".into()) => NotFound,
+        VolumeError::Os { what: "write", path: p(), source: io() } => Internal,
         PodError::Cgroup(CgroupError::NoController("memory")) => FailedPrecondition,
         PodError::Engine(EngineError::Child("x".into())) => Internal,
         PodError::Engine(EngineError::Program("x: not found".into())) => NotFound,

@@ -40,6 +40,7 @@ pub mod stdio;
 pub mod storage;
 pub mod streams;
 pub mod validate;
+pub mod volumes;
 
 /// Exit code for a bad command line.
 pub const EXIT_USAGE: u8 = 2;

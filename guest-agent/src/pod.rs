@@ -13,7 +13,7 @@ use oci_spec::runtime::LinuxResources;
 use tokio::sync::Mutex;
 use veil_protocol::agent::{
     AddStorageRequest, ContainerStats, CreateContainerRequest, CreateSandboxRequest,
-    ExecProcessRequest, ProcessState, Stdio, StreamKind,
+    ExecProcessRequest, ProcessState, PutVolumeRequest, Stdio, StreamKind,
 };
 
 use crate::{
@@ -29,6 +29,7 @@ use crate::{
     stdio::{self, StdioError},
     storage::{OverlayRoot, StorageError, Storages},
     validate::{self, ValidationError},
+    volumes::{VolumeError, Volumes},
 };
 
 /// Largest OCI spec or process JSON accepted.
@@ -68,6 +69,9 @@ pub enum PodError {
     /// A storage operation failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A file volume operation failed.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
     /// A cgroup operation failed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
@@ -97,6 +101,7 @@ impl Classify for PodError {
             PodError::State(_) => Kind::FailedPrecondition,
             PodError::Plan(e) => e.kind(),
             PodError::Storage(e) => e.kind(),
+            PodError::Volume(e) => e.kind(),
             PodError::Cgroup(e) => e.kind(),
             PodError::Stdio(e) => e.kind(),
             PodError::Engine(e) => e.kind(),
@@ -127,6 +132,7 @@ struct Inner {
     sandbox: Option<Sandbox>,
     cgroups: Option<CgroupParent>,
     storages: Storages,
+    volumes: Volumes,
     containers: HashMap<String, Arc<Container>>,
 }
 
@@ -179,6 +185,9 @@ impl plan::Context for PlanCtx<'_> {
             }
             return Ok(p);
         }
+        if let Some(rest) = source.strip_prefix("volume:") {
+            return Ok(self.inner.volumes.bind_source(rest)?);
+        }
         if self.host_mode && source.starts_with('/') {
             let p = validate::absolute_path("bind source", source)?;
             if !p.exists() {
@@ -186,7 +195,7 @@ impl plan::Context for PlanCtx<'_> {
             }
             return Ok(p);
         }
-        Err("expected sandbox:NAME or storage:ID[/SUBPATH] (host paths only in host mode)".into())
+        Err("expected sandbox:NAME, storage:ID[/SUBPATH] or volume:ID[/SUBPATH] (host paths only in host mode)".into())
     }
 
     fn host_mode(&self) -> bool {
@@ -232,6 +241,7 @@ impl Pod {
     /// An empty pod (no sandbox yet).
     pub fn new(cfg: PodConfig, reaper: Reaper) -> Self {
         let storages = Storages::new(cfg.state_dir.join("storage"), cfg.host_mode);
+        let volumes = Volumes::new(cfg.state_dir.join("volumes"));
         Pod {
             cfg,
             reaper,
@@ -241,6 +251,7 @@ impl Pod {
                 sandbox: None,
                 cgroups: None,
                 storages,
+                volumes,
                 containers: HashMap::new(),
             }),
         }
@@ -321,6 +332,7 @@ impl Pod {
             self.dispose(&mut inner, &c).await;
         }
         inner.storages.remove_all();
+        inner.volumes.remove_all();
         if let Some(sb) = inner.sandbox.take() {
             if let Some(h) = &sb.pid_holder {
                 let _ = h.signal(libc::SIGKILL);
@@ -351,6 +363,28 @@ impl Pod {
     /// Detaches a storage.
     pub async fn remove_storage(&self, id: &str) -> Result<(), PodError> {
         Ok(self.inner.lock().await.storages.remove(id)?)
+    }
+
+    // ---- file volumes ----
+
+    /// Puts a version of a file volume.
+    pub async fn put_volume(&self, req: &PutVolumeRequest) -> Result<(), PodError> {
+        Ok(self.inner.lock().await.volumes.put(req)?)
+    }
+
+    /// Unmounts and forgets a file volume.
+    pub async fn remove_volume(&self, id: &str) -> Result<(), PodError> {
+        Ok(self.inner.lock().await.volumes.remove(id)?)
+    }
+
+    /// Reads back a file of a file volume.
+    pub async fn read_volume_file(
+        &self,
+        id: &str,
+        path: &str,
+        max: u32,
+    ) -> Result<Vec<u8>, PodError> {
+        Ok(self.inner.lock().await.volumes.read_file(id, path, max)?)
     }
 
     // ---- containers ----

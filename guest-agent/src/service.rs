@@ -64,6 +64,30 @@ impl agent_ttrpc::Sandbox for Services {
             .map_err(err)?;
         Ok(Empty::new())
     }
+
+    async fn put_volume(&self, _c: &TtrpcContext, req: PutVolumeRequest) -> R<Empty> {
+        self.pod.put_volume(&req).await.map_err(err)?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_volume(&self, _c: &TtrpcContext, req: RemoveVolumeRequest) -> R<Empty> {
+        self.pod.remove_volume(&req.volume_id).await.map_err(err)?;
+        Ok(Empty::new())
+    }
+
+    async fn read_volume_file(
+        &self,
+        _c: &TtrpcContext,
+        req: ReadVolumeFileRequest,
+    ) -> R<ReadVolumeFileResponse> {
+        let mut r = ReadVolumeFileResponse::new();
+        r.content = self
+            .pod
+            .read_volume_file(&req.volume_id, &req.path, req.max_bytes)
+            .await
+            .map_err(err)?;
+        Ok(r)
+    }
 }
 
 #[async_trait]
