@@ -437,40 +437,34 @@ impl Volumes {
         let Some(vol) = self.entries.get_mut(id) else {
             return Err(VolumeError::NotFound(id.to_string()));
         };
-        if vol.version == req.version {
-            return Ok(());
-        }
         let root = vol.root.clone();
-        chown(&root, req.root_uid, req.root_gid)?;
-        chmod(&root, req.root_mode)?;
-        let version_dir = root.join(&req.version);
-        if fs::symlink_metadata(&version_dir).is_ok() {
-            // Left by a put that failed half-way.
-            fs::remove_dir_all(&version_dir).map_err(os("remove", &version_dir))?;
-        }
-        let written = fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&version_dir)
-            .map_err(os("create directory", &version_dir))
-            .and_then(|()| chown(&version_dir, req.root_uid, req.root_gid))
-            .and_then(|()| chmod(&version_dir, 0o755))
-            .and_then(|()| write_entries(&version_dir, &entries))
-            .and_then(|()| swap_data(&root, &req.version));
-        if let Err(e) = written {
-            let _ = fs::remove_dir_all(&version_dir);
-            return Err(e);
-        }
-        // The user-visible names, as kubelet makes them after the swap.
-        for r in &req.root {
-            let p = root.join(&r.path);
-            let same = fs::read_link(&p).is_ok_and(|t| t == Path::new(&r.target));
-            if !same {
-                if fs::symlink_metadata(&p).is_ok() {
-                    fs::remove_file(&p).map_err(os("remove", &p))?;
-                }
-                std::os::unix::fs::symlink(&r.target, &p).map_err(os("create symlink", &p))?;
+        if vol.version != req.version {
+            chown(&root, req.root_uid, req.root_gid)?;
+            chmod(&root, req.root_mode)?;
+            let version_dir = root.join(&req.version);
+            if fs::symlink_metadata(&version_dir).is_ok() {
+                // Left by a put that failed half-way.
+                fs::remove_dir_all(&version_dir).map_err(os("remove", &version_dir))?;
             }
-            chown(&p, r.uid, r.gid)?;
+            // As kubelet's atomic writer: the version, then the new names
+            // (dangling until the swap), then the swap.
+            let written = fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&version_dir)
+                .map_err(os("create directory", &version_dir))
+                .and_then(|()| chown(&version_dir, req.root_uid, req.root_gid))
+                .and_then(|()| chmod(&version_dir, 0o755))
+                .and_then(|()| write_entries(&version_dir, &entries))
+                .and_then(|()| put_names(&root, &req.root))
+                .and_then(|()| swap_data(&root, &req.version));
+            if let Err(e) = written {
+                let _ = fs::remove_dir_all(&version_dir);
+                return Err(e);
+            }
+        } else {
+            // The same version: kubelet removes old names after its swap,
+            // so a put of the same version can carry fewer names.
+            put_names(&root, &req.root)?;
         }
         for old in vol.names.difference(&names) {
             let p = root.join(old);
@@ -478,9 +472,9 @@ impl Volumes {
                 tracing::warn!(volume = %id, path = %p.display(), error = %e, "cannot remove an old name");
             }
         }
-        let previous = std::mem::replace(&mut vol.version, req.version.clone());
         vol.names = names;
-        if !previous.is_empty() {
+        let previous = std::mem::replace(&mut vol.version, req.version.clone());
+        if !previous.is_empty() && previous != req.version {
             let p = root.join(&previous);
             if let Err(e) = fs::remove_dir_all(&p) {
                 tracing::warn!(volume = %id, path = %p.display(), error = %e, "cannot remove the old version");
@@ -564,6 +558,22 @@ impl Volumes {
     pub fn version(&self, id: &str) -> Option<&str> {
         self.entries.get(id).map(|v| v.version.as_str())
     }
+}
+
+/// Makes the user-visible names at the root (symlinks into `..data/`).
+fn put_names(root: &Path, names: &[VolumeEntry]) -> Result<(), VolumeError> {
+    for r in names {
+        let p = root.join(&r.path);
+        let same = fs::read_link(&p).is_ok_and(|t| t == Path::new(&r.target));
+        if !same {
+            if fs::symlink_metadata(&p).is_ok() {
+                fs::remove_file(&p).map_err(os("remove", &p))?;
+            }
+            std::os::unix::fs::symlink(&r.target, &p).map_err(os("create symlink", &p))?;
+        }
+        chown(&p, r.uid, r.gid)?;
+    }
+    Ok(())
 }
 
 /// Points `..data` at `version` with one rename.
@@ -726,12 +736,15 @@ mod tests {
         let mut old = String::new();
         std::io::Read::read_to_string(&mut &held, &mut old).unwrap();
         assert_eq!(old, "1");
-        // The same version again changes nothing.
-        put(&mut vols, "..v2", &[]).unwrap();
+        // The same version again with fewer names: only the names change.
+        put(&mut vols, "..v2", &[("a", "10")]).unwrap();
         assert_eq!(vols.version("cfg"), Some("..v2"));
+        assert!(fs::symlink_metadata(root.join("c")).is_err(), "c stayed");
+        assert_eq!(fs::read_to_string(root.join("..v2/c")).unwrap(), "3");
         assert_eq!(vols.read_file("cfg", "a", 1).unwrap(), b"1");
-        assert_eq!(vols.read_file("cfg", "c", 100).unwrap(), b"3");
+        assert_eq!(vols.read_file("cfg", "..data/c", 100).unwrap(), b"3");
         assert!(vols.read_file("cfg", "..data", 100).is_err());
+        assert!(vols.read_file("cfg", "c", 100).is_err());
 
         // A bad version leaves the current one as it was.
         let mut req = PutVolumeRequest::new();

@@ -17,7 +17,8 @@
 //! - [`config`]: the configuration, `/etc/veil/config.toml`;
 //! - [`sync`]: the one way shared state is locked;
 //! - [`storage`]: dm-verity trees of root images and the encrypted scratch
-//!   disk;
+//!   disk; [`volumes`]: pod volumes (file volumes copied into the guest and
+//!   kept in step with kubelet);
 //! - [`attest`]: the host's part in remote attestation (the guest's measured
 //!   attestation words, the simulated firmware, the key broker relay).
 //!
@@ -43,6 +44,7 @@ pub mod storage;
 pub mod sync;
 pub mod task;
 pub mod vmm;
+pub mod volumes;
 pub mod vsock;
 
 pub use veil_common::error_chain;

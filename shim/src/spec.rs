@@ -22,16 +22,29 @@
 //!   becomes a tmpfs; an emptyDir (a bind of kubelet's
 //!   `…/volumes/kubernetes.io~empty-dir/NAME`) becomes the directory
 //!   `volumes/NAME` on the pod's encrypted scratch disk
-//!   (`storage:scratch/volumes/NAME`, made by the agent on first use) when
-//!   the pod has one; other host binds cannot reach the guest and are dropped
-//!   with a warning;
+//!   (`storage:scratch/volumes/NAME`, made by the agent on first use);
+//!   a file volume (configMap, secret, projected, downwardAPI), a subPath of
+//!   one and the termination message file become `volume:` sources, copies
+//!   the shim puts in the guest ([`crate::volumes`], listed in
+//!   [`GuestSpec::volumes`]); every other host bind — and an emptyDir in a
+//!   pod without a scratch disk — is refused ([`SpecError::Mount`], naming
+//!   the destination and why): nothing is dropped;
+//! - host block devices in `linux.devices` (whose numbers mean nothing in the
+//!   guest) are refused ([`SpecError::Device`]);
 //! - the root path and hooks are left for the agent to ignore.
 //!
 //! It also reads the annotations the shim needs (the pod grouping, the
 //! image name).
 
+use std::path::Path;
+
 use serde_json::{json, Value};
 use veil_common::{Classify, Kind};
+
+use crate::volumes::{
+    kubelet::{self, Source},
+    UseKind, VolumeUse,
+};
 
 /// containerd's CRI annotation naming a container's pod.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
@@ -57,8 +70,33 @@ pub const GUEST_DEVICES_ANNOTATION: &str = "io.veil.guest-devices";
 /// The namespace path prefix the agent resolves to the pod sandbox
 /// container's namespace (`sandbox:pid`, `sandbox:ipc`, `sandbox:uts`).
 pub const SANDBOX_NAMESPACE_PREFIX: &str = "sandbox:";
-/// The path component under which kubelet makes a pod's emptyDir volumes.
-const EMPTY_DIR_COMPONENT: &str = "/volumes/kubernetes.io~empty-dir/";
+/// Why a mount of the spec cannot be served in the pod VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountRefusal {
+    /// An emptyDir in a pod without its scratch disk.
+    #[error("an emptyDir lives on the pod's encrypted scratch disk, and this handler gives the pod none (scratch_disk_mib = 0)")]
+    EmptyDirWithoutScratch,
+    /// A subPath of an emptyDir.
+    #[error("a subPath of an emptyDir is not supported by veil yet; mount the whole emptyDir")]
+    EmptyDirSubPath,
+    /// A host directory or file.
+    #[error("it is a host directory or file (hostPath, a PersistentVolumeClaim, an image volume, or a volume kubelet does not write with its atomic writer), which veil does not share into the pod VM yet")]
+    HostPath,
+    /// A bind without a source.
+    #[error("the bind mount has no source")]
+    NoSource,
+}
+
+impl Classify for MountRefusal {
+    fn kind(&self) -> Kind {
+        match self {
+            MountRefusal::NoSource => Kind::InvalidArgument,
+            MountRefusal::EmptyDirWithoutScratch
+            | MountRefusal::EmptyDirSubPath
+            | MountRefusal::HostPath => Kind::FailedPrecondition,
+        }
+    }
+}
 
 /// Errors reading a spec.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +127,30 @@ pub enum SpecError {
         /// The OCI namespace type.
         namespace: &'static str,
     },
+    /// A mount the pod VM cannot serve.
+    #[error(
+        "the mount at {destination} (from {source_path}) cannot be served in the pod VM: {reason}"
+    )]
+    Mount {
+        /// The mount's destination in the container.
+        destination: String,
+        /// Its host source.
+        source_path: String,
+        /// Why.
+        reason: MountRefusal,
+    },
+    /// A host device the pod VM cannot have.
+    #[error("the device {path} ({kind} {major}:{minor}) is a host block device, which veil does not pass into the pod VM yet (block volumes: volumeDevices)")]
+    Device {
+        /// The device's path in the container.
+        path: String,
+        /// `b`.
+        kind: String,
+        /// Major number.
+        major: i64,
+        /// Minor number.
+        minor: i64,
+    },
 }
 
 impl Classify for SpecError {
@@ -98,6 +160,8 @@ impl Classify for SpecError {
             SpecError::Json(_) | SpecError::NotObject | SpecError::HostNamespace { .. } => {
                 Kind::InvalidArgument
             }
+            SpecError::Mount { reason, .. } => reason.kind(),
+            SpecError::Device { .. } => Kind::FailedPrecondition,
         }
     }
 }
@@ -113,8 +177,16 @@ pub struct GuestSpec {
     pub json: Vec<u8>,
     /// Whether the process wants a terminal.
     pub terminal: bool,
-    /// Host bind mounts that were dropped (destinations).
-    pub dropped_mounts: Vec<String>,
+    /// The file volumes the spec's `volume:` sources name, for the shim to
+    /// put in the guest before the container is created.
+    pub volumes: Vec<VolumeUse>,
+}
+
+/// What the pod offers the container's mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MountContext {
+    /// The pod has its encrypted scratch disk (emptyDir volumes go there).
+    pub scratch: bool,
 }
 
 impl HostSpec {
@@ -229,21 +301,20 @@ impl HostSpec {
             })
     }
 
-    /// The spec as the guest should see it; `scratch`: the pod has its
-    /// scratch disk (emptyDir volumes go there).
-    pub fn for_guest(&self, scratch: bool) -> Result<GuestSpec, SpecError> {
+    /// The spec as the guest should see it, or the first mount or device
+    /// the pod VM cannot serve.
+    pub fn for_guest(&self, ctx: &MountContext) -> Result<GuestSpec, SpecError> {
         let mut v = self.0.clone();
         let terminal = self.terminal();
-        let mut dropped = Vec::new();
+        let mut volumes = Vec::new();
         if let Some(mounts) = v.get_mut("mounts").and_then(Value::as_array_mut) {
-            let mut kept = Vec::with_capacity(mounts.len());
-            for m in mounts.drain(..) {
-                match guest_mount(m, scratch) {
-                    MountFate::Keep(m) => kept.push(m),
-                    MountFate::Drop(dest) => dropped.push(dest),
+            for m in mounts.iter_mut() {
+                if let Some(u) = guest_mount(m, ctx)? {
+                    if !volumes.iter().any(|v: &VolumeUse| v.id == u.id) {
+                        volumes.push(u);
+                    }
                 }
             }
-            *mounts = kept;
         }
         if let Some(nss) = v
             .pointer_mut("/linux/namespaces")
@@ -271,6 +342,9 @@ impl HostSpec {
             });
         }
         let all_devices = self.all_devices_allowed();
+        if !all_devices {
+            check_devices(&v)?;
+        }
         if let Some(o) = v.get_mut("linux").and_then(Value::as_object_mut) {
             o.remove("cgroupsPath");
             if all_devices {
@@ -284,37 +358,36 @@ impl HostSpec {
             }
             v["annotations"][GUEST_DEVICES_ANNOTATION] = json!("all");
         }
-        for d in &dropped {
-            tracing::warn!(destination = %d, "host bind mount cannot reach the pod VM; dropped");
-        }
         Ok(GuestSpec {
             json: serde_json::to_vec(&v)?,
             terminal,
-            dropped_mounts: dropped,
+            volumes,
         })
     }
 }
 
-enum MountFate {
-    Keep(Value),
-    Drop(String),
+/// Refuses host block devices (character devices have the same numbers in
+/// the guest: /dev/fuse, /dev/net/tun).
+fn check_devices(v: &Value) -> Result<(), SpecError> {
+    let Some(devs) = v.pointer("/linux/devices").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    for d in devs {
+        if d.get("type").and_then(Value::as_str) == Some("b") {
+            return Err(SpecError::Device {
+                path: d.get("path").and_then(Value::as_str).unwrap_or("").into(),
+                kind: "b".into(),
+                major: d.get("major").and_then(Value::as_i64).unwrap_or(-1),
+                minor: d.get("minor").and_then(Value::as_i64).unwrap_or(-1),
+            });
+        }
+    }
+    Ok(())
 }
 
-/// The volume name of an emptyDir host path (kubelet's
-/// `…/volumes/kubernetes.io~empty-dir/NAME`), if it is one and the name is a
-/// plain path component.
-pub fn empty_dir_name(source: &str) -> Option<&str> {
-    let (_, rest) = source.rsplit_once(EMPTY_DIR_COMPONENT)?;
-    let name = rest.trim_end_matches('/');
-    let plain = !name.is_empty()
-        && name.len() <= 253
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\0']);
-    plain.then_some(name)
-}
-
-fn guest_mount(mut m: Value, scratch: bool) -> MountFate {
+/// Rewrites one mount for the guest (in place); the file volume it uses, if
+/// any; or why the pod VM cannot serve it.
+fn guest_mount(m: &mut Value, ctx: &MountContext) -> Result<Option<VolumeUse>, SpecError> {
     let typ = m.get("type").and_then(Value::as_str).unwrap_or("");
     let opts: Vec<&str> = m
         .get("options")
@@ -323,17 +396,33 @@ fn guest_mount(mut m: Value, scratch: bool) -> MountFate {
         .unwrap_or_default();
     let is_bind = typ == "bind" || opts.iter().any(|o| *o == "bind" || *o == "rbind");
     if !is_bind {
-        return MountFate::Keep(m);
+        // proc, tmpfs, sysfs, ...: the agent mounts its own (and refuses a
+        // type it does not know).
+        return Ok(None);
     }
     let dest = m
         .get("destination")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let source = m.get("source").and_then(Value::as_str).unwrap_or("");
-    if source.starts_with("sandbox:") || source.starts_with("storage:") {
-        return MountFate::Keep(m);
+    let source = m
+        .get("source")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if ["sandbox:", "storage:", "volume:"]
+        .iter()
+        .any(|p| source.starts_with(p))
+    {
+        return Ok(None);
     }
+    let refuse = |reason| {
+        Err(SpecError::Mount {
+            destination: dest.clone(),
+            source_path: source.clone(),
+            reason,
+        })
+    };
     let named = match dest.as_str() {
         "/etc/hosts" => Some("sandbox:hosts"),
         "/etc/resolv.conf" => Some("sandbox:resolv.conf"),
@@ -342,21 +431,38 @@ fn guest_mount(mut m: Value, scratch: bool) -> MountFate {
     };
     if let Some(src) = named {
         m["source"] = json!(src);
-        return MountFate::Keep(m);
-    }
-    if let Some(name) = empty_dir_name(source).filter(|_| scratch) {
-        m["source"] = json!(crate::storage::scratch::volume_source(name));
-        return MountFate::Keep(m);
+        return Ok(None);
     }
     if dest == "/dev/shm" {
-        return MountFate::Keep(json!({
+        *m = json!({
             "destination": "/dev/shm",
             "type": "tmpfs",
             "source": "shm",
             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-        }));
+        });
+        return Ok(None);
     }
-    MountFate::Drop(dest)
+    if source.is_empty() {
+        return refuse(MountRefusal::NoSource);
+    }
+    let host = Path::new(&source);
+    let kind = match kubelet::classify(host) {
+        Source::EmptyDir { .. } if !ctx.scratch => {
+            return refuse(MountRefusal::EmptyDirWithoutScratch)
+        }
+        Source::EmptyDir { name } => {
+            m["source"] = json!(crate::storage::scratch::volume_source(&name));
+            return Ok(None);
+        }
+        Source::EmptyDirSubPath { .. } => return refuse(MountRefusal::EmptyDirSubPath),
+        Source::Host => return refuse(MountRefusal::HostPath),
+        Source::FileVolume { .. } => UseKind::Live,
+        Source::FileSubPath { .. } => UseKind::Snapshot,
+        Source::TerminationLog => UseKind::TerminationLog,
+    };
+    let u = VolumeUse::new(host, kind, &dest);
+    m["source"] = json!(u.bind_source());
+    Ok(Some(u))
 }
 
 #[cfg(test)]
@@ -376,7 +482,7 @@ mod tests {
                 {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/pod1/hosts", "options": ["rbind", "rw"]},
                 {"destination": "/dev/shm", "type": "bind", "source": "/run/x/pod1/shm", "options": ["rbind", "ro"]},
-                {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/k/term", "options": ["rbind"]}
+                {"destination": "/dev/termination-log", "type": "bind", "source": "/var/lib/kubelet/pods/u1/containers/app/0a1b2c3d", "options": ["rbind"]}
             ],
             "linux": {
                 "cgroupsPath": "/k8s.io/c1",
@@ -407,14 +513,18 @@ mod tests {
 
     #[test]
     fn host_paths_are_rewritten_for_the_guest() {
-        let g = cri_container().for_guest(false).unwrap();
+        let g = cri_container().for_guest(&MountContext::default()).unwrap();
         assert!(g.terminal);
-        assert_eq!(g.dropped_mounts, ["/dev/termination-log"]);
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         let mounts = v["mounts"].as_array().unwrap();
-        assert_eq!(mounts.len(), 3);
+        assert_eq!(mounts.len(), 4);
         assert_eq!(mounts[1]["source"], "sandbox:hosts");
         assert_eq!(mounts[2]["type"], "tmpfs");
+        // The termination message file: a copy in the guest, read back at exit.
+        assert_eq!(g.volumes.len(), 1);
+        assert_eq!(g.volumes[0].kind, UseKind::TerminationLog);
+        assert_eq!(g.volumes[0].destination, "/dev/termination-log");
+        assert_eq!(mounts[3]["source"], g.volumes[0].bind_source());
         let types: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -469,7 +579,9 @@ mod tests {
             {"type": "mount"},
             {"type": "cgroup", "path": "/proc/42/ns/cgroup"},
         ]}}));
-        let v: Value = serde_json::from_slice(&spec.for_guest(false).unwrap().json).unwrap();
+        let v: Value =
+            serde_json::from_slice(&spec.for_guest(&MountContext::default()).unwrap().json)
+                .unwrap();
         assert_eq!(v["linux"]["namespaces"][0]["path"], "sandbox:pid");
         // Other joined namespaces go to the agent as they are (and it
         // refuses a host path).
@@ -483,7 +595,9 @@ mod tests {
             "resources": {"devices": [{"allow": true, "access": "rwm"}]},
         }}));
         assert!(privileged.all_devices_allowed());
-        let v: Value = serde_json::from_slice(&privileged.for_guest(false).unwrap().json).unwrap();
+        let v: Value =
+            serde_json::from_slice(&privileged.for_guest(&MountContext::default()).unwrap().json)
+                .unwrap();
         assert!(v["linux"].get("devices").is_none(), "{v}");
         assert_eq!(v["annotations"][GUEST_DEVICES_ANNOTATION], "all");
 
@@ -495,45 +609,103 @@ mod tests {
             ]},
         }}));
         assert!(!plain.all_devices_allowed());
-        let v: Value = serde_json::from_slice(&plain.for_guest(false).unwrap().json).unwrap();
+        let v: Value =
+            serde_json::from_slice(&plain.for_guest(&MountContext::default()).unwrap().json)
+                .unwrap();
         assert_eq!(v["linux"]["devices"][0]["path"], "/dev/fuse");
         assert!(v.get("annotations").is_none());
     }
 
+    fn with_mount(source: &str, dest: &str) -> HostSpec {
+        HostSpec(json!({
+            "annotations": {"io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36"},
+            "mounts": [{"destination": dest, "type": "bind", "options": ["rbind", "ro"], "source": source}],
+        }))
+    }
+
+    const SCRATCH: MountContext = MountContext { scratch: true };
+
     #[test]
     fn empty_dirs_go_to_the_scratch_disk_when_the_pod_has_one() {
-        let spec = HostSpec::parse(
-            br#"{
-            "annotations": {"io.kubernetes.cri.image-name": "docker.io/library/busybox:1.36"},
-            "mounts": [
-                {"destination": "/cache", "type": "bind", "options": ["rbind", "rw"],
-                 "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache"},
-                {"destination": "/cfg", "type": "bind", "options": ["rbind", "ro"],
-                 "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/cfg"}
-            ]
-        }"#,
-        )
-        .unwrap();
+        let spec = with_mount(
+            "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache",
+            "/cache",
+        );
         assert_eq!(spec.image_name(), "docker.io/library/busybox:1.36");
-        let g = spec.for_guest(true).unwrap();
+        let g = spec.for_guest(&SCRATCH).unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert_eq!(v["mounts"][0]["source"], "storage:scratch/volumes/cache");
         assert_eq!(v["mounts"][0]["destination"], "/cache");
-        assert_eq!(g.dropped_mounts, ["/cfg"]);
-        // Without a scratch disk the emptyDir cannot reach the guest.
-        let g = spec.for_guest(false).unwrap();
-        assert_eq!(g.dropped_mounts, ["/cache", "/cfg"]);
+        assert!(g.volumes.is_empty());
+        // Without a scratch disk the emptyDir is refused, naming it.
+        let e = spec.for_guest(&MountContext::default()).unwrap_err();
+        assert_eq!(e.kind(), Kind::FailedPrecondition);
+        assert!(e.to_string().starts_with("the mount at /cache (from /var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache) cannot be served"), "{e}");
+        assert!(e.to_string().contains("scratch_disk_mib = 0"), "{e}");
     }
 
     #[test]
-    fn empty_dir_names_are_plain_components() {
-        let p = "/x/volumes/kubernetes.io~empty-dir/";
-        assert_eq!(empty_dir_name(&format!("{p}data")), Some("data"));
-        assert_eq!(empty_dir_name(&format!("{p}data/")), Some("data"));
-        for bad in ["", "..", ".", "a/b"] {
-            assert_eq!(empty_dir_name(&format!("{p}{bad}")), None, "{bad}");
+    fn file_volumes_become_guest_copies() {
+        let cfg = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/cfg";
+        let g = with_mount(cfg, "/etc/config").for_guest(&SCRATCH).unwrap();
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        assert_eq!(g.volumes.len(), 1);
+        let u = &g.volumes[0];
+        assert_eq!((u.kind, u.host.as_path()), (UseKind::Live, Path::new(cfg)));
+        assert_eq!(v["mounts"][0]["source"], u.bind_source());
+        // The read-only flag is the spec's, as it was.
+        assert_eq!(v["mounts"][0]["options"], json!(["rbind", "ro"]));
+        // Two mounts of one volume are one copy.
+        let twice = HostSpec(json!({"mounts": [
+            {"destination": "/a", "type": "bind", "source": cfg, "options": ["rbind"]},
+            {"destination": "/b", "type": "bind", "source": cfg, "options": ["rbind"]},
+        ]}));
+        assert_eq!(twice.for_guest(&SCRATCH).unwrap().volumes.len(), 1);
+    }
+
+    #[test]
+    fn every_host_mount_the_guest_cannot_serve_is_refused_naming_it() {
+        for (source, dest) in [
+            ("/srv/www", "/usr/share/nginx/html"),
+            (
+                "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-1/mount",
+                "/data",
+            ),
+            (
+                "/var/lib/containerd/io.containerd.grpc.v1.cri/containers/c1/volumes/0ab1",
+                "/var/lib/mysql",
+            ),
+        ] {
+            let e = with_mount(source, dest).for_guest(&SCRATCH).unwrap_err();
+            assert_eq!(e.kind(), Kind::FailedPrecondition, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("the mount at {dest} (from {source})"))
+                    && msg.contains("host directory"),
+                "{msg}"
+            );
         }
-        assert_eq!(empty_dir_name("/tmp/data"), None);
+        let e = with_mount("", "/x").for_guest(&SCRATCH).unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgument, "{e}");
+        // Our own sources pass as they are.
+        let g = with_mount("storage:scratch/volumes/x", "/x")
+            .for_guest(&SCRATCH)
+            .unwrap();
+        assert!(g.volumes.is_empty());
+    }
+
+    #[test]
+    fn host_block_devices_are_refused_naming_them() {
+        let spec = HostSpec(json!({"linux": {
+            "devices": [{"path": "/dev/xvda", "type": "b", "major": 202, "minor": 0}],
+        }}));
+        let e = spec.for_guest(&SCRATCH).unwrap_err();
+        assert_eq!(e.kind(), Kind::FailedPrecondition);
+        assert!(e.to_string().contains("/dev/xvda (b 202:0)"), "{e}");
+    }
+
+    #[test]
+    fn image_names_from_cri_or_veil_annotations() {
         assert_eq!(
             HostSpec::parse(br#"{"annotations": {"io.veil.image-name": "app"}}"#)
                 .unwrap()

@@ -42,11 +42,12 @@ use crate::{
         PodEvent, PodFailure,
     },
     rootfs::Layers,
-    spec::SpecError,
+    spec::{MountContext, SpecError},
     state::PodDir,
     stdio::{Relay, StdioPaths},
     sync::Lock,
     vmm::{qmp::Qmp, RunningVm},
+    volumes::PodVolumes,
     vsock::{AgentReady, HybridVsockBackend},
 };
 use images::Images;
@@ -149,6 +150,7 @@ impl Launcher for VmLauncher {
             launch: b.launch,
             has_scratch: b.has_scratch,
             relays: Lock::new(HashMap::new()),
+            volumes: PodVolumes::default(),
             gone: Lock::new(None),
         });
         tokio::spawn(watchdog(Arc::downgrade(&sandbox)));
@@ -196,6 +198,8 @@ pub struct Sandbox {
     /// layers and emptyDir volumes live there).
     pub has_scratch: bool,
     relays: Lock<HashMap<(String, String), Shared<Relay>>>,
+    /// The file volumes copied into the guest.
+    volumes: PodVolumes,
     /// Why the VM is gone, once it is (it died, or the pod was shut down).
     gone: Lock<Option<String>>,
 }
@@ -352,8 +356,18 @@ impl Pod for Sandbox {
         self.guest()?;
         let guest = c
             .spec
-            .for_guest(self.has_scratch)
+            .for_guest(&MountContext {
+                scratch: self.has_scratch,
+            })
             .map_err(SandboxError::Spec)?;
+        let copied = self
+            .volumes
+            .acquire(c.id, &guest.volumes, &self.agent)
+            .await?;
+        if copied.copied > 0 {
+            tracing::info!(container = %c.id, volumes = copied.copied, bytes = copied.bytes,
+                elapsed_us = copied.elapsed_us, "file volumes copied");
+        }
         let mut req = CreateContainerRequest::new();
         req.container_id = c.id.to_string();
         req.oci_spec = guest.json;
@@ -365,19 +379,27 @@ impl Pod for Sandbox {
         }
         req.rootfs = MessageField::some(root);
         req.stdio = MessageField::some(c.stdio.wanted());
-        let resp = self.answer(agent::rpc(
+        let created = self.answer(agent::rpc(
             "CreateContainer",
             self.agent
                 .containers
                 .create_container(agent::ctx(), &req)
                 .await,
-        ))?;
+        ));
+        let resp = match created {
+            Ok(r) => r,
+            Err(e) => {
+                self.volumes.release(c.id, Some(&self.agent)).await;
+                return Err(e);
+            }
+        };
         if let Err(e) = self.attach_stdio(c.id, "", c.stdio).await {
             let _ = self
                 .agent
                 .containers
                 .remove_container(agent::ctx(), &creq(c.id))
                 .await;
+            self.volumes.release(c.id, Some(&self.agent)).await;
             return Err(e);
         }
         phases.mark("container_created");
@@ -449,6 +471,10 @@ impl Pod for Sandbox {
                 tracing::warn!(%container, %exec, "output did not end after the exit");
             }
         }
+        if exec.is_empty() && self.gone.lock().is_none() {
+            // Before the exit is reported: kubelet reads the message then.
+            self.volumes.copy_back(container, &self.agent).await;
+        }
         exit
     }
 
@@ -495,6 +521,10 @@ impl Pod for Sandbox {
                     .await,
             ))?;
         }
+        let alive = self.gone.lock().is_none();
+        self.volumes
+            .release(container, alive.then_some(&self.agent))
+            .await;
         self.relays.lock().retain(|(c, _), _| c != container);
         Ok(())
     }
@@ -617,6 +647,7 @@ impl Pod for Sandbox {
         for s in &self.services {
             s.abort();
         }
+        self.volumes.stop_all().await;
         let died = self.is_gone();
         self.gone
             .lock()
