@@ -6,7 +6,9 @@
 //! of the path inside the volume), and `<root>/pods/<uid>/containers/
 //! <container>/<id>` for a container's termination message file.
 //!
-//! Only the path is judged here (and, for a subPath, which plugin directory
+//! The last components decide (kubelet's root directory is configurable;
+//! emptyDirs are recognised wherever their `volumes/kubernetes.io~empty-dir/
+//! NAME` tail is). Only the path is judged here (and, for a subPath, which plugin directory
 //! holds the volume of that name): no file is read.
 
 use std::path::{Path, PathBuf};
@@ -66,29 +68,15 @@ pub fn plain_name(name: &str) -> bool {
         && !name.contains(['/', '\0'])
 }
 
-/// Components of `p` after the last `pods/<uid>/`: (`<uid> dir`, rest).
-fn after_pod(p: &Path) -> Option<(PathBuf, Vec<String>)> {
-    let comps: Vec<String> = p
+/// Classifies host bind source `source` by its last components.
+pub fn classify(source: &Path) -> Source {
+    let comps: Vec<String> = source
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
-    let i = comps.iter().rposition(|c| c == "pods")?;
-    let uid = comps.get(i + 1)?;
-    if !plain_name(uid) {
-        return None;
-    }
-    let pod_dir: PathBuf = comps[..=i + 1].iter().collect();
-    Some((pod_dir, comps[i + 2..].to_vec()))
-}
-
-/// Classifies host bind source `source`.
-pub fn classify(source: &Path) -> Source {
-    let Some((pod_dir, rest)) = after_pod(source) else {
-        return Source::Host;
-    };
-    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-    match rest.as_slice() {
-        ["volumes", plugin, name] if plain_name(name) => {
+    let tail: Vec<&str> = comps.iter().rev().take(5).map(String::as_str).collect();
+    match tail.as_slice() {
+        [name, plugin, "volumes", ..] if plain_name(name) => {
             if FILE_PLUGINS.contains(plugin) {
                 Source::FileVolume {
                     plugin: plugin.to_string(),
@@ -102,9 +90,10 @@ pub fn classify(source: &Path) -> Source {
                 Source::Host
             }
         }
-        ["volume-subpaths", name, container, index]
+        [index, container, name, "volume-subpaths", ..]
             if plain_name(name) && plain_name(container) && plain_name(index) =>
         {
+            let pod_dir: PathBuf = comps[..comps.len() - 4].iter().collect();
             match plugin_of(&pod_dir, name) {
                 Some(p) if FILE_PLUGINS.contains(&p.as_str()) => Source::FileSubPath {
                     plugin: p,
@@ -116,7 +105,9 @@ pub fn classify(source: &Path) -> Source {
                 _ => Source::Host,
             }
         }
-        ["containers", container, file] if plain_name(container) && plain_name(file) => {
+        [file, container, "containers", uid, "pods"]
+            if plain_name(file) && plain_name(container) && plain_name(uid) =>
+        {
             Source::TerminationLog
         }
         _ => Source::Host,
