@@ -109,3 +109,71 @@ pub fn busybox_container(name: &str, cmd: &[&str]) -> ContainerConfig {
         ..Default::default()
     }
 }
+
+/// Runs `script` with `sh -c` in container `id` (ExecSync, 60 s): stdout,
+/// stderr, exit code.
+pub async fn exec(
+    cri: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    script: &str,
+) -> Result<(String, String, i32)> {
+    let r = cri
+        .exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 60,
+        })
+        .await
+        .with_context(|| format!("ExecSync {script:?} in {id}"))?
+        .into_inner();
+    Ok((
+        String::from_utf8_lossy(&r.stdout).into_owned(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+        r.exit_code,
+    ))
+}
+
+/// Creates container `config` in pod `pod` (of `pod_config`); its id.
+pub async fn create_container(
+    cri: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> Result<String> {
+    let name = config.metadata.as_ref().map(|m| m.name.clone());
+    Ok(cri
+        .create_container(k8s_cri::v1::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .with_context(|| format!("CreateContainer {name:?}"))?
+        .into_inner()
+        .container_id)
+}
+
+/// Starts container `id`.
+pub async fn start_container(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<()> {
+    cri.start_container(k8s_cri::v1::StartContainerRequest {
+        container_id: id.into(),
+    })
+    .await
+    .with_context(|| format!("StartContainer {id}"))?;
+    Ok(())
+}
+
+/// Stops and removes pod `pod`.
+pub async fn remove_pod(cri: &mut RuntimeServiceClient<Channel>, pod: &str) -> Result<()> {
+    cri.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .with_context(|| format!("StopPodSandbox {pod}"))?;
+    cri.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .with_context(|| format!("RemovePodSandbox {pod}"))?;
+    Ok(())
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient, Capability, ContainerConfig, ContainerState,
-    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, LinuxContainerConfig,
+    ContainerStatusRequest, CreateContainerRequest, LinuxContainerConfig,
     LinuxContainerSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopContainerRequest, StopPodSandboxRequest,
@@ -102,21 +102,7 @@ impl Node {
 
     /// Runs `script` with `sh -c` in container `id`: (stdout, stderr, exit code).
     async fn exec(&mut self, id: &str, script: &str) -> Result<(String, String, i32)> {
-        let r = self
-            .cri
-            .exec_sync(ExecSyncRequest {
-                container_id: id.into(),
-                cmd: vec!["sh".into(), "-c".into(), script.into()],
-                timeout: 60,
-            })
-            .await
-            .with_context(|| format!("ExecSync {script:?}"))?
-            .into_inner();
-        Ok((
-            String::from_utf8_lossy(&r.stdout).into_owned(),
-            String::from_utf8_lossy(&r.stderr).into_owned(),
-            r.exit_code,
-        ))
+        cri::exec(&mut self.cri, id, script).await
     }
 
     /// [`Self::exec`] that must succeed; its stdout.

@@ -1,0 +1,351 @@
+//! Pod volumes through CRI with the real containerd, each case on a `runc`
+//! pod and a `veil` pod of the same containerd and compared. The volume
+//! directories are laid out as kubelet lays them out — its atomic writer
+//! (`..data` -> `..<timestamp>` directory, user-visible names as symlinks
+//! into `..data/`, `veil_shim::volumes::files::fixture`) under
+//! `<root>/pods/<uid>/volumes/kubernetes.io~<plugin>/<name>`, a subPath under
+//! `volume-subpaths/<volume>/<container>/<index>` and the termination message
+//! file under `containers/<container>/<id>`:
+//! - a configMap at `/etc/config`, updated the way kubelet updates it: the
+//!   container sees the new version (within a bounded poll) and a name that
+//!   goes away goes; its subPath at `/etc/app.conf` keeps the old value;
+//! - a secret mounted read-only: reads work, writes fail with EROFS, modes
+//!   and symlinks are as on the host;
+//! - a projected service-account token at
+//!   `/var/run/secrets/kubernetes.io/serviceaccount/token`;
+//! - the termination message a container writes reaches the host file
+//!   kubelet reads;
+//! - a mount veil cannot serve (a subPath of an emptyDir) fails the task
+//!   create (CRI StartContainer), naming the destination; runc runs it.
+//!
+//! Afterwards nothing of the veil pods is left: processes, mounts, the pod
+//! directories under /run/veil.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use k8s_cri::v1::{runtime_service_client::RuntimeServiceClient, ContainerState, Mount};
+use tonic::transport::Channel;
+use veil_shim::volumes::files::fixture::write_version;
+use veil_tests::{containerd::Containerd, cri, oci, Artefacts};
+
+/// The reference first.
+const HANDLERS: [&str; 2] = ["runc", "veil"];
+/// How long a container may take to see kubelet's update.
+const UPDATE_WITHIN: Duration = Duration::from_secs(20);
+const TOKEN: &[u8] = b"eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVmYXVsdDpkZWZhdWx0In0.c2lnbmF0dXJl";
+
+/// One pod's volume directories, as kubelet makes them.
+struct Layout {
+    cfg: PathBuf,
+    creds: PathBuf,
+    token: PathBuf,
+    subpath: PathBuf,
+    app_term: PathBuf,
+    term: PathBuf,
+    empty_sub: PathBuf,
+}
+
+fn lay_out(pod_dir: &Path) -> Result<Layout> {
+    let vol = |plugin: &str, name: &str| pod_dir.join("volumes").join(plugin).join(name);
+    let l = Layout {
+        cfg: vol("kubernetes.io~configmap", "cfg"),
+        creds: vol("kubernetes.io~secret", "creds"),
+        token: vol("kubernetes.io~projected", "kube-api-access-t3st"),
+        subpath: pod_dir.join("volume-subpaths/cfg/app/1"),
+        app_term: pod_dir.join("containers/app/5f0e3a1c"),
+        term: pod_dir.join("containers/term/9b2d7c4e"),
+        empty_sub: pod_dir.join("volume-subpaths/scratch/sub/0"),
+    };
+    write_version(
+        &l.cfg,
+        "2026_01_02_03_04_05.111111111",
+        &[("app.conf", b"version=1\n", 0o644)],
+    )?;
+    write_version(
+        &l.creds,
+        "2026_01_02_03_04_05.222222222",
+        &[("password", b"hunter2", 0o400), ("tls/key", b"KEY", 0o440)],
+    )?;
+    write_version(
+        &l.token,
+        "2026_01_02_03_04_05.333333333",
+        &[
+            ("token", TOKEN, 0o644),
+            ("ca.crt", b"-----BEGIN CERTIFICATE-----\n", 0o644),
+            ("namespace", b"default", 0o644),
+        ],
+    )?;
+    // kubelet binds the resolved file of the subPath here.
+    std::fs::create_dir_all(l.subpath.parent().context("subpath parent")?)?;
+    std::fs::copy(l.cfg.join("app.conf"), &l.subpath)?;
+    for t in [&l.app_term, &l.term] {
+        std::fs::create_dir_all(t.parent().context("termination parent")?)?;
+        std::fs::write(t, b"")?;
+        std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    }
+    std::fs::create_dir_all(pod_dir.join("volumes/kubernetes.io~empty-dir/scratch/sub"))?;
+    std::fs::create_dir_all(&l.empty_sub)?;
+    Ok(l)
+}
+
+fn mount(host: &Path, at: &str, readonly: bool) -> Mount {
+    Mount {
+        container_path: at.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    }
+}
+
+/// What the `app` container sees of its volumes.
+const LOOK: &str = "cat /etc/config/app.conf /etc/app.conf; readlink /etc/config/app.conf; readlink /etc/config/..data; \
+    ls -A /etc/config | tr '\\n' ' '; echo; \
+    stat -c '%n %a %u' /etc/creds/..data/password /etc/creds/..data/tls /etc/creds/..data/tls/key; \
+    readlink /etc/creds/tls; cat /etc/creds/password; echo; cat /etc/creds/tls/key; echo; \
+    (echo x > /etc/creds/password) 2>&1; (touch /etc/config/new) 2>&1; \
+    cat /var/run/secrets/kubernetes.io/serviceaccount/token; echo; \
+    cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo";
+
+struct Seen {
+    first: String,
+    updated: String,
+    pruned: String,
+    update_after: Duration,
+    termination: String,
+}
+
+async fn poll_until(
+    cri: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    script: &str,
+    want: impl Fn(&str) -> bool,
+) -> Result<(String, Duration)> {
+    let started = Instant::now();
+    loop {
+        let (out, err, code) = cri::exec(cri, id, script).await?;
+        if code == 0 && want(&out) {
+            return Ok((out, started.elapsed()));
+        }
+        if started.elapsed() > UPDATE_WITHIN {
+            bail!("{script:?} never gave what was wanted: {out:?} {err:?} (exit {code})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_exited(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = cri::container_status(cri, id).await?;
+        if s.state == ContainerState::ContainerExited as i32 {
+            return Ok(s.exit_code);
+        }
+        if Instant::now() > deadline {
+            bail!("container {id} did not exit: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn on_handler(
+    c: &Containerd,
+    cri: &mut RuntimeServiceClient<Channel>,
+    work: &Path,
+    handler: &str,
+    pods: &mut Vec<(String, String)>,
+) -> Result<Seen> {
+    let name = format!("vol-{handler}");
+    let uid = format!("uid-{name}");
+    let l = lay_out(&work.join("kubelet/pods").join(&uid))?;
+    let logs = work.join("logs").join(&name);
+    std::fs::create_dir_all(&logs)?;
+    let config = cri::pod_config(&name, &uid, &name, &logs.display().to_string());
+    let pod = cri::run_pod(cri, handler, &config).await?;
+    pods.push((handler.to_string(), pod.clone()));
+
+    let app = k8s_cri::v1::ContainerConfig {
+        mounts: vec![
+            mount(&l.cfg, "/etc/config", true),
+            mount(&l.subpath, "/etc/app.conf", true),
+            mount(&l.creds, "/etc/creds", true),
+            mount(
+                &l.token,
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+                true,
+            ),
+            mount(&l.app_term, "/dev/termination-log", false),
+        ],
+        ..cri::busybox_container("app", &["sleep", "1000"])
+    };
+    let app = cri::create_container(cri, &pod, &config, app).await?;
+    cri::start_container(cri, &app).await?;
+    let (first, _, code) = cri::exec(cri, &app, LOOK).await?;
+    ensure!(code == 0, "{handler}: look exited {code}: {first}");
+
+    // kubelet's update: a new version, a new name; then the name goes.
+    write_version(
+        &l.cfg,
+        "2026_01_02_03_05_00.444444444",
+        &[
+            ("app.conf", b"version=2\n", 0o644),
+            ("extra", b"more", 0o600),
+        ],
+    )?;
+    let (updated, update_after) = poll_until(
+        cri,
+        &app,
+        "cat /etc/config/app.conf /etc/app.conf /etc/config/extra; readlink /etc/config/..data",
+        |o| o.starts_with("version=2\n"),
+    )
+    .await?;
+    write_version(
+        &l.cfg,
+        "2026_01_02_03_06_00.555555555",
+        &[("app.conf", b"version=3\n", 0o644)],
+    )?;
+    let (pruned, _) = poll_until(
+        cri,
+        &app,
+        "cat /etc/config/app.conf; ls -A /etc/config | tr '\\n' ' '",
+        |o| o.starts_with("version=3\n") && !o.contains("extra"),
+    )
+    .await?;
+
+    // The termination message.
+    let term = k8s_cri::v1::ContainerConfig {
+        mounts: vec![mount(&l.term, "/dev/termination-log", false)],
+        ..cri::busybox_container(
+            "term",
+            &[
+                "sh",
+                "-c",
+                "echo it ended well > /dev/termination-log; exit 3",
+            ],
+        )
+    };
+    let term = cri::create_container(cri, &pod, &config, term).await?;
+    cri::start_container(cri, &term).await?;
+    let code = wait_exited(cri, &term).await?;
+    ensure!(code == 3, "{handler}: term exited {code}");
+    let termination = std::fs::read_to_string(&l.term)?;
+
+    // A mount veil does not serve.
+    let sub = k8s_cri::v1::ContainerConfig {
+        mounts: vec![mount(&l.empty_sub, "/scratch", false)],
+        ..cri::busybox_container("sub", &["sleep", "1000"])
+    };
+    // containerd's CRI creates the task (where the shim judges the spec)
+    // at StartContainer.
+    let sub = cri::create_container(cri, &pod, &config, sub).await?;
+    let started = cri::start_container(cri, &sub).await;
+    match (handler, started) {
+        ("runc", Ok(())) => {}
+        ("runc", Err(e)) => bail!("runc refused the emptyDir subPath: {e:#}"),
+        (_, Ok(())) => bail!("{handler} started {sub} with an emptyDir subPath"),
+        (_, Err(e)) => {
+            let msg = format!("{e:#}");
+            ensure!(
+                msg.contains(&format!(
+                    "the mount at /scratch (from {}) cannot be served in the pod VM",
+                    l.empty_sub.display()
+                )) && msg.contains("subPath of an emptyDir"),
+                "{handler}: unclear refusal: {msg}"
+            );
+            eprintln!("{handler} refuses: {msg}");
+        }
+    }
+    if handler != "runc" {
+        let log = c.log_text();
+        for l in log.lines().filter(|l| l.contains("file volumes copied")) {
+            eprintln!("{l}");
+        }
+    }
+    cri::remove_pod(cri, &pod).await?;
+    Ok(Seen {
+        first,
+        updated,
+        pruned,
+        update_after,
+        termination,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_file_volumes_reach_the_guest_and_follow_kubelets_updates() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
+    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    let mut client = cri::client(&c).await?;
+    let mut pods = Vec::new();
+    let mut seen = Vec::new();
+    let mut result = Ok(());
+    for handler in HANDLERS {
+        match on_handler(&c, &mut client, work.path(), handler, &mut pods).await {
+            Ok(s) => seen.push(s),
+            Err(e) => {
+                result = Err(e.context(format!("on {handler}")));
+                break;
+            }
+        }
+    }
+    let veil_pods: Vec<&str> = pods
+        .iter()
+        .filter(|(h, _)| h != "runc")
+        .map(|(_, p)| p.as_str())
+        .collect();
+    if let Err(e) = result {
+        eprintln!("containerd log:\n{}", c.log_text());
+        for (_, p) in &pods {
+            let _ = cri::remove_pod(&mut client, p).await;
+        }
+        if let Err(left) = c.wait_clean(&veil_pods) {
+            eprintln!("{left:#}");
+        }
+        return Err(e);
+    }
+    let (runc, veil) = (&seen[0], &seen[1]);
+    eprintln!("runc:\n{}\nveil:\n{}", runc.first, veil.first);
+    ensure!(
+        runc.first.starts_with(
+            "version=1\nversion=1\n..data/app.conf\n..2026_01_02_03_04_05.111111111\n"
+        ),
+        "runc: {}",
+        runc.first
+    );
+    ensure!(
+        runc.first.contains("Read-only file system"),
+        "runc: {}",
+        runc.first
+    );
+    ensure!(
+        veil.first == runc.first,
+        "veil sees its volumes differently:\nveil:\n{}\nrunc:\n{}",
+        veil.first,
+        runc.first
+    );
+    for (h, s) in HANDLERS.iter().zip(&seen) {
+        ensure!(
+            s.updated == "version=2\nversion=1\nmore..2026_01_02_03_05_00.444444444\n",
+            "{h}: after the update: {:?}",
+            s.updated
+        );
+        ensure!(
+            s.pruned == "version=3\n..2026_01_02_03_06_00.555555555 ..data app.conf ",
+            "{h}: after the second update: {:?}",
+            s.pruned
+        );
+        ensure!(
+            s.termination == "it ended well\n",
+            "{h}: termination message {:?}",
+            s.termination
+        );
+        eprintln!("{h}: the update was seen after {:?}", s.update_after);
+    }
+    c.wait_clean(&veil_pods)
+}
