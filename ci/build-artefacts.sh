@@ -44,6 +44,8 @@ floor_initrd=$(build_initrd floor "$floor_init")
 
 vdv=$(tool_path vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION")
 [ -x "$vdv" ] || die "vhost-device-vsock not installed at $vdv: run ci/setup.sh"
+vfsd=$(tool_path virtiofsd "$VIRTIOFSD_VERSION")
+[ -x "$vfsd" ] || die "virtiofsd not installed at $vfsd: run ci/setup.sh"
 qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found: run ci/setup.sh"
 
 profile=${VEIL_HOST_PROFILE:-release}
@@ -73,6 +75,7 @@ VEIL_INITRD=$initrd
 VEIL_FLOOR_INITRD=$floor_initrd
 VEIL_AGENT=$agent
 VEIL_VHOST_DEVICE_VSOCK=$vdv
+VEIL_VIRTIOFSD=$vfsd
 VEIL_QEMU=$qemu
 VEIL_SHIM=$shim
 VEIL_KBS=$kbs

@@ -5,6 +5,7 @@ VEIL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export VEIL_CACHE=${VEIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/veil}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$VEIL_ROOT/target}
 VHOST_DEVICE_VSOCK_VERSION=0.3.0
+VIRTIOFSD_VERSION=1.14.0
 
 log() { echo "[$(basename "$0")] $*" >&2; }
 die() { echo "[$(basename "$0")] error: $*" >&2; exit 1; }

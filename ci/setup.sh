@@ -23,6 +23,8 @@ packages=(
   libseccomp-dev containerd runc
   # CNI plugins: test pods get a network namespace of their own (veil refuses hostNetwork)
   containernetworking-plugins
+  # virtiofsd (from crates.io, below) links libcap-ng and libseccomp
+  libcap-ng-dev
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -40,4 +42,6 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 
 # Tools from crates.io, each cached under $VEIL_CACHE/tools/<name>-<version>.
 install_crate vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION"
+# virtio-fs for directory volumes of plain `veil` pods (docs/volumes.md).
+install_crate virtiofsd "$VIRTIOFSD_VERSION"
 log "setup done"

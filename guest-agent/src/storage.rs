@@ -169,6 +169,43 @@ impl Storages {
             );
             return Ok(dir);
         }
+        if source == StorageSource::VIRTIO_FS {
+            if !matches!(layer, Layer::None) {
+                return Err(StorageError::Refused(
+                    "a virtio-fs share cannot have a verity or scratch layer".into(),
+                ));
+            }
+            validate::id("virtio-fs tag", &req.locator)?;
+            let root = self.dir.join(&req.storage_id);
+            fs::create_dir_all(&root).map_err(os("create", &root))?;
+            let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+            if req.read_only {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(
+                Some(req.locator.as_str()),
+                &root,
+                Some("virtiofs"),
+                flags,
+                None::<&str>,
+            )
+            .map_err(|e| StorageError::Os {
+                what: "mount the virtio-fs share on",
+                path: root.clone(),
+                source: e.into(),
+            })?;
+            self.entries.insert(
+                req.storage_id.clone(),
+                Entry {
+                    root: root.clone(),
+                    mounted: true,
+                    users: 0,
+                    layer: None,
+                    scratch: false,
+                },
+            );
+            return Ok(root);
+        }
         let scratch = layer.is_scratch();
         let fstype = if scratch { "ext4" } else { req.fstype.as_str() };
         if !FSTYPES.contains(&fstype) {

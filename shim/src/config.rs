@@ -168,6 +168,17 @@ pub struct HandlerConfig {
     /// The simulated TEE's keys (`veil sim-ca init --dir`); `tee = "sim"` only.
     #[serde(default = "default_sim_ca_dir")]
     pub sim_ca_dir: PathBuf,
+    /// Share host directories (hostPath, PVC filesystems, image volumes)
+    /// with the pod through virtio-fs (`virtiofsd`, started with the VM).
+    /// The host can read and change a shared directory: on by default for
+    /// `veil` only; a confidential handler refuses such volumes unless this
+    /// is set.
+    #[serde(default)]
+    pub shared_dirs: bool,
+}
+
+fn default_virtiofsd() -> PathBuf {
+    "/opt/veil/bin/virtiofsd".into()
 }
 
 fn default_sim_ca_dir() -> PathBuf {
@@ -195,6 +206,7 @@ impl HandlerConfig {
             kbs_cert: PathBuf::new(),
             kbs_resources: BTreeMap::new(),
             sim_ca_dir: default_sim_ca_dir(),
+            shared_dirs: true,
         };
         // Confidential handlers fetch the scratch disk's key and the image
         // policy (without it the host would choose the images' root hashes).
@@ -213,6 +225,7 @@ impl HandlerConfig {
             accel: AccelChoice::Kvm,
             vsock: VsockMode::Vhost,
             memory_mib: 512,
+            shared_dirs: false,
             ..base.clone()
         };
         match name {
@@ -220,6 +233,7 @@ impl HandlerConfig {
             "veil-sim" => Some(HandlerConfig {
                 tee: TeeKind::Sim,
                 kbs_resources: disk_key,
+                shared_dirs: false,
                 ..base
             }),
             "veil-snp" => Some(confidential(TeeKind::Snp)),
@@ -248,6 +262,9 @@ pub struct Config {
     pub qemu: PathBuf,
     /// vhost-device-vsock binary (hybrid vsock).
     pub vhost_device_vsock: PathBuf,
+    /// virtiofsd binary (host directories shared with `shared_dirs` pods).
+    #[serde(default = "default_virtiofsd")]
+    pub virtiofsd: PathBuf,
     /// `mkfs.erofs` binary.
     pub mkfs_erofs: PathBuf,
     /// `mkfs.ext4` binary.
@@ -268,6 +285,7 @@ impl Default for Config {
             scratch_dir: "/var/lib/veil/scratch".into(),
             qemu: "qemu-system-x86_64".into(),
             vhost_device_vsock: "/opt/veil/bin/vhost-device-vsock".into(),
+            virtiofsd: default_virtiofsd(),
             mkfs_erofs: "mkfs.erofs".into(),
             mkfs_ext4: "mkfs.ext4".into(),
             log_level: "info".into(),

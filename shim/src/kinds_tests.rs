@@ -17,7 +17,7 @@ use crate::{
     stdio::StdioError,
     storage::verity::VerityError,
     vmm::{qmp::QmpError, VmmError},
-    volumes::{AcquireError, VolumeError},
+    volumes::{shared::SharedError, AcquireError, VolumeError},
     vsock::{ReadyError, VsockError},
 };
 
@@ -62,7 +62,7 @@ fn config_spec_state_stdio() {
         SpecError::Read { path: p(), source: io() } => NotFound,
         SpecError::Json(json()) => InvalidArgument,
         SpecError::NotObject => InvalidArgument,
-        SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::HostPath } => FailedPrecondition,
+        SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::NotShared { handler: "veil-sim".into(), volume: "v".into() } } => FailedPrecondition,
         SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::EmptyDirWithoutScratch } => FailedPrecondition,
         SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::EmptyDirSubPath } => FailedPrecondition,
         SpecError::Mount { destination: "/d".into(), source_path: "".into(), reason: MountRefusal::NoSource } => InvalidArgument,
@@ -73,6 +73,10 @@ fn config_spec_state_stdio() {
         VolumeError::Layout { path: p(), reason: "x".into() } => InvalidArgument,
         VolumeError::TooLarge { path: p(), max_bytes: 1, max_entries: 1 } => ResourceExhausted,
         VolumeError::Watch { path: p(), source: nix::Error::EMFILE } => Internal,
+        VolumeError::NoShare => FailedPrecondition,
+        VolumeError::Shared(SharedError::NoDaemon(p())) => FailedPrecondition,
+        SharedError::NotReady { socket: p(), timeout: Duration::from_secs(1), log: p() } => Internal,
+        SharedError::Mount { what: "bind", path: p(), source: io() } => Internal,
         AcquireError { destination: "/etc/config".into(), source: VolumeError::Layout { path: p(), reason: "x".into() } } => InvalidArgument,
         StateError::Io { what: "write", path: p(), source: io() } => Internal,
         StateError::BadId("..".into()) => InvalidArgument,

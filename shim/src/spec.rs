@@ -79,9 +79,14 @@ pub enum MountRefusal {
     /// A subPath of an emptyDir.
     #[error("a subPath of an emptyDir is not supported by veil yet; mount the whole emptyDir")]
     EmptyDirSubPath,
-    /// A host directory or file.
-    #[error("it is a host directory or file (hostPath, a PersistentVolumeClaim, an image volume, or a volume kubelet does not write with its atomic writer), which veil does not share into the pod VM yet")]
-    HostPath,
+    /// A host directory or file, and the handler shares none.
+    #[error("volume {volume} is a host directory or file (hostPath, a PersistentVolumeClaim, an image volume, or a volume kubelet does not write with its atomic writer), which the host can read and change once shared, so handler {handler} does not share it; set shared_dirs = true in [handlers.{handler}] of the veil config to allow host-shared directories")]
+    NotShared {
+        /// The handler.
+        handler: String,
+        /// The volume's name (or host path).
+        volume: String,
+    },
     /// A bind without a source.
     #[error("the bind mount has no source")]
     NoSource,
@@ -93,7 +98,7 @@ impl Classify for MountRefusal {
             MountRefusal::NoSource => Kind::InvalidArgument,
             MountRefusal::EmptyDirWithoutScratch
             | MountRefusal::EmptyDirSubPath
-            | MountRefusal::HostPath => Kind::FailedPrecondition,
+            | MountRefusal::NotShared { .. } => Kind::FailedPrecondition,
         }
     }
 }
@@ -183,10 +188,15 @@ pub struct GuestSpec {
 }
 
 /// What the pod offers the container's mounts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MountContext {
     /// The pod has its encrypted scratch disk (emptyDir volumes go there).
     pub scratch: bool,
+    /// The pod shares host directories through virtio-fs (its handler's
+    /// `shared_dirs`).
+    pub shared_dirs: bool,
+    /// The pod's handler (named in refusals).
+    pub handler: String,
 }
 
 impl HostSpec {
@@ -447,6 +457,13 @@ fn guest_mount(m: &mut Value, ctx: &MountContext) -> Result<Option<VolumeUse>, S
     }
     let host = Path::new(&source);
     let kind = match kubelet::classify(host) {
+        // Without a scratch disk a plain pod's emptyDir is the host's, as
+        // with runc.
+        Source::EmptyDir { .. } | Source::EmptyDirSubPath { .. }
+            if !ctx.scratch && ctx.shared_dirs =>
+        {
+            UseKind::Shared
+        }
         Source::EmptyDir { .. } if !ctx.scratch => {
             return refuse(MountRefusal::EmptyDirWithoutScratch)
         }
@@ -455,7 +472,13 @@ fn guest_mount(m: &mut Value, ctx: &MountContext) -> Result<Option<VolumeUse>, S
             return Ok(None);
         }
         Source::EmptyDirSubPath { .. } => return refuse(MountRefusal::EmptyDirSubPath),
-        Source::Host => return refuse(MountRefusal::HostPath),
+        Source::Host if ctx.shared_dirs => UseKind::Shared,
+        Source::Host => {
+            return refuse(MountRefusal::NotShared {
+                handler: ctx.handler.clone(),
+                volume: kubelet::volume_name(host),
+            })
+        }
         Source::FileVolume { .. } => UseKind::Live,
         Source::FileSubPath { .. } => UseKind::Snapshot,
         Source::TerminationLog => UseKind::TerminationLog,
@@ -623,7 +646,13 @@ mod tests {
         }))
     }
 
-    const SCRATCH: MountContext = MountContext { scratch: true };
+    fn scratch() -> MountContext {
+        MountContext {
+            scratch: true,
+            shared_dirs: false,
+            handler: "veil-sim".into(),
+        }
+    }
 
     #[test]
     fn empty_dirs_go_to_the_scratch_disk_when_the_pod_has_one() {
@@ -632,7 +661,7 @@ mod tests {
             "/cache",
         );
         assert_eq!(spec.image_name(), "docker.io/library/busybox:1.36");
-        let g = spec.for_guest(&SCRATCH).unwrap();
+        let g = spec.for_guest(&scratch()).unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert_eq!(v["mounts"][0]["source"], "storage:scratch/volumes/cache");
         assert_eq!(v["mounts"][0]["destination"], "/cache");
@@ -647,7 +676,9 @@ mod tests {
     #[test]
     fn file_volumes_become_guest_copies() {
         let cfg = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/cfg";
-        let g = with_mount(cfg, "/etc/config").for_guest(&SCRATCH).unwrap();
+        let g = with_mount(cfg, "/etc/config")
+            .for_guest(&scratch())
+            .unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert_eq!(g.volumes.len(), 1);
         let u = &g.volumes[0];
@@ -660,36 +691,51 @@ mod tests {
             {"destination": "/a", "type": "bind", "source": cfg, "options": ["rbind"]},
             {"destination": "/b", "type": "bind", "source": cfg, "options": ["rbind"]},
         ]}));
-        assert_eq!(twice.for_guest(&SCRATCH).unwrap().volumes.len(), 1);
+        assert_eq!(twice.for_guest(&scratch()).unwrap().volumes.len(), 1);
     }
 
     #[test]
     fn every_host_mount_the_guest_cannot_serve_is_refused_naming_it() {
-        for (source, dest) in [
-            ("/srv/www", "/usr/share/nginx/html"),
+        for (source, dest, volume) in [
+            ("/srv/www", "/usr/share/nginx/html", "/srv/www"),
             (
                 "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-1/mount",
                 "/data",
+                "pvc-1",
             ),
             (
                 "/var/lib/containerd/io.containerd.grpc.v1.cri/containers/c1/volumes/0ab1",
                 "/var/lib/mysql",
+                "/var/lib/containerd/io.containerd.grpc.v1.cri/containers/c1/volumes/0ab1",
             ),
         ] {
-            let e = with_mount(source, dest).for_guest(&SCRATCH).unwrap_err();
+            let e = with_mount(source, dest).for_guest(&scratch()).unwrap_err();
             assert_eq!(e.kind(), Kind::FailedPrecondition, "{e}");
             let msg = e.to_string();
             assert!(
                 msg.contains(&format!("the mount at {dest} (from {source})"))
-                    && msg.contains("host directory"),
+                    && msg.contains(&format!("volume {volume} is a host directory"))
+                    && msg.contains("set shared_dirs = true in [handlers.veil-sim]"),
                 "{msg}"
             );
+            // A handler that shares host directories shares it.
+            let shared = MountContext {
+                shared_dirs: true,
+                ..scratch()
+            };
+            let g = with_mount(source, dest).for_guest(&shared).unwrap();
+            assert_eq!(g.volumes[0].kind, UseKind::Shared);
+            let v: Value = serde_json::from_slice(&g.json).unwrap();
+            assert_eq!(
+                v["mounts"][0]["source"],
+                format!("storage:shared/{}", g.volumes[0].id)
+            );
         }
-        let e = with_mount("", "/x").for_guest(&SCRATCH).unwrap_err();
+        let e = with_mount("", "/x").for_guest(&scratch()).unwrap_err();
         assert_eq!(e.kind(), Kind::InvalidArgument, "{e}");
         // Our own sources pass as they are.
         let g = with_mount("storage:scratch/volumes/x", "/x")
-            .for_guest(&SCRATCH)
+            .for_guest(&scratch())
             .unwrap();
         assert!(g.volumes.is_empty());
     }
@@ -699,7 +745,7 @@ mod tests {
         let spec = HostSpec(json!({"linux": {
             "devices": [{"path": "/dev/xvda", "type": "b", "major": 202, "minor": 0}],
         }}));
-        let e = spec.for_guest(&SCRATCH).unwrap_err();
+        let e = spec.for_guest(&scratch()).unwrap_err();
         assert_eq!(e.kind(), Kind::FailedPrecondition);
         assert!(e.to_string().contains("/dev/xvda (b 202:0)"), "{e}");
     }

@@ -193,7 +193,7 @@ const SO_ACCEPTCON: u32 = 0x1_0000;
 /// Whether a unix socket bound to `path` listens, from `/proc/net/unix` (this
 /// network namespace's sockets: `Num RefCount Protocol Flags Type St Inode
 /// Path`). Without that table, whether the path exists.
-fn unix_socket_listening(path: &Path) -> bool {
+pub(crate) fn unix_socket_listening(path: &Path) -> bool {
     match std::fs::read_to_string("/proc/net/unix") {
         Ok(table) => listening_in(&table, path),
         Err(_) => path.exists(),

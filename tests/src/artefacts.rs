@@ -24,6 +24,8 @@ pub struct Artefacts {
     pub agent: PathBuf,
     /// `vhost-device-vsock`.
     pub vhost_device_vsock: PathBuf,
+    /// virtiofsd (directory volumes of plain pods).
+    pub virtiofsd: PathBuf,
     /// `qemu-system-x86_64`.
     pub qemu: PathBuf,
     /// The shim binary `containerd-shim-veil-v2` (empty if not recorded; see
@@ -69,6 +71,7 @@ impl Artefacts {
             floor_initrd: get("VEIL_FLOOR_INITRD")?,
             agent: get("VEIL_AGENT")?,
             vhost_device_vsock: get("VEIL_VHOST_DEVICE_VSOCK")?,
+            virtiofsd: get("VEIL_VIRTIOFSD")?,
             qemu: get("VEIL_QEMU")?,
             shim: get("VEIL_SHIM").unwrap_or_default(),
             kbs: get("VEIL_KBS").unwrap_or_default(),

@@ -119,11 +119,12 @@ pub fn veil_config_with(a: &Artefacts, image_dir: &Path, extra: &[(&str, &str)])
         )
     };
     format!(
-        "state_dir = \"{VEIL_STATE_DIR}\"\nimage_dir = {}\nscratch_dir = {}\nqemu = {}\nvhost_device_vsock = {}\n\n{}\n{}",
+        "state_dir = \"{VEIL_STATE_DIR}\"\nimage_dir = {}\nscratch_dir = {}\nqemu = {}\nvhost_device_vsock = {}\nvirtiofsd = {}\n\n{}\n{}",
         toml_str(image_dir),
         toml_str(&scratch_dir_of(image_dir)),
         toml_str(&a.qemu),
         toml_str(&a.vhost_device_vsock),
+        toml_str(&a.virtiofsd),
         handler("veil", "none"),
         handler("veil-sim", "sim"),
     )

@@ -110,6 +110,7 @@ impl TestVm {
             machine: Default::default(),
             scsi_controller: !opts.disks.is_empty(),
             disks: opts.disks.clone(),
+            virtio_fs: None,
         };
         let launched = (
             spec.kernel.clone(),

@@ -18,7 +18,15 @@
 //! - a mount veil cannot serve (a subPath of an emptyDir) fails the task
 //!   create (CRI StartContainer), naming the destination; runc runs it.
 //!
-//! Afterwards nothing of the veil pods is left: processes, mounts, the pod
+//!
+//! Directory volumes (`cri_host_directories_…`): a hostPath directory in a
+//! plain `veil` pod is the host's own through virtio-fs — what the host
+//! writes the container reads and the other way round, as with runc — and
+//! the same pod spec under `veil-sim` (a confidential handler, no
+//! `shared_dirs`) fails naming the volume, its destination and the key.
+//!
+//! Afterwards nothing of the veil pods is left: processes (virtiofsd
+//! included: it runs with its socket in the pod directory), mounts, the pod
 //! directories under /run/veil.
 
 use std::{
@@ -348,4 +356,128 @@ async fn cri_file_volumes_reach_the_guest_and_follow_kubelets_updates() -> Resul
         eprintln!("{h}: the update was seen after {:?}", s.update_after);
     }
     c.wait_clean(&veil_pods)
+}
+
+/// The hostPath case on `handler`: Ok(None) when it ran, Ok(Some(refusal))
+/// when the start was refused.
+async fn host_dir_on(
+    cri: &mut RuntimeServiceClient<Channel>,
+    work: &Path,
+    handler: &str,
+    pods: &mut Vec<(String, String)>,
+) -> Result<Option<String>> {
+    let name = format!("hostdir-{handler}");
+    let uid = format!("uid-{name}");
+    let host = work.join(&name);
+    std::fs::create_dir_all(&host)?;
+    std::fs::write(host.join("from-host"), b"written on the host\n")?;
+    let logs = work.join("logs").join(&name);
+    std::fs::create_dir_all(&logs)?;
+    let config = cri::pod_config(&name, &uid, &name, &logs.display().to_string());
+    let pod = cri::run_pod(cri, handler, &config).await?;
+    pods.push((handler.to_string(), pod.clone()));
+    let app = k8s_cri::v1::ContainerConfig {
+        mounts: vec![mount(&host, "/data", false)],
+        ..cri::busybox_container("app", &["sleep", "1000"])
+    };
+    let app = cri::create_container(cri, &pod, &config, app).await?;
+    if let Err(e) = cri::start_container(cri, &app).await {
+        cri::remove_pod(cri, &pod).await?;
+        return Ok(Some(format!("{e:#}")));
+    }
+    let (out, err, code) = cri::exec(
+        cri,
+        &app,
+        "cat /data/from-host && echo written in the container > /data/from-guest && ls /data",
+    )
+    .await?;
+    ensure!(
+        code == 0 && out == "written on the host\nfrom-guest\nfrom-host\n",
+        "{handler}: {out:?} {err:?} ({code})"
+    );
+    let back = std::fs::read_to_string(host.join("from-guest"))?;
+    ensure!(
+        back == "written in the container\n",
+        "{handler}: host reads {back:?}"
+    );
+    // A change on the host while the container runs.
+    std::fs::write(host.join("later"), b"later\n")?;
+    let (out, _, _) = cri::exec(cri, &app, "cat /data/later").await?;
+    ensure!(out == "later\n", "{handler}: {out:?}");
+    cri::remove_pod(cri, &pod).await?;
+    Ok(None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_host_directories_are_shared_with_plain_pods_and_refused_by_confidential_ones(
+) -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
+    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    let mut client = cri::client(&c).await?;
+    let mut pods = Vec::new();
+    let mut results = Vec::new();
+    let mut failed = None;
+    for handler in ["runc", "veil", "veil-sim"] {
+        match host_dir_on(&mut client, work.path(), handler, &mut pods).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                failed = Some(e.context(format!("on {handler}")));
+                break;
+            }
+        }
+        if handler == "veil" {
+            let rss = virtiofsd_rss();
+            eprintln!("virtiofsd RSS while the veil pod ran: {rss:?}");
+        }
+    }
+    let veil_pods: Vec<&str> = pods
+        .iter()
+        .filter(|(h, _)| h != "runc")
+        .map(|(_, p)| p.as_str())
+        .collect();
+    if let Some(e) = failed {
+        eprintln!("containerd log:\n{}", c.log_text());
+        for (_, p) in &pods {
+            let _ = cri::remove_pod(&mut client, p).await;
+        }
+        if let Err(left) = c.wait_clean(&veil_pods) {
+            eprintln!("{left:#}");
+        }
+        return Err(e);
+    }
+    ensure!(results[0].is_none() && results[1].is_none(), "{results:?}");
+    let refusal = results[2]
+        .clone()
+        .context("veil-sim ran the hostPath volume")?;
+    let host = work.path().join("hostdir-veil-sim");
+    ensure!(
+        refusal.contains(&format!(
+            "the mount at /data (from {h}) cannot be served in the pod VM: volume {h} is a host directory",
+            h = host.display()
+        )) && refusal.contains("set shared_dirs = true in [handlers.veil-sim]"),
+        "unclear refusal: {refusal}"
+    );
+    eprintln!("veil-sim refuses: {refusal}");
+    c.wait_clean(&veil_pods)
+}
+
+/// RSS of the virtiofsd processes whose command line names a pod
+/// directory (kB, from /proc/PID/status).
+fn virtiofsd_rss() -> Vec<(u32, String)> {
+    veil_tests::containerd::processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("virtiofsd") && cmd.contains("/run/veil/"))
+        .map(|(pid, _)| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .unwrap_or("VmRSS: ?")
+                .to_string();
+            (pid, rss)
+        })
+        .collect()
 }

@@ -12,6 +12,7 @@ use veil_common::{Classify, Kind};
 use veil_protocol::{agent::CreateSandboxRequest, vsock::GuestTransport};
 
 use super::launch::{HostService, LaunchInfo};
+use crate::volumes::shared::{self, SharedError, VirtioFs};
 use crate::{
     agent::{self, Agent, AgentError},
     config::{Config, HandlerConfig, TeeKind, VsockMode},
@@ -70,6 +71,12 @@ pub enum BootError {
     /// The pod's attestation set-up (broker, simulated TEE keys).
     #[error("attestation set-up")]
     Attest(#[from] crate::attest::AttestSetupError),
+    /// The virtio-fs share of a `shared_dirs` handler.
+    #[error("host-shared directories (virtio-fs)")]
+    Shared(#[from] SharedError),
+    /// `shared_dirs` on a machine that cannot have it.
+    #[error("{0}")]
+    SharedDirs(String),
 }
 
 impl Classify for BootError {
@@ -83,6 +90,8 @@ impl Classify for BootError {
             BootError::Agent(e) => e.kind(),
             BootError::File { .. } | BootError::Died(..) => Kind::Internal,
             BootError::Attest(e) => e.kind(),
+            BootError::Shared(e) => e.kind(),
+            BootError::SharedDirs(_) => Kind::FailedPrecondition,
         }
     }
 }
@@ -121,6 +130,8 @@ pub struct Booted {
     pub launch: LaunchInfo,
     /// Whether the pod has its encrypted scratch disk.
     pub has_scratch: bool,
+    /// The virtio-fs share's daemon, if the handler shares host directories.
+    pub virtiofs: Option<VirtioFs>,
 }
 
 /// The kernel command line of `h`'s pods: the base line, the measured
@@ -164,6 +175,7 @@ struct Partial {
     dir: PodDir,
     vm: Option<Box<dyn RunningVm>>,
     backend: Option<HybridVsockBackend>,
+    virtiofs: Option<VirtioFs>,
     services: Vec<tokio::task::JoinHandle<()>>,
     defused: bool,
 }
@@ -181,6 +193,9 @@ impl Drop for Partial {
         }
         if let Some(mut b) = self.backend.take() {
             b.stop();
+        }
+        if let Some(mut f) = self.virtiofs.take() {
+            f.stop();
         }
         self.dir.cleanup();
     }
@@ -239,6 +254,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         dir: dir.clone(),
         vm: None,
         backend: None,
+        virtiofs: None,
         services: Vec::new(),
         defused: false,
     };
@@ -290,6 +306,23 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
                 .push(Arc::clone(svc).serve(l, launch.clone()));
         }
     }
+    let virtio_fs = if h.shared_dirs {
+        if !matches!(machine(h), Machine::Microvm) {
+            return Err(BootError::SharedDirs(format!(
+                "shared_dirs needs a microvm pod (tee none or sim); handler has tee {:?}",
+                h.tee
+            )));
+        }
+        let fs = VirtioFs::start(&p.config.virtiofsd, &dir.path, spawn_opts())?;
+        if let Some(pid) = fs.pid() {
+            dir.record_pid("virtiofsd", pid)?;
+        }
+        let dev = (fs.socket.clone(), shared::TAG.to_string());
+        partial.virtiofs = Some(fs);
+        Some(dev)
+    } else {
+        None
+    };
     let qmp_path = dir.file("qmp.sock");
     let console = dir.file("console.log");
     let spec = VmSpec {
@@ -306,6 +339,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         machine: machine(h),
         scsi_controller: true,
         disks,
+        virtio_fs,
     };
     let vm = Qemu {
         binary: p.config.qemu.clone(),
@@ -402,11 +436,21 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         )?;
         phases.mark("scratch_ready");
     }
+    if partial.virtiofs.is_some() {
+        agent::rpc(
+            "AddStorage",
+            agent
+                .sandbox
+                .add_storage(agent::ctx(), &shared::add_request())
+                .await,
+        )?;
+    }
 
     let Some(vm) = partial.vm.take() else {
         return Err(BootError::Died(String::new(), String::new()));
     };
     let backend = partial.backend.take();
+    let virtiofs = partial.virtiofs.take();
     let services = std::mem::take(&mut partial.services);
     // Everything is owned by the caller now.
     partial.defused = true;
@@ -421,6 +465,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         ready_call,
         launch,
         has_scratch,
+        virtiofs,
     })
 }
 

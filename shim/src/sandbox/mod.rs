@@ -47,7 +47,7 @@ use crate::{
     stdio::{Relay, StdioPaths},
     sync::Lock,
     vmm::{qmp::Qmp, RunningVm},
-    volumes::PodVolumes,
+    volumes::{shared::VirtioFs, PodVolumes},
     vsock::{AgentReady, HybridVsockBackend},
 };
 use images::Images;
@@ -150,7 +150,13 @@ impl Launcher for VmLauncher {
             launch: b.launch,
             has_scratch: b.has_scratch,
             relays: Lock::new(HashMap::new()),
-            volumes: PodVolumes::default(),
+            volumes: PodVolumes::new(b.virtiofs.as_ref().map(|f| f.root.clone())),
+            mounts: MountContext {
+                scratch: b.has_scratch,
+                shared_dirs: b.virtiofs.is_some(),
+                handler: handler_name.clone(),
+            },
+            virtiofs: Lock::new(b.virtiofs),
             gone: Lock::new(None),
         });
         tokio::spawn(watchdog(Arc::downgrade(&sandbox)));
@@ -198,8 +204,12 @@ pub struct Sandbox {
     /// layers and emptyDir volumes live there).
     pub has_scratch: bool,
     relays: Lock<HashMap<(String, String), Shared<Relay>>>,
-    /// The file volumes copied into the guest.
+    /// The file volumes copied into the guest, the host directories shared.
     volumes: PodVolumes,
+    /// What the pod offers containers' mounts.
+    mounts: MountContext,
+    /// The virtio-fs daemon of the pod's share, if it has one.
+    virtiofs: Lock<Option<VirtioFs>>,
     /// Why the VM is gone, once it is (it died, or the pod was shut down).
     gone: Lock<Option<String>>,
 }
@@ -242,7 +252,13 @@ impl Sandbox {
                 .as_mut()
                 .and_then(|b| exit_reason("vsock backend", b.is_running(), b.pid()))
         };
-        let reason = vm_exit.or_else(backend_exit)?;
+        let virtiofs_exit = || {
+            self.virtiofs
+                .lock()
+                .as_mut()
+                .and_then(|f| exit_reason("virtiofsd", f.is_running(), f.pid()))
+        };
+        let reason = vm_exit.or_else(backend_exit).or_else(virtiofs_exit)?;
         {
             let mut gone = self.gone.lock();
             if let Some(r) = gone.as_ref() {
@@ -250,15 +266,23 @@ impl Sandbox {
             }
             *gone = Some(reason.clone());
         }
-        // Both go: a VM without its backend cannot be reached, a backend
-        // without its VM serves nobody.
+        // All go: a VM without its backend cannot be reached, a backend
+        // without its VM serves nobody, nor does virtiofsd.
+        self.stop_host_processes();
+        Some(reason)
+    }
+
+    /// Kills the VMM and stops the vsock backend and virtiofsd, by PID.
+    fn stop_host_processes(&self) {
         if let Some(mut vm) = self.vm.lock().take() {
             vm.kill();
         }
         if let Some(mut b) = self.backend.lock().take() {
             b.stop();
         }
-        Some(reason)
+        if let Some(mut f) = self.virtiofs.lock().take() {
+            f.stop();
+        }
     }
 
     /// Fails with [`SandboxError::Gone`] once the VM is gone.
@@ -320,6 +344,7 @@ impl Pod for Sandbox {
         let mut v = Vec::new();
         v.extend(self.vm.lock().as_ref().and_then(|vm| vm.pid()));
         v.extend(self.backend.lock().as_ref().and_then(|b| b.pid()));
+        v.extend(self.virtiofs.lock().as_ref().and_then(VirtioFs::pid));
         v
     }
 
@@ -354,12 +379,7 @@ impl Pod for Sandbox {
         phases: &Phases,
     ) -> Result<u32, PodError> {
         self.guest()?;
-        let guest = c
-            .spec
-            .for_guest(&MountContext {
-                scratch: self.has_scratch,
-            })
-            .map_err(SandboxError::Spec)?;
+        let guest = c.spec.for_guest(&self.mounts).map_err(SandboxError::Spec)?;
         let copied = self
             .volumes
             .acquire(c.id, &guest.volumes, &self.agent)
@@ -679,6 +699,9 @@ impl Pod for Sandbox {
         if let Some(mut b) = self.backend.lock().take() {
             b.stop();
         }
+        if let Some(mut f) = self.virtiofs.lock().take() {
+            f.stop();
+        }
         self.relays.lock().clear();
         self.images.release_all().await;
         self.dir.cleanup();
@@ -690,12 +713,7 @@ impl Drop for Sandbox {
         for s in &self.services {
             s.abort();
         }
-        if let Some(mut vm) = self.vm.lock().take() {
-            vm.kill();
-        }
-        if let Some(mut b) = self.backend.lock().take() {
-            b.stop();
-        }
+        self.stop_host_processes();
         self.dir.cleanup();
     }
 }

@@ -125,6 +125,9 @@ pub struct VmSpec {
     pub scsi_controller: bool,
     /// Disks attached at start.
     pub disks: Vec<BootDisk>,
+    /// A virtio-fs device: virtiofsd's vhost-user socket and the tag the
+    /// guest mounts it by (needs shared guest memory, which microvm has).
+    pub virtio_fs: Option<(PathBuf, String)>,
 }
 
 /// A running VM. Dropping it stops the VM.

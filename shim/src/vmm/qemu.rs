@@ -217,6 +217,21 @@ fn devices(spec: &VmSpec, bus: Bus, a: &mut Vec<String>) {
             push(&["-device", &dev])
         }
     }
+    if let Some((socket, tag)) = &spec.virtio_fs {
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=fs0,path={}",
+                escape(&socket.display().to_string())
+            ),
+            "-device",
+            &format!(
+                "{},chardev=fs0,tag={}",
+                bus.device("vhost-user-fs"),
+                escape(tag)
+            ),
+        ]);
+    }
     if spec.scsi_controller {
         push(&[
             "-device",
@@ -329,6 +344,7 @@ mod tests {
             machine: Machine::Microvm,
             scsi_controller: false,
             disks: Vec::new(),
+            virtio_fs: None,
         }
     }
 
@@ -377,6 +393,24 @@ mod tests {
             ["unix:/run/v/qmp.sock,server=on,wait=off"]
         );
         assert!(a.iter().any(|s| s == "-no-reboot"));
+    }
+
+    #[test]
+    fn a_virtio_fs_share_is_a_vhost_user_fs_device() {
+        let mut s = spec();
+        s.virtio_fs = Some(("/run/v/virtiofs.sock".into(), "veil-shared".into()));
+        let a = microvm_args(&s);
+        assert_eq!(
+            after(&a, "-chardev"),
+            [
+                "socket,id=vsock0,path=/run/v/vhost.sock",
+                "socket,id=fs0,path=/run/v/virtiofs.sock"
+            ]
+        );
+        assert_eq!(
+            after(&a, "-device")[1],
+            "vhost-user-fs-device,chardev=fs0,tag=veil-shared"
+        );
     }
 
     #[test]

@@ -114,6 +114,23 @@ pub fn classify(source: &Path) -> Source {
     }
 }
 
+/// The volume's name when `source` is kubelet's directory of a volume (or a
+/// PVC's `mount` below it, or a subPath of one), else the path itself.
+pub fn volume_name(source: &Path) -> String {
+    let comps: Vec<String> = source
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let tail: Vec<&str> = comps.iter().rev().take(5).map(String::as_str).collect();
+    let name = match tail.as_slice() {
+        ["mount", name, _, "volumes", ..] | [name, _, "volumes", ..] => Some(*name),
+        [_, _, name, "volume-subpaths", ..] => Some(*name),
+        _ => None,
+    };
+    name.filter(|n| plain_name(n))
+        .map_or_else(|| source.display().to_string(), str::to_string)
+}
+
 /// The plugin directory under `<pod>/volumes/` that holds volume `name`.
 fn plugin_of(pod_dir: &Path, name: &str) -> Option<String> {
     std::fs::read_dir(pod_dir.join("volumes"))
@@ -169,6 +186,22 @@ mod tests {
             format!("{k}/volume-subpaths/cfg/app/0"),
         ] {
             assert_eq!(classify(Path::new(&host)), Source::Host, "{host}");
+        }
+    }
+
+    #[test]
+    fn volumes_are_named_by_kubelets_directory() {
+        let k = "/var/lib/kubelet/pods/u";
+        for (p, name) in [
+            (
+                format!("{k}/volumes/kubernetes.io~csi/pvc-1/mount"),
+                "pvc-1",
+            ),
+            (format!("{k}/volumes/kubernetes.io~local-volume/pv1"), "pv1"),
+            (format!("{k}/volume-subpaths/data/app/0"), "data"),
+            ("/srv/www".to_string(), "/srv/www"),
+        ] {
+            assert_eq!(volume_name(Path::new(&p)), name, "{p}");
         }
     }
 

@@ -16,6 +16,7 @@
 
 pub mod files;
 pub mod kubelet;
+pub mod shared;
 pub mod watch;
 
 use std::{
@@ -83,6 +84,12 @@ pub enum VolumeError {
         #[source]
         source: nix::Error,
     },
+    /// The volume could not be shared through virtio-fs.
+    #[error(transparent)]
+    Shared(#[from] shared::SharedError),
+    /// A host directory, but the pod has no virtio-fs share.
+    #[error("the pod has no virtio-fs share")]
+    NoShare,
     /// The agent refused or failed the volume.
     #[error("volume {volume} in the pod VM")]
     Agent {
@@ -106,6 +113,8 @@ impl Classify for VolumeError {
             VolumeError::NotAtomic { .. } | VolumeError::Layout { .. } => Kind::InvalidArgument,
             VolumeError::TooLarge { .. } => Kind::ResourceExhausted,
             VolumeError::Agent { source, .. } => source.kind(),
+            VolumeError::Shared(e) => e.kind(),
+            VolumeError::NoShare => Kind::FailedPrecondition,
         }
     }
 }
@@ -137,6 +146,9 @@ pub enum UseKind {
     /// A fixed copy of the container's termination message file, read back
     /// into the host file when the container exits.
     TerminationLog,
+    /// A host directory or file shared through the pod's virtio-fs
+    /// ([`shared`]): not a copy, the host's own.
+    Shared,
 }
 
 /// One file volume a container's spec uses.
@@ -161,6 +173,7 @@ impl VolumeUse {
             UseKind::Live => "live",
             UseKind::Snapshot => "snap",
             UseKind::TerminationLog => "term",
+            UseKind::Shared => "host",
         };
         let mut h = Sha256::new();
         h.update(tag.as_bytes());
@@ -181,6 +194,7 @@ impl VolumeUse {
             UseKind::Snapshot | UseKind::TerminationLog => {
                 format!("volume:{}/{}", self.id, files::snapshot_subpath().display())
             }
+            UseKind::Shared => shared::bind_source(&self.id),
         }
     }
 
@@ -188,7 +202,9 @@ impl VolumeUse {
     fn read(&self) -> Result<PutVolumeRequest, VolumeError> {
         match self.kind {
             UseKind::Live => files::read_atomic(&self.host),
-            UseKind::Snapshot | UseKind::TerminationLog => files::read_snapshot(&self.host),
+            UseKind::Snapshot | UseKind::TerminationLog | UseKind::Shared => {
+                files::read_snapshot(&self.host)
+            }
         }
     }
 }
@@ -233,13 +249,23 @@ pub struct CopyStats {
     pub elapsed_us: u64,
 }
 
-/// The pod's file volumes.
+/// The pod's volumes: file volumes copied in, host directories shared.
 #[derive(Default)]
 pub struct PodVolumes {
     state: tokio::sync::Mutex<State>,
+    /// The staging directory of the pod's virtio-fs share, if it has one.
+    shared_root: Option<PathBuf>,
 }
 
 impl PodVolumes {
+    /// Volumes of a pod whose virtio-fs share serves `shared_root`, if any.
+    pub fn new(shared_root: Option<PathBuf>) -> Self {
+        PodVolumes {
+            state: Default::default(),
+            shared_root,
+        }
+    }
+
     /// Brings `uses` of container `container` into the guest: each volume
     /// not there yet is read, put and (if live) watched. On failure nothing
     /// of this container's is kept.
@@ -260,7 +286,22 @@ impl PodVolumes {
                 taken.push(u.clone());
                 continue;
             }
-            match bring_in(u, agent).await {
+            let brought = match (u.kind, &self.shared_root) {
+                (UseKind::Shared, Some(root)) => shared::share(root, &u.id, &u.host)
+                    .map(|()| {
+                        let e = Entry {
+                            users: 1,
+                            watcher: None,
+                            push_lock: Arc::default(),
+                        };
+                        tracing::info!(destination = %u.destination, host = %u.host.display(), "host directory shared with the pod VM");
+                        (e, 0)
+                    })
+                    .map_err(VolumeError::from),
+                (UseKind::Shared, None) => Err(VolumeError::NoShare),
+                _ => bring_in(u, agent).await,
+            };
+            match brought {
                 Ok((entry, bytes)) => {
                     stats.copied += 1;
                     stats.bytes += bytes;
@@ -314,6 +355,12 @@ impl PodVolumes {
             let _held = e.push_lock.lock().await;
             if let Some(w) = e.watcher {
                 w.abort();
+            }
+            if u.kind == UseKind::Shared {
+                if let Some(root) = &self.shared_root {
+                    shared::unshare(root, &u.id);
+                }
+                continue;
             }
             if let Some(agent) = agent {
                 let mut r = RemoveVolumeRequest::new();
