@@ -302,20 +302,8 @@ async fn cri_file_volumes_reach_the_guest_and_follow_kubelets_updates() -> Resul
             }
         }
     }
-    let veil_pods: Vec<&str> = pods
-        .iter()
-        .filter(|(h, _)| h != "runc")
-        .map(|(_, p)| p.as_str())
-        .collect();
     if let Err(e) = result {
-        eprintln!("containerd log:\n{}", c.log_text());
-        for (_, p) in &pods {
-            let _ = cri::remove_pod(&mut client, p).await;
-        }
-        if let Err(left) = c.wait_clean(&veil_pods) {
-            eprintln!("{left:#}");
-        }
-        return Err(e);
+        return Err(clean_up_after(&c, &mut client, &pods, e).await);
     }
     let (runc, veil) = (&seen[0], &seen[1]);
     eprintln!("runc:\n{}\nveil:\n{}", runc.first, veil.first);
@@ -355,7 +343,7 @@ async fn cri_file_volumes_reach_the_guest_and_follow_kubelets_updates() -> Resul
         );
         eprintln!("{h}: the update was seen after {:?}", s.update_after);
     }
-    c.wait_clean(&veil_pods)
+    c.wait_clean(&veil_pods(&pods))
 }
 
 /// The hostPath case on `handler`: Ok(None) when it ran, Ok(Some(refusal))
@@ -433,20 +421,8 @@ async fn cri_host_directories_are_shared_with_plain_pods_and_refused_by_confiden
             eprintln!("virtiofsd RSS while the veil pod ran: {rss:?}");
         }
     }
-    let veil_pods: Vec<&str> = pods
-        .iter()
-        .filter(|(h, _)| h != "runc")
-        .map(|(_, p)| p.as_str())
-        .collect();
     if let Some(e) = failed {
-        eprintln!("containerd log:\n{}", c.log_text());
-        for (_, p) in &pods {
-            let _ = cri::remove_pod(&mut client, p).await;
-        }
-        if let Err(left) = c.wait_clean(&veil_pods) {
-            eprintln!("{left:#}");
-        }
-        return Err(e);
+        return Err(clean_up_after(&c, &mut client, &pods, e).await);
     }
     ensure!(results[0].is_none() && results[1].is_none(), "{results:?}");
     let refusal = results[2]
@@ -461,7 +437,7 @@ async fn cri_host_directories_are_shared_with_plain_pods_and_refused_by_confiden
         "unclear refusal: {refusal}"
     );
     eprintln!("veil-sim refuses: {refusal}");
-    c.wait_clean(&veil_pods)
+    c.wait_clean(&veil_pods(&pods))
 }
 
 /// RSS of the virtiofsd processes whose command line names a pod
@@ -480,4 +456,30 @@ fn virtiofsd_rss() -> Vec<(u32, String)> {
             (pid, rss)
         })
         .collect()
+}
+
+/// The veil pods among (handler, pod) pairs.
+fn veil_pods(pods: &[(String, String)]) -> Vec<&str> {
+    pods.iter()
+        .filter(|(h, _)| h != "runc")
+        .map(|(_, p)| p.as_str())
+        .collect()
+}
+
+/// After a failed case: prints containerd's log, removes every pod, says
+/// what the veil pods left; returns the failure.
+async fn clean_up_after(
+    c: &Containerd,
+    cri: &mut RuntimeServiceClient<Channel>,
+    pods: &[(String, String)],
+    e: anyhow::Error,
+) -> anyhow::Error {
+    eprintln!("containerd log:\n{}", c.log_text());
+    for (_, p) in pods {
+        let _ = cri::remove_pod(cri, p).await;
+    }
+    if let Err(left) = c.wait_clean(&veil_pods(pods)) {
+        eprintln!("{left:#}");
+    }
+    e
 }
