@@ -117,6 +117,44 @@ fn not_found(what: &'static str, id: &str) -> PodError {
     }
 }
 
+/// How long a hot-added block volume may take to appear.
+const BLOCK_APPEAR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The block volumes of `spec` ([`plan::BLOCK_DEVICES_ANNOTATION`]), each
+/// found by its disk serial: container path → the guest's (major, minor).
+async fn block_volumes(
+    spec: &oci_spec::runtime::Spec,
+) -> Result<HashMap<PathBuf, (u64, u64)>, PodError> {
+    let Some(text) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(plan::BLOCK_DEVICES_ANNOTATION))
+    else {
+        return Ok(HashMap::new());
+    };
+    let wanted: HashMap<String, String> = serde_json::from_str(text).map_err(|e| {
+        PodError::BadRequest(format!(
+            "annotation {}: not a JSON object of path to serial: {e}",
+            plan::BLOCK_DEVICES_ANNOTATION
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for (path, serial) in wanted {
+        let path = validate::absolute_path("block device", &path)?;
+        let dev = crate::storage::find_by_serial(&serial, BLOCK_APPEAR).await?;
+        let meta = std::fs::metadata(&dev).map_err(|source| PodError::Io {
+            what: format!("stat {}", dev.display()),
+            source,
+        })?;
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
+        out.insert(
+            path,
+            (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)),
+        );
+    }
+    Ok(out)
+}
+
 /// Where the pod keeps its state.
 #[derive(Debug, Clone)]
 pub struct PodConfig {
@@ -151,6 +189,8 @@ pub struct Pod {
 struct PlanCtx<'a> {
     inner: &'a Inner,
     host_mode: bool,
+    /// Block volumes found by serial: container path → guest numbers.
+    block: HashMap<PathBuf, (u64, u64)>,
 }
 
 impl plan::Context for PlanCtx<'_> {
@@ -226,6 +266,10 @@ impl plan::Context for PlanCtx<'_> {
 
     fn guest_devices(&self) -> Vec<engine::wire::DevicePlan> {
         engine::devices::guest_devices(Path::new("/dev"))
+    }
+
+    fn block_device(&self, path: &Path) -> Option<(u64, u64)> {
+        self.block.get(path).copied()
     }
 
     fn share_bind_source(
@@ -407,6 +451,7 @@ impl Pod {
             });
         }
         let spec = plan::parse_spec(&req.oci_spec)?;
+        let block = block_volumes(&spec).await?;
         let rootfs_req = req.rootfs.as_ref().cloned().unwrap_or_default();
         let dir = self.cfg.state_dir.join("containers").join(&id);
         let cgroup_path = self.cfg.cgroup_parent.join(&id);
@@ -417,6 +462,7 @@ impl Pod {
             &PlanCtx {
                 inner: &inner,
                 host_mode: self.cfg.host_mode,
+                block,
             },
         )?;
         let lower = inner

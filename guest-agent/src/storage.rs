@@ -404,7 +404,7 @@ fn disk_serial(block: &Path) -> Option<String> {
 }
 
 /// Finds the disk (virtio-blk or SCSI) whose serial is `serial`, waiting for it.
-async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, StorageError> {
+pub(crate) async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathBuf, StorageError> {
     if serial.is_empty() || serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(StorageError::Refused(
             "a virtio-blk serial is 1-20 printable characters".into(),

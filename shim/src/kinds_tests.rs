@@ -17,7 +17,7 @@ use crate::{
     stdio::StdioError,
     storage::verity::VerityError,
     vmm::{qmp::QmpError, VmmError},
-    volumes::{shared::SharedError, AcquireError, VolumeError},
+    volumes::{block::BlockError, shared::SharedError, AcquireError, VolumeError},
     vsock::{ReadyError, VsockError},
 };
 
@@ -66,7 +66,9 @@ fn config_spec_state_stdio() {
         SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::EmptyDirWithoutScratch } => FailedPrecondition,
         SpecError::Mount { destination: "/d".into(), source_path: "/s".into(), reason: MountRefusal::EmptyDirSubPath } => FailedPrecondition,
         SpecError::Mount { destination: "/d".into(), source_path: "".into(), reason: MountRefusal::NoSource } => InvalidArgument,
-        SpecError::Device { path: "/dev/sdb".into(), kind: "b".into(), major: 8, minor: 16 } => FailedPrecondition,
+        SpecError::Device { path: "/dev/sdb".into() } => InvalidArgument,
+        BlockError::NoDevice { path: "/dev/xvda".into(), major: 7, minor: 3, source: io() } => NotFound,
+        BlockError::NoSlot("/dev/xvda".into()) => ResourceExhausted,
         VolumeError::Read { path: p(), source: io() } => Internal,
         VolumeError::Read { path: p(), source: std::io::ErrorKind::NotFound.into() } => NotFound,
         VolumeError::NotAtomic { path: p(), source: io() } => InvalidArgument,

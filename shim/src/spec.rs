@@ -29,8 +29,10 @@
 //!   [`GuestSpec::volumes`]); every other host bind — and an emptyDir in a
 //!   pod without a scratch disk — is refused ([`SpecError::Mount`], naming
 //!   the destination and why): nothing is dropped;
-//! - host block devices in `linux.devices` (whose numbers mean nothing in the
-//!   guest) are refused ([`SpecError::Device`]);
+//! - host block devices in `linux.devices` (block volumes: their numbers
+//!   mean nothing in the guest) are listed in [`GuestSpec::blocks`] for the
+//!   shim to hot-add, and named by serial in the annotation
+//!   `io.veil.block-devices` for the agent;
 //! - the root path and hooks are left for the agent to ignore.
 //!
 //! It also reads the annotations the shim needs (the pod grouping, the
@@ -42,6 +44,7 @@ use serde_json::{json, Value};
 use veil_common::{Classify, Kind};
 
 use crate::volumes::{
+    block::{BlockUse, BLOCK_DEVICES_ANNOTATION},
     kubelet::{self, Source},
     UseKind, VolumeUse,
 };
@@ -144,17 +147,13 @@ pub enum SpecError {
         /// Why.
         reason: MountRefusal,
     },
-    /// A host device the pod VM cannot have.
-    #[error("the device {path} ({kind} {major}:{minor}) is a host block device, which veil does not pass into the pod VM yet (block volumes: volumeDevices)")]
+    /// A block device entry without a path or numbers.
+    #[error(
+        "the block device entry {path:?} of linux.devices has no path or no major/minor numbers"
+    )]
     Device {
-        /// The device's path in the container.
+        /// The device's path in the container, as given.
         path: String,
-        /// `b`.
-        kind: String,
-        /// Major number.
-        major: i64,
-        /// Minor number.
-        minor: i64,
     },
 }
 
@@ -166,7 +165,7 @@ impl Classify for SpecError {
                 Kind::InvalidArgument
             }
             SpecError::Mount { reason, .. } => reason.kind(),
-            SpecError::Device { .. } => Kind::FailedPrecondition,
+            SpecError::Device { .. } => Kind::InvalidArgument,
         }
     }
 }
@@ -185,6 +184,9 @@ pub struct GuestSpec {
     /// The file volumes the spec's `volume:` sources name, for the shim to
     /// put in the guest before the container is created.
     pub volumes: Vec<VolumeUse>,
+    /// The block volumes (host block devices) to hot-add before the
+    /// container is created.
+    pub blocks: Vec<BlockUse>,
 }
 
 /// What the pod offers the container's mounts.
@@ -352,9 +354,11 @@ impl HostSpec {
             });
         }
         let all_devices = self.all_devices_allowed();
-        if !all_devices {
-            check_devices(&v)?;
-        }
+        let blocks = if all_devices {
+            Vec::new()
+        } else {
+            block_devices(&v)?
+        };
         if let Some(o) = v.get_mut("linux").and_then(Value::as_object_mut) {
             o.remove("cgroupsPath");
             if all_devices {
@@ -362,37 +366,58 @@ impl HostSpec {
                 o.remove("devices");
             }
         }
+        if (all_devices || !blocks.is_empty())
+            && !v.get("annotations").is_some_and(Value::is_object)
+        {
+            v["annotations"] = json!({});
+        }
         if all_devices {
-            if !v.get("annotations").is_some_and(Value::is_object) {
-                v["annotations"] = json!({});
-            }
             v["annotations"][GUEST_DEVICES_ANNOTATION] = json!("all");
+        }
+        if !blocks.is_empty() {
+            let serials: serde_json::Map<String, Value> = blocks
+                .iter()
+                .map(|b| (b.path.clone(), json!(b.serial())))
+                .collect();
+            v["annotations"][BLOCK_DEVICES_ANNOTATION] = json!(serde_json::to_string(&serials)?);
         }
         Ok(GuestSpec {
             json: serde_json::to_vec(&v)?,
             terminal,
             volumes,
+            blocks,
         })
     }
 }
 
-/// Refuses host block devices (character devices have the same numbers in
-/// the guest: /dev/fuse, /dev/net/tun).
-fn check_devices(v: &Value) -> Result<(), SpecError> {
+/// The host block devices of `linux.devices` (block volumes); character
+/// devices keep their numbers (/dev/fuse, /dev/net/tun are the same in the
+/// guest).
+fn block_devices(v: &Value) -> Result<Vec<BlockUse>, SpecError> {
     let Some(devs) = v.pointer("/linux/devices").and_then(Value::as_array) else {
-        return Ok(());
+        return Ok(Vec::new());
     };
+    let mut out = Vec::new();
     for d in devs {
-        if d.get("type").and_then(Value::as_str) == Some("b") {
-            return Err(SpecError::Device {
-                path: d.get("path").and_then(Value::as_str).unwrap_or("").into(),
-                kind: "b".into(),
-                major: d.get("major").and_then(Value::as_i64).unwrap_or(-1),
-                minor: d.get("minor").and_then(Value::as_i64).unwrap_or(-1),
-            });
+        if d.get("type").and_then(Value::as_str) != Some("b") {
+            continue;
+        }
+        let path = d.get("path").and_then(Value::as_str).unwrap_or("");
+        let number = |k: &str| d.get(k).and_then(Value::as_i64).filter(|n| *n >= 0);
+        match (path, number("major"), number("minor")) {
+            (p, Some(major), Some(minor)) if p.starts_with('/') => out.push(BlockUse {
+                path: p.to_string(),
+                major,
+                minor,
+            }),
+            _ => {
+                return Err(SpecError::Device {
+                    path: path.to_string(),
+                })
+            }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Rewrites one mount for the guest (in place); the file volume it uses, if
@@ -741,13 +766,34 @@ mod tests {
     }
 
     #[test]
-    fn host_block_devices_are_refused_naming_them() {
+    fn host_block_devices_become_block_volumes_named_by_serial() {
         let spec = HostSpec(json!({"linux": {
-            "devices": [{"path": "/dev/xvda", "type": "b", "major": 202, "minor": 0}],
+            "devices": [
+                {"path": "/dev/xvda", "type": "b", "major": 7, "minor": 3},
+                {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+            ],
         }}));
-        let e = spec.for_guest(&scratch()).unwrap_err();
-        assert_eq!(e.kind(), Kind::FailedPrecondition);
-        assert!(e.to_string().contains("/dev/xvda (b 202:0)"), "{e}");
+        let g = spec.for_guest(&scratch()).unwrap();
+        assert_eq!(
+            g.blocks,
+            [BlockUse {
+                path: "/dev/xvda".into(),
+                major: 7,
+                minor: 3
+            }]
+        );
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        assert_eq!(
+            v["annotations"][BLOCK_DEVICES_ANNOTATION],
+            r#"{"/dev/xvda":"vb-7-3"}"#
+        );
+        // The entries stay for the agent, which gives them the guest's numbers.
+        assert_eq!(v["linux"]["devices"].as_array().unwrap().len(), 2);
+        let bad = HostSpec(json!({"linux": {"devices": [{"path": "/dev/x", "type": "b"}]}}));
+        assert_eq!(
+            bad.for_guest(&scratch()).unwrap_err().kind(),
+            Kind::InvalidArgument
+        );
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub trait Context {
     fn pod_namespace(&self, kind: Namespace) -> Option<PathBuf>;
     /// Every device node of the guest, for a container that may use them all.
     fn guest_devices(&self) -> Vec<DevicePlan>;
+    /// The guest's numbers (major, minor) of the block volume the spec has
+    /// at `path` ([`BLOCK_DEVICES_ANNOTATION`]), once it was found.
+    fn block_device(&self, path: &Path) -> Option<(u64, u64)> {
+        let _ = path;
+        None
+    }
     /// Makes a bind source a shared mount, for a bind whose propagation
     /// (`rshared`, `rslave`) needs one.
     fn share_bind_source(
@@ -85,6 +91,11 @@ pub const SANDBOX_NAMESPACE_PREFIX: &str = "sandbox:";
 /// The spec annotation asking for every device node of the guest (`all`):
 /// how the shim passes on a privileged container's device access.
 pub const GUEST_DEVICES_ANNOTATION: &str = "io.veil.guest-devices";
+/// Annotation of the guest spec naming the block volumes the shim hot-added:
+/// a JSON object, container device path → disk serial. The agent finds each
+/// disk by its serial and gives the container's device node the guest's
+/// numbers instead of the host's.
+pub const BLOCK_DEVICES_ANNOTATION: &str = "io.veil.block-devices";
 
 /// Parses and validates a spec from JSON.
 pub fn parse_spec(json: &[u8]) -> Result<Spec, PlanError> {
@@ -286,11 +297,15 @@ pub fn plan_init(
         };
         let path = crate::validate::absolute_path("device", &d.path().to_string_lossy())
             .map_err(|e| invalid(e.to_string()))?;
+        let (major, minor) = match ctx.block_device(&path) {
+            Some(numbers) if kind == libc::S_IFBLK => numbers,
+            _ => (d.major() as u64, d.minor() as u64),
+        };
         devices.push(DevicePlan {
             path,
             mode: kind | (d.file_mode().unwrap_or(0o666) & 0o7777),
-            major: d.major() as u64,
-            minor: d.minor() as u64,
+            major,
+            minor,
             uid: d.uid().unwrap_or(0),
             gid: d.gid().unwrap_or(0),
         });

@@ -124,7 +124,10 @@ impl Images {
             });
         }
         let used: BTreeSet<u32> = attached.values().map(|a| a.target).collect();
-        let Some(target) = (0..256).find(|t| !used.contains(t)) else {
+        let Some(target) = crate::volumes::block::IMAGE_TARGETS
+            .clone()
+            .find(|t| !used.contains(t))
+        else {
             self.release(&image.key).await;
             return Err(ImageError::NoSlot);
         };

@@ -47,7 +47,7 @@ use crate::{
     stdio::{Relay, StdioPaths},
     sync::Lock,
     vmm::{qmp::Qmp, RunningVm},
-    volumes::{shared::VirtioFs, PodVolumes},
+    volumes::{block::PodBlocks, shared::VirtioFs, PodVolumes},
     vsock::{AgentReady, HybridVsockBackend},
 };
 use images::Images;
@@ -157,6 +157,7 @@ impl Launcher for VmLauncher {
                 handler: handler_name.clone(),
             },
             virtiofs: Lock::new(b.virtiofs),
+            blocks: PodBlocks::default(),
             gone: Lock::new(None),
         });
         tokio::spawn(watchdog(Arc::downgrade(&sandbox)));
@@ -210,6 +211,8 @@ pub struct Sandbox {
     mounts: MountContext,
     /// The virtio-fs daemon of the pod's share, if it has one.
     virtiofs: Lock<Option<VirtioFs>>,
+    /// The block volumes hot-added to the VM.
+    blocks: PodBlocks,
     /// Why the VM is gone, once it is (it died, or the pod was shut down).
     gone: Lock<Option<String>>,
 }
@@ -380,10 +383,18 @@ impl Pod for Sandbox {
     ) -> Result<u32, PodError> {
         self.guest()?;
         let guest = c.spec.for_guest(&self.mounts).map_err(SandboxError::Spec)?;
-        let copied = self
+        self.blocks.attach(c.id, &guest.blocks, &self.qmp).await?;
+        let copied = match self
             .volumes
             .acquire(c.id, &guest.volumes, &self.agent)
-            .await?;
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.blocks.release(c.id, Some(&self.qmp)).await;
+                return Err(e.into());
+            }
+        };
         if copied.copied > 0 {
             tracing::info!(container = %c.id, volumes = copied.copied, bytes = copied.bytes,
                 elapsed_us = copied.elapsed_us, "file volumes copied");
@@ -410,6 +421,7 @@ impl Pod for Sandbox {
             Ok(r) => r,
             Err(e) => {
                 self.volumes.release(c.id, Some(&self.agent)).await;
+                self.blocks.release(c.id, Some(&self.qmp)).await;
                 return Err(e);
             }
         };
@@ -420,6 +432,7 @@ impl Pod for Sandbox {
                 .remove_container(agent::ctx(), &creq(c.id))
                 .await;
             self.volumes.release(c.id, Some(&self.agent)).await;
+            self.blocks.release(c.id, Some(&self.qmp)).await;
             return Err(e);
         }
         phases.mark("container_created");
@@ -544,6 +557,9 @@ impl Pod for Sandbox {
         let alive = self.gone.lock().is_none();
         self.volumes
             .release(container, alive.then_some(&self.agent))
+            .await;
+        self.blocks
+            .release(container, alive.then_some(&self.qmp))
             .await;
         self.relays.lock().retain(|(c, _), _| c != container);
         Ok(())

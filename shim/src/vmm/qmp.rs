@@ -194,6 +194,33 @@ impl Qmp {
         target: u32,
         read_only: bool,
     ) -> Result<(), QmpError> {
+        self.hot_add(node, "file", path, serial, target, read_only)
+            .await
+    }
+
+    /// [`Qmp::hot_add_disk`] of a host block device (`host_device`: a
+    /// block volume) rather than an image file.
+    pub async fn hot_add_block_device(
+        &mut self,
+        node: &str,
+        path: &Path,
+        serial: &str,
+        target: u32,
+        read_only: bool,
+    ) -> Result<(), QmpError> {
+        self.hot_add(node, "host_device", path, serial, target, read_only)
+            .await
+    }
+
+    async fn hot_add(
+        &mut self,
+        node: &str,
+        driver: &str,
+        path: &Path,
+        serial: &str,
+        target: u32,
+        read_only: bool,
+    ) -> Result<(), QmpError> {
         self.execute(
             "blockdev-add",
             json!({
@@ -201,7 +228,7 @@ impl Qmp {
                 "node-name": node,
                 "read-only": read_only,
                 "file": {
-                    "driver": "file",
+                    "driver": driver,
                     "filename": path.display().to_string(),
                     "read-only": read_only,
                 },

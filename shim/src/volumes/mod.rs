@@ -14,6 +14,7 @@
 //! stopped, the guest's tmpfs unmounted) with the last of them. It does not
 //! build specs or talk to containerd.
 
+pub mod block;
 pub mod files;
 pub mod kubelet;
 pub mod shared;
