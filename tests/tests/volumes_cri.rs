@@ -483,3 +483,127 @@ async fn clean_up_after(
     }
     e
 }
+
+/// A loop device over a file of the test's, detached (by its path) when
+/// dropped.
+struct LoopDevice {
+    dev: String,
+}
+
+impl LoopDevice {
+    fn over(file: &Path) -> Result<Self> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .context("losetup")?;
+        ensure!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(LoopDevice {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.dev])
+            .status();
+    }
+}
+
+/// Block volume case on `handler`: what the container read of the device.
+async fn block_on(
+    cri: &mut RuntimeServiceClient<Channel>,
+    work: &Path,
+    handler: &str,
+    pods: &mut Vec<(String, String)>,
+) -> Result<String> {
+    let name = format!("block-{handler}");
+    let file = work.join(format!("{name}.img"));
+    std::fs::write(&file, vec![0u8; 8 << 20])?;
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&file)
+        .output()
+        .context("mkfs.ext4")?;
+    ensure!(
+        mkfs.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&mkfs.stderr)
+    );
+    // A tag in the last 4 KiB, which a fresh 8 MiB ext4 leaves unused.
+    let tag = format!("block-tag-{handler}");
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file)?;
+        f.seek(std::io::SeekFrom::Start((8 << 20) - 4096))?;
+        f.write_all(tag.as_bytes())?;
+    }
+    let dev = LoopDevice::over(&file)?;
+    let uid = format!("uid-{name}");
+    let logs = work.join("logs").join(&name);
+    std::fs::create_dir_all(&logs)?;
+    let config = cri::pod_config(&name, &uid, &name, &logs.display().to_string());
+    let pod = cri::run_pod(cri, handler, &config).await?;
+    pods.push((handler.to_string(), pod.clone()));
+    let app = k8s_cri::v1::ContainerConfig {
+        devices: vec![k8s_cri::v1::Device {
+            container_path: "/dev/xvda".into(),
+            host_path: dev.dev.clone(),
+            permissions: "rwm".into(),
+        }],
+        ..cri::busybox_container("app", &["sleep", "1000"])
+    };
+    let app = cri::create_container(cri, &pod, &config, app).await?;
+    cri::start_container(cri, &app).await?;
+    let (out, err, code) = cri::exec(
+        cri,
+        &app,
+        "test -b /dev/xvda && echo block; \
+         dd if=/dev/xvda bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1; \
+         dd if=/dev/xvda bs=4096 skip=2047 count=1 2>/dev/null | head -c 14; echo; \
+         echo written-in-container | dd of=/dev/xvda bs=4096 seek=2046 conv=notrunc 2>/dev/null && sync && echo ok",
+    )
+    .await?;
+    ensure!(code == 0, "{handler}: {out:?} {err:?} ({code})");
+    cri::remove_pod(cri, &pod).await?;
+    drop(dev);
+    let back = std::fs::read(&file)?;
+    let at = (8 << 20) - 8192;
+    ensure!(
+        back[at..].starts_with(b"written-in-container\n"),
+        "{handler}: the container's write is not on the device"
+    );
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_block_volumes_appear_at_their_device_path() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
+    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    let mut client = cri::client(&c).await?;
+    let mut pods = Vec::new();
+    let mut seen = Vec::new();
+    for handler in HANDLERS {
+        match block_on(&mut client, work.path(), handler, &mut pods).await {
+            Ok(s) => seen.push(s),
+            Err(e) => return Err(clean_up_after(&c, &mut client, &pods, e.context(handler)).await),
+        }
+    }
+    for (h, s) in HANDLERS.iter().zip(&seen) {
+        let tag = format!("block-tag-{h}");
+        ensure!(
+            s == &format!("block\n 53 ef\n{tag}\nok\n"),
+            "{h}: {s:?}"
+        );
+    }
+    c.wait_clean(&veil_pods(&pods))
+}
