@@ -392,6 +392,11 @@ async fn host_dir_on(
     std::fs::write(host.join("later"), b"later\n")?;
     let (out, _, _) = cri::exec(cri, &app, "cat /data/later").await?;
     ensure!(out == "later\n", "{handler}: {out:?}");
+    if handler == "veil" {
+        let rss = virtiofsd_rss();
+        ensure!(!rss.is_empty(), "no virtiofsd runs for the veil pod");
+        eprintln!("virtiofsd of the running veil pod: {rss:?}");
+    }
     cri::remove_pod(cri, &pod).await?;
     Ok(None)
 }
@@ -415,10 +420,6 @@ async fn cri_host_directories_are_shared_with_plain_pods_and_refused_by_confiden
                 failed = Some(e.context(format!("on {handler}")));
                 break;
             }
-        }
-        if handler == "veil" {
-            let rss = virtiofsd_rss();
-            eprintln!("virtiofsd RSS while the veil pod ran: {rss:?}");
         }
     }
     if let Some(e) = failed {
@@ -600,10 +601,7 @@ async fn cri_block_volumes_appear_at_their_device_path() -> Result<()> {
     }
     for (h, s) in HANDLERS.iter().zip(&seen) {
         let tag = format!("block-tag-{h}");
-        ensure!(
-            s == &format!("block\n 53 ef\n{tag}\nok\n"),
-            "{h}: {s:?}"
-        );
+        ensure!(s == &format!("block\n 53 ef\n{tag}\nok\n"), "{h}: {s:?}");
     }
     c.wait_clean(&veil_pods(&pods))
 }
