@@ -666,3 +666,85 @@ async fn an_ext4_image_file_is_a_read_only_lower_layer_with_a_writable_upper() {
         .unwrap();
     pod.sandbox.remove_storage(ctx(), &rm).await.unwrap();
 }
+
+fn volume_entry(path: &str, kind: VolumeEntryType, content: &str, target: &str) -> VolumeEntry {
+    let mut e = VolumeEntry::new();
+    e.path = path.into();
+    e.type_ = kind.into();
+    e.mode = 0o644;
+    e.content = content.as_bytes().to_vec();
+    e.target = target.into();
+    e
+}
+
+#[tokio::test]
+async fn a_file_volume_is_its_own_tmpfs_swapped_whole_and_checked() {
+    let pod = pod().await;
+    let put = |version: &str, value: &str| {
+        let mut r = PutVolumeRequest::new();
+        r.volume_id = "cfg".into();
+        r.version = version.into();
+        r.root_mode = 0o755;
+        r.entries = vec![volume_entry("key", VolumeEntryType::FILE, value, "")];
+        r.root = vec![volume_entry(
+            "key",
+            VolumeEntryType::SYMLINK,
+            "",
+            "..data/key",
+        )];
+        r
+    };
+    pod.sandbox
+        .put_volume(ctx(), &put("..v1", "one"))
+        .await
+        .unwrap();
+    let mut spec = default_spec(&[
+        "sh",
+        "-c",
+        "cat /etc/config/key; echo; awk '$5 == \"/etc/config\" {print $9}' /proc/self/mountinfo; \
+         sleep 0.5; cat /etc/config/key",
+    ]);
+    spec["mounts"].as_array_mut().unwrap().push(json!(
+        {"destination": "/etc/config", "type": "bind", "source": "volume:cfg", "options": ["rbind", "ro"]}
+    ));
+    let runner = pod.run("vol", &spec);
+    let swap = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pod.sandbox.put_volume(ctx(), &put("..v2", "two")).await
+    };
+    let ((out, status), swapped) = tokio::join!(runner, swap);
+    swapped.unwrap();
+    assert_eq!(status, 0, "{out}\n{}", pod.agent.log());
+    assert_eq!(out, "one\ntmpfs\ntwo", "{}", pod.agent.log());
+
+    // Checked before anything is written.
+    let mut bad = put("..v3", "x");
+    bad.entries.push(volume_entry(
+        "l",
+        VolumeEntryType::SYMLINK,
+        "",
+        "/etc/shadow",
+    ));
+    assert_eq!(
+        code_of(pod.sandbox.put_volume(ctx(), &bad).await),
+        ttrpc::Code::INVALID_ARGUMENT
+    );
+    let big = put("..v4", &"x".repeat(3 * 1024 * 1024 + 1));
+    assert_eq!(
+        code_of(pod.sandbox.put_volume(ctx(), &big).await),
+        ttrpc::Code::RESOURCE_EXHAUSTED
+    );
+    let mut rr = ReadVolumeFileRequest::new();
+    rr.volume_id = "cfg".into();
+    rr.path = "key".into();
+    rr.max_bytes = 16;
+    let read = pod.sandbox.read_volume_file(ctx(), &rr).await.unwrap();
+    assert_eq!(read.content, b"two");
+    let mut rm = RemoveVolumeRequest::new();
+    rm.volume_id = "cfg".into();
+    pod.sandbox.remove_volume(ctx(), &rm).await.unwrap();
+    assert_eq!(
+        code_of(pod.sandbox.read_volume_file(ctx(), &rr).await),
+        ttrpc::Code::NOT_FOUND
+    );
+}
