@@ -49,6 +49,7 @@ const TOKEN: &[u8] = b"eyJhbGciOiJSUzI1NiIsImtpZCI6InRlc3QifQ.eyJzdWIiOiJzeXN0ZW
 /// One pod's volume directories, as kubelet makes them.
 struct Layout {
     cfg: PathBuf,
+    big: PathBuf,
     creds: PathBuf,
     token: PathBuf,
     subpath: PathBuf,
@@ -61,6 +62,7 @@ fn lay_out(pod_dir: &Path) -> Result<Layout> {
     let vol = |plugin: &str, name: &str| pod_dir.join("volumes").join(plugin).join(name);
     let l = Layout {
         cfg: vol("kubernetes.io~configmap", "cfg"),
+        big: vol("kubernetes.io~configmap", "big"),
         creds: vol("kubernetes.io~secret", "creds"),
         token: vol("kubernetes.io~projected", "kube-api-access-t3st"),
         subpath: pod_dir.join("volume-subpaths/cfg/app/1"),
@@ -73,6 +75,15 @@ fn lay_out(pod_dir: &Path) -> Result<Layout> {
         "2026_01_02_03_04_05.111111111",
         &[("app.conf", b"version=1\n", 0o644)],
     )?;
+    // A ConfigMap at Kubernetes' size limit: 256 keys of 4 KiB (1 MiB).
+    let content: Vec<(String, Vec<u8>)> = (0..256)
+        .map(|i| (format!("f-{i:03}"), vec![b'a' + (i % 26) as u8; 4096]))
+        .collect();
+    let files: Vec<(&str, &[u8], u32)> = content
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.as_slice(), 0o644))
+        .collect();
+    write_version(&l.big, "2026_01_02_03_04_05.999999999", &files)?;
     write_version(
         &l.creds,
         "2026_01_02_03_04_05.222222222",
@@ -116,7 +127,8 @@ const LOOK: &str = "cat /etc/config/app.conf /etc/app.conf; readlink /etc/config
     readlink /etc/creds/tls; cat /etc/creds/password; echo; cat /etc/creds/tls/key; echo; \
     (echo x > /etc/creds/password) 2>&1; (touch /etc/config/new) 2>&1; \
     cat /var/run/secrets/kubernetes.io/serviceaccount/token; echo; \
-    cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo";
+    cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; \
+    ls /etc/big | wc -l; cat /etc/big/* | wc -c; md5sum /etc/big/f-255 | cut -d' ' -f1";
 
 struct Seen {
     first: String,
@@ -178,6 +190,7 @@ async fn on_handler(
     let app = k8s_cri::v1::ContainerConfig {
         mounts: vec![
             mount(&l.cfg, "/etc/config", true),
+            mount(&l.big, "/etc/big", true),
             mount(&l.subpath, "/etc/app.conf", true),
             mount(&l.creds, "/etc/creds", true),
             mount(
