@@ -135,8 +135,9 @@ pub struct Volumes {
 }
 
 /// A request's checked entry.
-struct Checked<'a> {
-    path: PathBuf,
+pub struct Checked<'a> {
+    /// The entry's path, plain components only.
+    pub path: PathBuf,
     entry: &'a VolumeEntry,
     kind: VolumeEntryType,
 }
@@ -267,6 +268,54 @@ fn check_entries<'a>(
     Ok(out)
 }
 
+/// Checks a whole `PutVolume` request (nothing is written): the id, the
+/// version name, the bounds, the entries, the root names. Returns the checked
+/// entries and the root names.
+pub fn check_request(
+    req: &PutVolumeRequest,
+) -> Result<(Vec<Checked<'_>>, HashSet<String>), VolumeError> {
+    let id = req.volume_id.as_str();
+    validate::id("volume_id", id)?;
+    check_version(id, &req.version)?;
+    let size = size_of(req);
+    let count = req.entries.len() + req.root.len();
+    if size > MAX_VOLUME_BYTES || count > MAX_ENTRIES {
+        return Err(VolumeError::TooLarge {
+            volume: id.to_string(),
+            size,
+            entries: count,
+            max_bytes: MAX_VOLUME_BYTES,
+            max_entries: MAX_ENTRIES,
+        });
+    }
+    if req.root_mode > 0o7777 {
+        return Err(refused(id, format!("root mode {:o}", req.root_mode)));
+    }
+    let entries = check_entries(id, &req.entries)?;
+    let mut names = HashSet::new();
+    for r in &req.root {
+        let plain = !r.path.is_empty()
+            && r.path.len() <= NAME_MAX
+            && !r.path.starts_with("..")
+            && !r.path.contains(['/', '\0'])
+            && r.path != ".";
+        if !plain || r.type_.enum_value() != Ok(VolumeEntryType::SYMLINK) {
+            return Err(refused(
+                id,
+                format!(
+                    "root entry {:?}: only symlinks with a plain name not starting with '..'",
+                    trunc(&r.path)
+                ),
+            ));
+        }
+        check_target(id, Path::new(&r.path), &r.target, 0)?;
+        if !names.insert(r.path.clone()) {
+            return Err(refused(id, format!("root entry {} twice", r.path)));
+        }
+    }
+    Ok((entries, names))
+}
+
 fn size_of(req: &PutVolumeRequest) -> usize {
     req.entries
         .iter()
@@ -379,45 +428,7 @@ impl Volumes {
     /// on its first version.
     pub fn put(&mut self, req: &PutVolumeRequest) -> Result<(), VolumeError> {
         let id = req.volume_id.as_str();
-        validate::id("volume_id", id)?;
-        check_version(id, &req.version)?;
-        let size = size_of(req);
-        let count = req.entries.len() + req.root.len();
-        if size > MAX_VOLUME_BYTES || count > MAX_ENTRIES {
-            return Err(VolumeError::TooLarge {
-                volume: id.to_string(),
-                size,
-                entries: count,
-                max_bytes: MAX_VOLUME_BYTES,
-                max_entries: MAX_ENTRIES,
-            });
-        }
-        if req.root_mode > 0o7777 {
-            return Err(refused(id, format!("root mode {:o}", req.root_mode)));
-        }
-        let entries = check_entries(id, &req.entries)?;
-        let mut names = HashSet::new();
-        for r in &req.root {
-            let plain = !r.path.is_empty()
-                && r.path.len() <= NAME_MAX
-                && !r.path.starts_with("..")
-                && !r.path.contains(['/', '\0'])
-                && r.path != ".";
-            if !plain || r.type_.enum_value() != Ok(VolumeEntryType::SYMLINK) {
-                return Err(refused(
-                    id,
-                    format!(
-                        "root entry {:?}: only symlinks with a plain name not starting with '..'",
-                        trunc(&r.path)
-                    ),
-                ));
-            }
-            check_target(id, Path::new(&r.path), &r.target, 0)?;
-            if !names.insert(r.path.clone()) {
-                return Err(refused(id, format!("root entry {} twice", r.path)));
-            }
-        }
-
+        let (entries, names) = check_request(req)?;
         if !self.entries.contains_key(id) {
             let root = self.dir.join(id);
             fs::create_dir_all(&root).map_err(os("create", &root))?;

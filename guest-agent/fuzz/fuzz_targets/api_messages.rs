@@ -3,7 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
-use veil_agent::{sandbox, validate};
+use veil_agent::{sandbox, validate, volumes};
 use veil_protocol::agent::*;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,6 +22,18 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(r) = ExecProcessRequest::parse_from_bytes(data) {
         let _ = validate::exec_id(&r.exec_id);
+    }
+    if let Ok(r) = PutVolumeRequest::parse_from_bytes(data) {
+        if let Ok((entries, _)) = volumes::check_request(&r) {
+            // What passes has plain relative paths only.
+            for e in entries {
+                assert!(e.path.components().all(|c| matches!(c, std::path::Component::Normal(_))));
+            }
+        }
+    }
+    if let Ok(r) = ReadVolumeFileRequest::parse_from_bytes(data) {
+        let _ = validate::id("volume_id", &r.volume_id);
+        let _ = validate::relative_path("volume file", &r.path);
     }
     if let Ok(r) = StreamOpen::parse_from_bytes(data) {
         let _ = validate::id("container_id", &r.container_id);
