@@ -145,16 +145,12 @@ impl HybridVsockBackend {
         let mut process = ManagedChild::spawn("vhost-device-vsock", cmd, &log, opts)
             .map_err(VsockError::Spawn)?;
         let timeout = Duration::from_secs(10);
-        let deadline = Instant::now() + timeout;
-        while !unix_socket_listening(&vhost_socket) {
-            if Instant::now() > deadline || !process.is_running() {
-                return Err(VsockError::BackendNotReady {
-                    path: vhost_socket,
-                    timeout,
-                    log,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if !wait_listening(&mut process, &vhost_socket, timeout) {
+            return Err(VsockError::BackendNotReady {
+                path: vhost_socket,
+                timeout,
+                log,
+            });
         }
         Ok(HybridVsockBackend {
             process,
@@ -185,6 +181,19 @@ impl Drop for HybridVsockBackend {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Waits up to `timeout` until the daemon `process` listens on `socket`;
+/// false if it did not, or exited first.
+pub(crate) fn wait_listening(process: &mut ManagedChild, socket: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !unix_socket_listening(socket) {
+        if Instant::now() > deadline || !process.is_running() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
 }
 
 /// `__SO_ACCEPTCON` in `/proc/net/unix`'s flags: the socket listens.

@@ -10,7 +10,14 @@ use k8s_cri::v1::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::containerd::Containerd;
+use crate::{containerd::Containerd, oci};
+
+/// Imports what a CRI pod of the test images needs (busybox and the pause
+/// image) into containerd's `k8s.io` namespace, built under `work`.
+pub fn import_pod_images(c: &Containerd, work: &std::path::Path) -> Result<()> {
+    c.import("k8s.io", &oci::busybox_archive(work)?)?;
+    c.import("k8s.io", &oci::pause_archive(work)?)
+}
 
 /// Connects to `c`'s CRI runtime service.
 pub async fn client(c: &Containerd) -> Result<RuntimeServiceClient<Channel>> {

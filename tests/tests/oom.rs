@@ -88,14 +88,13 @@ fn an_oom_killed_container_produces_containerds_oom_event() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
     use k8s_cri::v1::{
-        ContainerState, CreateContainerRequest, LinuxContainerConfig, LinuxContainerResources,
-        RemovePodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+        ContainerState, LinuxContainerConfig, LinuxContainerResources, RemovePodSandboxRequest,
+        StopPodSandboxRequest,
     };
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
-    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
-    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    veil_tests::cri::import_pod_images(&c, work.path())?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
     let logs = logs.display().to_string();
@@ -118,21 +117,8 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
             }),
             ..Default::default()
         });
-        let id = cri
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(config),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .context("CreateContainer")?
-            .into_inner()
-            .container_id;
-        cri.start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .context("StartContainer")?;
+        let id = veil_tests::cri::create_container(&mut cri, &pod, &pod_config, config).await?;
+        veil_tests::cri::start_container(&mut cri, &id).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let st = veil_tests::cri::container_status(&mut cri, &id).await?;

@@ -70,18 +70,7 @@ impl Node {
         pod_config: &PodSandboxConfig,
         config: ContainerConfig,
     ) -> Result<String> {
-        let name = config.metadata.as_ref().map(|m| m.name.clone());
-        Ok(self
-            .cri
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.into(),
-                config: Some(config),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await
-            .with_context(|| format!("CreateContainer {name:?}"))?
-            .into_inner()
-            .container_id)
+        cri::create_container(&mut self.cri, pod, pod_config, config).await
     }
 
     async fn run(

@@ -13,7 +13,7 @@ use k8s_cri::v1::{
 };
 use veil_tests::{
     containerd::{processes, Containerd},
-    oci, Artefacts,
+    Artefacts,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -29,8 +29,7 @@ async fn cri_runs_a_pod_of_two_containers_in_one_veil_vm() -> Result<()> {
 
 async fn scenario(c: &Containerd) -> Result<()> {
     let work = tempfile::tempdir()?;
-    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
-    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    veil_tests::cri::import_pod_images(c, work.path())?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
     let logs = logs.display().to_string();

@@ -38,7 +38,7 @@ use anyhow::{bail, ensure, Context, Result};
 use k8s_cri::v1::{runtime_service_client::RuntimeServiceClient, ContainerState, Mount};
 use tonic::transport::Channel;
 use veil_shim::volumes::files::fixture::write_version;
-use veil_tests::{containerd::Containerd, cri, oci, Artefacts};
+use veil_tests::{containerd::Containerd, cri, Artefacts};
 
 /// The reference first.
 const HANDLERS: [&str; 2] = ["runc", "veil"];
@@ -300,8 +300,7 @@ async fn cri_file_volumes_reach_the_guest_and_follow_kubelets_updates() -> Resul
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
-    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
-    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    cri::import_pod_images(&c, work.path())?;
     let mut client = cri::client(&c).await?;
     let mut pods = Vec::new();
     let mut seen = Vec::new();
@@ -420,8 +419,7 @@ async fn cri_host_directories_are_shared_with_plain_pods_and_refused_by_confiden
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
-    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
-    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    cri::import_pod_images(&c, work.path())?;
     let mut client = cri::client(&c).await?;
     let mut pods = Vec::new();
     let mut results = Vec::new();
@@ -601,8 +599,7 @@ async fn cri_block_volumes_appear_at_their_device_path() -> Result<()> {
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
-    c.import("k8s.io", &oci::busybox_archive(work.path())?)?;
-    c.import("k8s.io", &oci::pause_archive(work.path())?)?;
+    cri::import_pod_images(&c, work.path())?;
     let mut client = cri::client(&c).await?;
     let mut pods = Vec::new();
     let mut seen = Vec::new();

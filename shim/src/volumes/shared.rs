@@ -19,7 +19,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -144,16 +144,12 @@ impl VirtioFs {
         let mut process =
             ManagedChild::spawn("virtiofsd", cmd, &log, opts).map_err(SharedError::Spawn)?;
         let timeout = Duration::from_secs(10);
-        let deadline = Instant::now() + timeout;
-        while !crate::vsock::unix_socket_listening(&socket) {
-            if Instant::now() > deadline || !process.is_running() {
-                return Err(SharedError::NotReady {
-                    socket,
-                    timeout,
-                    log,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if !crate::vsock::wait_listening(&mut process, &socket, timeout) {
+            return Err(SharedError::NotReady {
+                socket,
+                timeout,
+                log,
+            });
         }
         Ok(VirtioFs {
             process,
