@@ -188,6 +188,17 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
+/// A TEE's host support: the KVM module's parameter.
+fn tee_probe(name: &'static str, need: Need, module: &str, param: &str, what: &str) -> Probe {
+    let flag = sys_flag(&format!("/sys/module/{module}/parameters/{param}"));
+    let detail = match flag {
+        Some(true) => format!("{module} {param}=Y"),
+        Some(false) => format!("{module} loaded with {param} off"),
+        None => format!("no {module} with {param} (not a {what} host)"),
+    };
+    probe(name, Some(need), flag == Some(true), detail)
+}
+
 /// Probes the node.
 pub fn run(host: &Host) -> Report {
     let mut probes = Vec::new();
@@ -221,27 +232,19 @@ pub fn run(host: &Host) -> Report {
         "vhost-net",
         "pod networking uses QEMU's userspace virtio-net (slower)",
     ));
-    let snp = sys_flag("/sys/module/kvm_amd/parameters/sev_snp");
-    probes.push(probe(
+    probes.push(tee_probe(
         "sev-snp",
-        Some(Need::Snp),
-        snp == Some(true),
-        match snp {
-            Some(true) => "kvm_amd sev_snp=Y".to_string(),
-            Some(false) => "kvm_amd loaded with sev_snp off".to_string(),
-            None => "no kvm_amd with SEV-SNP (not an SNP-enabled AMD host)".to_string(),
-        },
+        Need::Snp,
+        "kvm_amd",
+        "sev_snp",
+        "SNP-enabled AMD",
     ));
-    let tdx = sys_flag("/sys/module/kvm_intel/parameters/tdx");
-    probes.push(probe(
+    probes.push(tee_probe(
         "tdx",
-        Some(Need::Tdx),
-        tdx == Some(true),
-        match tdx {
-            Some(true) => "kvm_intel tdx=Y".to_string(),
-            Some(false) => "kvm_intel loaded with tdx off".to_string(),
-            None => "no kvm_intel with TDX (not a TDX-enabled Intel host)".to_string(),
-        },
+        Need::Tdx,
+        "kvm_intel",
+        "tdx",
+        "TDX-enabled Intel",
     ));
     let qemu = crate::host::find_on_host(
         host,
@@ -280,7 +283,7 @@ pub fn run(host: &Host) -> Report {
         ),
         Err(e) => probe("containerd", Some(Need::Containerd), false, e),
     });
-    let config = host.at(crate::install::CONTAINERD_CONFIG);
+    let config = host.at(containerd::CONTAINERD_CONFIG);
     let registered = containerd::read_config(&config)
         .ok()
         .flatten()

@@ -11,6 +11,9 @@
 
 use std::path::Path;
 
+/// containerd's config, as the host names it.
+pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+
 /// First line of the block.
 pub const BEGIN: &str =
     "# >>> veil: added by veil-node install; `veil-node uninstall` removes it >>>";

@@ -21,12 +21,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     check::Report,
-    containerd::{self, ContainerdError, Runtime},
+    containerd::{self, ContainerdError, Runtime, CONTAINERD_CONFIG},
     host::{Host, HostError},
 };
 
-/// containerd's config, as the host names it.
-pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 /// veil's config, as the host names it.
 pub const VEIL_CONFIG: &str = "/etc/veil/config.toml";
 /// The install root.
