@@ -39,7 +39,7 @@ diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
 gzip -n "$work/layer.tar"
 layer_size=$(stat -c %s "$work/layer.tar.gz"); layer=$(put "$work/layer.tar.gz")
 cat > "$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/usr/bin/veil-node"],"Cmd":["run","--root","/host","--host-mount-ns"]},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/bin"],"Entrypoint":["/usr/bin/veil-node"],"Cmd":["run","--root","/host","--host-mount-ns"]},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
 JSON
 config_size=$(stat -c %s "$work/config.json"); config=$(put "$work/config.json")
 cat > "$work/manifest.json" <<JSON
