@@ -44,4 +44,12 @@ command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustu
 install_crate vhost-device-vsock "$VHOST_DEVICE_VSOCK_VERSION"
 # virtio-fs for directory volumes of plain `veil` pods (docs/volumes.md).
 install_crate virtiofsd "$VIRTIOFSD_VERSION"
+# Offline validation of deploy/kubernetes against Kubernetes' schemas
+# (ci/validate-manifests.sh), in a venv of its own under $VEIL_CACHE.
+KV_VENV="$VEIL_CACHE/tools/kubernetes-validate-1.37.0"
+if [ ! -x "$KV_VENV/bin/kubernetes-validate" ]; then
+  log "installing kubernetes-validate 1.37.0 from PyPI"
+  python3 -m venv "$KV_VENV"
+  "$KV_VENV/bin/pip" install --quiet kubernetes-validate==1.37.0
+fi
 log "setup done"

@@ -12,6 +12,7 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "module dependencies (no two files refer to each other)"
 python3 ci/check-module-cycles.py
+ci/validate-manifests.sh
 log "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 # Host binaries in the dev profile: cargo test compiles that profile anyway.

@@ -30,6 +30,9 @@ pub enum Action {
     Serve,
     /// Print the version.
     Version,
+    /// Answer containerd 2.x's `-info` with a `RuntimeInfo` (see
+    /// [`crate::handshake`]).
+    Info,
 }
 
 /// The parsed command line.
@@ -93,6 +96,10 @@ impl Args {
                     action = Some(Action::Version);
                     continue;
                 }
+                "info" => {
+                    action = Some(Action::Info);
+                    continue;
+                }
                 _ => {}
             }
             let value = match inline {
@@ -112,7 +119,7 @@ impl Args {
             }
         }
         a.action = action.unwrap_or(Action::Serve);
-        if a.action != Action::Version {
+        if !matches!(a.action, Action::Version | Action::Info) {
             if a.namespace.is_empty() {
                 return Err(ArgsError::Required("namespace"));
             }
@@ -171,5 +178,7 @@ mod tests {
             Err(ArgsError::Extra("stop".into()))
         );
         assert_eq!(parse("-v").unwrap().action, Action::Version);
+        // containerd 2.x runs the binary with `-info` alone.
+        assert_eq!(parse("-info").unwrap().action, Action::Info);
     }
 }

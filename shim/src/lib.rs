@@ -2,7 +2,8 @@
 //!
 //! containerd runs one shim per pod; the shim boots the pod's microVM and relays
 //! the containerd task API to the agent inside it. Module map:
-//! - process life as containerd expects it: [`args`], [`bootstrap`];
+//! - process life as containerd expects it: [`args`], [`bootstrap`],
+//!   [`handshake`] (containerd 2.x's `-info`);
 //! - the task API: [`task`] (the edge: containerd's types become ours there;
 //!   containers and processes as containerd sees them), [`events`] (task
 //!   events to containerd);
@@ -31,6 +32,7 @@ pub mod attest;
 pub mod bootstrap;
 pub mod config;
 pub mod events;
+pub mod handshake;
 pub mod metrics;
 pub mod phases;
 pub mod pod;

@@ -5,13 +5,31 @@ use std::process::ExitCode;
 
 use veil_shim::{
     args::{Action, Args},
-    bootstrap,
+    bootstrap, handshake,
 };
 
 /// Exit code for a bad command line.
 const EXIT_USAGE: u8 = 2;
 /// Exit code for a failed action.
 const EXIT_FAILED: u8 = 1;
+
+/// `-info`: options from stdin, `RuntimeInfo` to stdout.
+fn info() -> ExitCode {
+    use std::io::{Read, Write};
+    let mut input = Vec::new();
+    let answer = std::io::stdin()
+        .read_to_end(&mut input)
+        .map_err(|e| e.to_string())
+        .and_then(|_| handshake::runtime_info(&input).map_err(|e| veil_shim::error_chain(&e)))
+        .and_then(|out| std::io::stdout().write_all(&out).map_err(|e| e.to_string()));
+    match answer {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerd-shim-veil-v2 -info: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let args = match Args::parse(std::env::args().skip(1)) {
@@ -26,6 +44,7 @@ fn main() -> ExitCode {
             println!("containerd-shim-veil-v2 {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Action::Info => return info(),
         Action::Start => bootstrap::start(&args),
         Action::Delete => bootstrap::delete(&args),
         Action::Serve => {

@@ -5,7 +5,7 @@
 //! itself even when the test panics ([`vm`]), the agent in host mode
 //! ([`agent`]), busybox root filesystems and OCI specs ([`rootfs`]), OCI
 //! image archives built offline ([`oci`]), a private containerd with the
-//! veil runtime registered ([`containerd`]) and a CRI client to it ([`cri`]), a key broker with a simulated
+//! veil runtime registered ([`containerd`]) and a CRI client to it ([`cri`]), node-install fixtures ([`node`]), a key broker with a simulated
 //! TEE for attestation tests ([`kbs`]) and the confidential-storage helpers
 //! ([`storage`]).
 //!
@@ -17,6 +17,7 @@ pub mod artefacts;
 pub mod containerd;
 pub mod cri;
 pub mod kbs;
+pub mod node;
 pub mod oci;
 pub mod rootfs;
 pub mod storage;
