@@ -32,6 +32,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod events;
 pub mod metrics;
+pub mod network;
 pub mod phases;
 pub mod pod;
 pub mod process;
