@@ -88,6 +88,10 @@ async fn cni_interface_is_wired_to_a_tap_and_unwired_at_teardown() -> Result<()>
     // The subnet route is the kernel's: the guest derives it itself.
     assert!(net.routes.iter().all(|r| r.prefix_len == 0));
 
+    let nics = net.nics();
+    assert_eq!(nics.len(), 2);
+    assert_eq!(nics[0].mac, "0a:58:0a:63:00:02");
+    assert_eq!(nics[0].mtu, 1400);
     let tap = &net.links[0].tap_name.clone();
     let link = ns.ip(&format!("link show {tap}"))?;
     assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");

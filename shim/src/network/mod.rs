@@ -458,6 +458,24 @@ impl PodNetwork {
         self.links.iter().map(|l| &l.iface)
     }
 
+    /// The VM's virtio-net devices: one per tap still held, with the CNI
+    /// interface's MAC and MTU; kernel vhost-net where `/dev/vhost-net`
+    /// exists. Call before [`PodNetwork::release_taps`].
+    pub fn nics(&self) -> Vec<crate::vmm::Nic> {
+        let vhost = Path::new("/dev/vhost-net").exists();
+        self.links
+            .iter()
+            .filter_map(|l| {
+                Some(crate::vmm::Nic {
+                    tap_fd: std::os::fd::AsRawFd::as_raw_fd(l.tap.as_ref()?),
+                    mac: l.iface.mac_text(),
+                    mtu: l.iface.mtu,
+                    vhost,
+                })
+            })
+            .collect()
+    }
+
     /// Closes the shim's tap descriptors once QEMU holds its own: from then
     /// on a tap lives exactly as long as the VM.
     pub fn release_taps(&mut self) {
