@@ -487,11 +487,8 @@ fn held_by_another_process(id: FileId) -> bool {
 fn copy_pipe(pipe: OwnedFd, conn: OwnedFd, copy: Option<&OutputCopy>) {
     use std::io::{Read, Write};
     // Room for a whole pipe's worth: fewer wake-ups per MiB (best effort).
-    let _ = nix::sys::socket::setsockopt(
-        &conn,
-        nix::sys::socket::sockopt::SndBufForce,
-        &SOCKET_BUF,
-    );
+    let _ =
+        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::SndBufForce, &SOCKET_BUF);
     let sfd = conn.as_raw_fd();
     let mut pipe = std::fs::File::from(pipe);
     let mut conn = std::fs::File::from(conn);
@@ -732,7 +729,11 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), io.settle())
             .await
             .expect("settles once the output reached EOF");
-        assert_eq!(io.written().stdout, SIZE, "settled before everything was written");
+        assert_eq!(
+            io.written().stdout,
+            SIZE,
+            "settled before everything was written"
+        );
         assert_eq!(reader.await.unwrap(), SIZE);
     }
 
