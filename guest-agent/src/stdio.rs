@@ -100,7 +100,7 @@ type FileId = (u64, u64);
 fn file_id(fd: &OwnedFd) -> Option<FileId> {
     nix::sys::stat::fstat(fd.as_raw_fd())
         .ok()
-        .map(|st| (st.st_dev as u64, st.st_ino as u64))
+        .map(|st| (st.st_dev, st.st_ino))
 }
 
 /// One output being copied to its stream connection.
@@ -469,7 +469,7 @@ fn held_by_another_process(id: FileId) -> bool {
         for fd in fds.flatten() {
             // stat follows the link to the open file itself (pipes included).
             if let Ok(st) = nix::sys::stat::stat(&fd.path()) {
-                if (st.st_dev as u64, st.st_ino as u64) == id {
+                if (st.st_dev, st.st_ino) == id {
                     return true;
                 }
             }
