@@ -23,6 +23,8 @@ packages=(
   libseccomp-dev containerd runc
   # CNI plugins: test pods get a network namespace of their own (veil refuses hostNetwork)
   containernetworking-plugins
+  # ip and tc: the network tests build and inspect the namespaces they create
+  iproute2
   # virtiofsd (from crates.io, below) links libcap-ng and libseccomp
   libcap-ng-dev
 )

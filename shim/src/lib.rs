@@ -34,6 +34,7 @@ pub mod config;
 pub mod events;
 pub mod handshake;
 pub mod metrics;
+pub mod network;
 pub mod phases;
 pub mod pod;
 pub mod process;

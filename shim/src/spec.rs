@@ -265,6 +265,21 @@ impl HostSpec {
         self.0.get("hostname")?.as_str().filter(|h| !h.is_empty())
     }
 
+    /// The pod's network namespace: the path of the `network` namespace the
+    /// spec joins (the CRI plugin's, which CNI filled). `None` when the spec
+    /// makes a new one (`ctr run` without a namespace: loopback only).
+    pub fn network_namespace(&self) -> Option<std::path::PathBuf> {
+        self.0
+            .pointer("/linux/namespaces")?
+            .as_array()?
+            .iter()
+            .find(|n| n.get("type").and_then(Value::as_str) == Some("network"))?
+            .get("path")?
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+    }
+
     /// Refuses a spec that shares the node's network, PID or IPC namespace
     /// (CRI's hostNetwork, hostPID, hostIPC: the namespace is left out of
     /// `linux.namespaces`). A spec without a namespace list (not written by
@@ -600,6 +615,20 @@ mod tests {
     fn with_namespaces(types: &[&str]) -> HostSpec {
         let nss: Vec<Value> = types.iter().map(|t| json!({"type": t})).collect();
         HostSpec(json!({"linux": {"namespaces": nss}}))
+    }
+
+    #[test]
+    fn network_namespace_is_the_joined_path() {
+        let spec = HostSpec(json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]}}));
+        assert_eq!(
+            spec.network_namespace(),
+            Some("/var/run/netns/cni-1234".into())
+        );
+        assert_eq!(with_namespaces(&["network"]).network_namespace(), None);
+        assert_eq!(HostSpec(json!({})).network_namespace(), None);
     }
 
     #[test]

@@ -111,6 +111,7 @@ impl TestVm {
             scsi_controller: !opts.disks.is_empty(),
             disks: opts.disks.clone(),
             virtio_fs: None,
+            nics: Vec::new(),
         };
         let launched = (
             spec.kernel.clone(),

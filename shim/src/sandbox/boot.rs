@@ -340,6 +340,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         scsi_controller: true,
         disks,
         virtio_fs,
+        nics: Vec::new(),
     };
     let vm = Qemu {
         binary: p.config.qemu.clone(),

@@ -128,6 +128,21 @@ pub struct VmSpec {
     /// A virtio-fs device: virtiofsd's vhost-user socket and the tag the
     /// guest mounts it by (needs shared guest memory, which microvm has).
     pub virtio_fs: Option<(PathBuf, String)>,
+    /// virtio-net devices backed by taps (the pod network).
+    pub nics: Vec<Nic>,
+}
+
+/// A virtio-net device backed by an open tap descriptor that QEMU inherits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's descriptor number in the shim (inherited by QEMU).
+    pub tap_fd: i32,
+    /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The MTU offered to the guest (`host_mtu`).
+    pub mtu: u32,
+    /// Use kernel vhost-net (`/dev/vhost-net` exists).
+    pub vhost: bool,
 }
 
 /// A running VM. Dropping it stops the VM.

@@ -232,6 +232,20 @@ fn devices(spec: &VmSpec, bus: Bus, a: &mut Vec<String>) {
             ),
         ]);
     }
+    for (i, n) in spec.nics.iter().enumerate() {
+        let vhost = if n.vhost { ",vhost=on" } else { "" };
+        push(&[
+            "-netdev",
+            &format!("tap,id=net{i},fd={}{vhost}", n.tap_fd),
+            "-device",
+            &format!(
+                "{},netdev=net{i},mac={},host_mtu={}",
+                bus.device("virtio-net"),
+                escape(&n.mac),
+                n.mtu
+            ),
+        ]);
+    }
     if spec.scsi_controller {
         push(&[
             "-device",
@@ -282,16 +296,25 @@ impl Vmm for Qemu {
         }
         let mut cmd = Command::new(&self.binary);
         cmd.args(qemu_args(spec)?);
+        let mut inherited: Vec<i32> = spec.nics.iter().map(|n| n.tap_fd).collect();
         if let VsockDevice::Vhost { fd: Some(fd), .. } = spec.vsock {
+            inherited.push(fd);
+        }
+        if !inherited.is_empty() {
             use std::os::unix::process::CommandExt;
             // SAFETY: runs between fork and exec and only calls fcntl(2), which
-            // is async-signal-safe; `fd` is an open descriptor owned by the
-            // caller for at least as long as this spawn.
+            // is async-signal-safe, on a vector allocated before the fork;
+            // every fd is an open descriptor owned by the caller for at least
+            // as long as this spawn.
             unsafe {
                 cmd.pre_exec(move || {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    for &fd in &inherited {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -345,6 +368,7 @@ mod tests {
             scsi_controller: false,
             disks: Vec::new(),
             virtio_fs: None,
+            nics: Vec::new(),
         }
     }
 
@@ -411,6 +435,21 @@ mod tests {
             after(&a, "-device")[1],
             "vhost-user-fs-device,chardev=fs0,tag=veil-shared"
         );
+    }
+
+    #[test]
+    fn tap_nics_are_virtio_net_with_mac_and_mtu() {
+        let mut s = spec();
+        s.nics = vec![crate::vmm::Nic {
+            tap_fd: 7,
+            mac: "0a:58:0a:00:00:02".into(),
+            mtu: 1450,
+            vhost: true,
+        }];
+        let a = microvm_args(&s);
+        assert!(after(&a, "-netdev").contains(&"tap,id=net0,fd=7,vhost=on"));
+        assert!(after(&a, "-device")
+            .contains(&"virtio-net-device,netdev=net0,mac=0a:58:0a:00:00:02,host_mtu=1450"));
     }
 
     #[test]
