@@ -178,7 +178,7 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn wait_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<WaitProcessResponse> {
-        let (status, at, written) = self
+        let (status, at) = self
             .pod
             .wait(&req.container_id, &req.exec_id)
             .await
@@ -186,8 +186,6 @@ impl agent_ttrpc::Containers for Services {
         let mut r = WaitProcessResponse::new();
         r.exit_status = status;
         r.exited_at_ns = at;
-        r.stdout_bytes = written.stdout;
-        r.stderr_bytes = written.stderr;
         Ok(r)
     }
 
