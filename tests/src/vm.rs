@@ -232,6 +232,7 @@ impl TestVm {
             firmware: None,
             cmdline,
             vcpus,
+            host_data: None,
         }
     }
 

@@ -409,14 +409,16 @@ impl Policy {
         };
         let r = match (&self.containers, rule) {
             (Containers::Any { exec: true }, _) => return Ok(()),
-            (Containers::Any { exec: false }, _) => return Err(deny(
-                "process.args",
-                format!(
+            (Containers::Any { exec: false }, _) => {
+                return Err(deny(
+                    "process.args",
+                    format!(
                     "{}: exec is not allowed in a confidential pod without a policy that lists it",
                     shown(&e.args)
                 ),
-                None,
-            )),
+                    None,
+                ))
+            }
             (Containers::Rules(rules), Some(i)) => match rules.get(i) {
                 Some(r) => r,
                 None => return Err(deny("container_id", "has no rule".into(), None)),

@@ -63,7 +63,8 @@ fn view() -> ContainerView {
 fn a_matching_container_gets_its_rule_and_a_differing_one_is_named() {
     let p = Policy::parse(doc().as_bytes()).unwrap();
     assert_eq!(p.check_container(&view()).unwrap(), Some(0));
-    let cases: Vec<(Box<dyn Fn(&mut ContainerView)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut ContainerView)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|v| v.args[1] = "1".into()), "process.args"),
         (
             Box::new(|v| v.env.push("LD_PRELOAD=/x.so".into())),
