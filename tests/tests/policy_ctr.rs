@@ -12,7 +12,7 @@ use veil_tests::{
 };
 
 /// The policy: busybox `sleep 1000` (by root hash), `cat /proc/loadavg` as
-/// its only exec.
+/// its only exec; stdin allowed, as `ctr` always attaches it.
 fn policy(root_hash: &str) -> String {
     format!(
         r#"version = 1
@@ -21,8 +21,10 @@ name = "sleeper"
 root_hash = ["{root_hash}"]
 args = ["sleep", "1000"]
 env_names = ["PATH", "HOSTNAME", "TERM"]
+stdin = true
 [[container.exec]]
 args = ["cat", "/proc/loadavg"]
+stdin = true
 "#
     )
 }

@@ -51,8 +51,8 @@ fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
     // any other exec from the host is refused.
     let policy = format!(
         "version = 1\n[[container]]\nname = \"demo\"\nargs = [\"sleep\", \"1000\"]\n\
-         env_names = [\"PATH\", \"HOSTNAME\", \"TERM\"]\nmounts = [\"/data\"]\n\
-         [[container.exec]]\nargs = [\"sh\", \"-c\", {}]\n",
+         env_names = [\"PATH\", \"HOSTNAME\", \"TERM\"]\nmounts = [\"/data\"]\nstdin = true\n\
+         [[container.exec]]\nargs = [\"sh\", \"-c\", {}]\nstdin = true\n",
         serde_json::to_string(&script)?
     );
     let mut args = env.run_args("veil-sim", oci::BUSYBOX_IMAGE);
