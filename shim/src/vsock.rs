@@ -68,6 +68,9 @@ pub fn vhost_available() -> bool {
 }
 
 const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+/// The backend's per-connection buffer for guest-to-host data that the host
+/// side has not read yet (its default is 64 KiB): room for a burst of output.
+const TX_BUFFER: usize = 4 * 1024 * 1024;
 
 mod ioctl {
     // VHOST_VSOCK_SET_GUEST_CID = _IOW(VHOST_VIRTIO, 0x60, __u64), VHOST_VIRTIO = 0xAF.
@@ -138,7 +141,7 @@ impl HybridVsockBackend {
         let log = dir.join("vhost-device-vsock.log");
         let mut cmd = Command::new(binary);
         cmd.arg("--vm").arg(format!(
-            "guest-cid={guest_cid},socket={},uds-path={}",
+            "guest-cid={guest_cid},socket={},uds-path={},tx-buffer-size={TX_BUFFER}",
             vhost_socket.display(),
             uds_path.display()
         ));
