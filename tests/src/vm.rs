@@ -233,7 +233,6 @@ impl TestVm {
             firmware: None,
             cmdline,
             vcpus,
-            host_data: None,
         }
     }
 
