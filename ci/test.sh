@@ -17,6 +17,10 @@ log "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 # Host binaries in the dev profile: cargo test compiles that profile anyway.
 VEIL_HOST_PROFILE=dev ci/build-artefacts.sh
+# Every host binary the integration tests run (veil-node has no integration test of
+# its own, so cargo test alone would not build it).
+log "cargo build --workspace --bins"
+cargo build --workspace --bins
 log "cargo test"
 cargo test --workspace --no-fail-fast
 log "all tests passed"
