@@ -14,7 +14,8 @@
 //! and the encrypted scratch disk), [`engine`] (building container
 //! processes in a helper process), [`validate`] and [`status`] (request checks
 //! and the one error-to-status mapping), [`power`], [`attest`] (remote
-//! attestation to the key broker; the released secrets stay in the guest).
+//! attestation to the key broker; the released secrets stay in the guest),
+//! [`policy`] (the pod's request policy, checked before every request).
 
 pub mod attest;
 pub mod cgroup;
@@ -28,6 +29,7 @@ pub mod health;
 pub mod init;
 pub mod logging;
 pub mod pod;
+pub mod policy;
 pub mod power;
 pub mod process;
 pub mod ready;

@@ -63,7 +63,17 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
             &attestation,
         )))),
     );
-    let services = crate::service::Services::new(Arc::clone(&pod));
+    // A pod whose measured command line names a TEE is confidential: its
+    // policy comes only as verified init-data.
+    let gate = Arc::new(match attestation.config() {
+        Some(c) => crate::policy::gate::Gate::confidential(c.tee),
+        None => crate::policy::gate::Gate::plain(),
+    });
+    let services = crate::service::Services::new(
+        Arc::clone(&pod),
+        Arc::clone(&gate),
+        Arc::clone(&attestation),
+    );
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);
     let health = veil_protocol::agent_ttrpc::create_health(Arc::new(crate::health::HealthService));
     let guest = veil_protocol::agent_ttrpc::create_guest(Arc::new(crate::guest::GuestService {
@@ -95,17 +105,19 @@ pub async fn serve(config: &crate::config::Config, reaper: Reaper) -> Result<(),
         Listen::Unix(path) => {
             let sp = veil_protocol::stream::host_stream_socket(path);
             let pod = Arc::clone(&pod);
+            let gate = Arc::clone(&gate);
             tokio::spawn(async move {
-                if let Err(e) = crate::streams::serve_unix(&sp, pod).await {
+                if let Err(e) = crate::streams::serve_unix(&sp, pod, gate).await {
                     tracing::error!(error = %e, "stream listener failed");
                 }
             })
         }
         Listen::Vsock(_) => {
             let pod = Arc::clone(&pod);
+            let gate = Arc::clone(&gate);
             tokio::spawn(async move {
                 if let Err(e) =
-                    crate::streams::serve_vsock(veil_protocol::STREAM_VSOCK_PORT, pod).await
+                    crate::streams::serve_vsock(veil_protocol::STREAM_VSOCK_PORT, pod, gate).await
                 {
                     tracing::error!(error = %e, "stream listener failed");
                 }

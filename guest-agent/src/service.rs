@@ -1,5 +1,6 @@
-//! The ttrpc services `Sandbox`, `Containers` and `Events`: request decoding
-//! and error mapping only; the work is done by [`crate::pod::Pod`].
+//! The ttrpc services `Sandbox`, `Containers` and `Events`: request decoding,
+//! the pod's policy check before acting ([`crate::policy::gate`]), and error
+//! mapping; the work is done by [`crate::pod::Pod`].
 
 use std::sync::Arc;
 
@@ -7,24 +8,62 @@ use async_trait::async_trait;
 use ttrpc::r#async::TtrpcContext;
 use veil_protocol::{agent::*, agent_ttrpc};
 
-use crate::{pod::Pod, status::to_ttrpc};
+use crate::{
+    attest::Attestation,
+    pod::Pod,
+    policy::{eval::Denied, gate::Gate},
+    status::to_ttrpc,
+};
 
-/// The services, sharing one pod.
+/// The services, sharing one pod and its policy gate.
 #[derive(Clone)]
 pub struct Services {
     pod: Arc<Pod>,
+    gate: Arc<Gate>,
+    attestation: Arc<Attestation>,
 }
 
 impl Services {
-    /// Services over `pod`.
-    pub fn new(pod: Arc<Pod>) -> Self {
-        Services { pod }
+    /// Services over `pod`, checked by `gate`; `attestation` reads the
+    /// launch's host data and carries the verified policy to the broker.
+    pub fn new(pod: Arc<Pod>, gate: Arc<Gate>, attestation: Arc<Attestation>) -> Self {
+        Services {
+            pod,
+            gate,
+            attestation,
+        }
+    }
+
+    /// Verifies and puts a delivered policy in force.
+    pub async fn set_policy(&self, doc: &[u8]) -> Result<(), crate::policy::gate::GateError> {
+        use crate::policy::gate::GateError;
+        let host_data = match self.gate.tee() {
+            Some(_) => Some(
+                self.attestation
+                    .launch_host_data()
+                    .await
+                    .map_err(|e| GateError::HostData(crate::error_chain(&e)))?,
+            ),
+            None => None,
+        };
+        let source = self.gate.deliver(doc, host_data.as_deref())?;
+        if self.gate.tee().is_some() && !doc.is_empty() {
+            self.attestation
+                .set_init_data(String::from_utf8_lossy(doc).into_owned());
+        }
+        tracing::info!(policy = source, bytes = doc.len(), "policy in force");
+        Ok(())
     }
 }
 
 type R<T> = ttrpc::Result<T>;
 
 fn err(e: crate::pod::PodError) -> ttrpc::Error {
+    to_ttrpc(&e)
+}
+
+fn denied(e: Denied) -> ttrpc::Error {
+    tracing::warn!(denial = %e, "request denied by policy");
     to_ttrpc(&e)
 }
 
@@ -37,6 +76,7 @@ fn start_response(pid: u32) -> StartResponse {
 #[async_trait]
 impl agent_ttrpc::Sandbox for Services {
     async fn create_sandbox(&self, _c: &TtrpcContext, req: CreateSandboxRequest) -> R<Empty> {
+        self.gate.policy("CreateSandbox").map_err(denied)?;
         self.pod.create_sandbox(&req).await.map_err(err)?;
         Ok(Empty::new())
     }
@@ -51,7 +91,10 @@ impl agent_ttrpc::Sandbox for Services {
         _c: &TtrpcContext,
         req: AddStorageRequest,
     ) -> R<AddStorageResponse> {
+        self.gate.policy("AddStorage").map_err(denied)?;
         let p = self.pod.add_storage(&req).await.map_err(err)?;
+        let root_hash = req.verity.as_ref().map(|v| v.root_hash.as_str());
+        self.gate.record_storage(&req.storage_id, root_hash);
         let mut r = AddStorageResponse::new();
         r.mount_point = p.to_string_lossy().into_owned();
         Ok(r)
@@ -62,10 +105,14 @@ impl agent_ttrpc::Sandbox for Services {
             .remove_storage(&req.storage_id)
             .await
             .map_err(err)?;
+        self.gate.forget_storage(&req.storage_id);
         Ok(Empty::new())
     }
 
     async fn put_volume(&self, _c: &TtrpcContext, req: PutVolumeRequest) -> R<Empty> {
+        self.gate
+            .check_call("PutVolume", |a| a.put_volume)
+            .map_err(denied)?;
         self.pod.put_volume(&req).await.map_err(err)?;
         Ok(Empty::new())
     }
@@ -80,6 +127,9 @@ impl agent_ttrpc::Sandbox for Services {
         _c: &TtrpcContext,
         req: ReadVolumeFileRequest,
     ) -> R<ReadVolumeFileResponse> {
+        self.gate
+            .check_call("ReadVolumeFile", |a| a.read_volume_file)
+            .map_err(denied)?;
         let mut r = ReadVolumeFileResponse::new();
         r.content = self
             .pod
@@ -87,6 +137,14 @@ impl agent_ttrpc::Sandbox for Services {
             .await
             .map_err(err)?;
         Ok(r)
+    }
+
+    async fn set_policy(&self, _c: &TtrpcContext, req: SetPolicyRequest) -> R<Empty> {
+        self.set_policy(&req.policy).await.map_err(|e| {
+            tracing::warn!(error = %crate::error_chain(&e), "policy not put in force");
+            to_ttrpc(&e)
+        })?;
+        Ok(Empty::new())
     }
 }
 
@@ -97,13 +155,16 @@ impl agent_ttrpc::Containers for Services {
         _c: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> R<CreateContainerResponse> {
+        let rule = self.gate.check_create(&req).map_err(denied)?;
         let pid = self.pod.create_container(&req).await.map_err(err)?;
+        self.gate.record_container(&req.container_id, rule);
         let mut r = CreateContainerResponse::new();
         r.pid = pid;
         Ok(r)
     }
 
     async fn start_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<StartResponse> {
+        self.gate.policy("StartContainer").map_err(denied)?;
         Ok(start_response(
             self.pod
                 .start_container(&req.container_id)
@@ -117,20 +178,30 @@ impl agent_ttrpc::Containers for Services {
             .remove_container(&req.container_id)
             .await
             .map_err(err)?;
+        self.gate.forget_container(&req.container_id);
         Ok(Empty::new())
     }
 
     async fn pause_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<Empty> {
+        self.gate
+            .check_call("PauseContainer", |a| a.pause)
+            .map_err(denied)?;
         self.pod.pause(&req.container_id).await.map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn resume_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<Empty> {
+        self.gate
+            .check_call("ResumeContainer", |a| a.pause)
+            .map_err(denied)?;
         self.pod.resume(&req.container_id).await.map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn update_container(&self, _c: &TtrpcContext, req: UpdateContainerRequest) -> R<Empty> {
+        self.gate
+            .check_call("UpdateContainer", |a| a.update)
+            .map_err(denied)?;
         self.pod
             .update(&req.container_id, &req.resources)
             .await
@@ -139,21 +210,29 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn stats_container(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<ContainerStats> {
+        self.gate
+            .check_call("StatsContainer", |a| a.stats)
+            .map_err(denied)?;
         self.pod.stats(&req.container_id).await.map_err(err)
     }
 
     async fn list_pids(&self, _c: &TtrpcContext, req: ContainerRequest) -> R<ListPidsResponse> {
+        self.gate
+            .check_call("ListPids", |a| a.stats)
+            .map_err(denied)?;
         let mut r = ListPidsResponse::new();
         r.pids = self.pod.pids(&req.container_id).await.map_err(err)?;
         Ok(r)
     }
 
     async fn exec_process(&self, _c: &TtrpcContext, req: ExecProcessRequest) -> R<Empty> {
+        self.gate.check_exec(&req).map_err(denied)?;
         self.pod.exec(&req).await.map_err(err)?;
         Ok(Empty::new())
     }
 
     async fn start_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<StartResponse> {
+        self.gate.policy("StartProcess").map_err(denied)?;
         let pid = if req.exec_id.is_empty() {
             self.pod.start_container(&req.container_id).await
         } else {
@@ -170,6 +249,7 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn signal_process(&self, _c: &TtrpcContext, req: SignalProcessRequest) -> R<Empty> {
+        self.gate.check_signal(req.signal).map_err(denied)?;
         self.pod
             .signal(&req.container_id, &req.exec_id, req.signal, req.all)
             .await

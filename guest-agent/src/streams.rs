@@ -14,28 +14,36 @@ use veil_protocol::{
     vsock::{Connection, VsockListener},
 };
 
-use crate::{pod::Pod, status::Classify};
+use crate::{pod::Pod, policy::gate::Gate, status::Classify};
 
 /// How long a client may take to send its `StreamOpen`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves stream connections on a unix socket until the task is dropped.
-pub async fn serve_unix(path: &Path, pod: Arc<Pod>) -> std::io::Result<()> {
+pub async fn serve_unix(path: &Path, pod: Arc<Pod>, gate: Arc<Gate>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
     loop {
         let (conn, _) = listener.accept().await?;
-        tokio::spawn(handle(Connection::Unix(conn), Arc::clone(&pod)));
+        tokio::spawn(handle(
+            Connection::Unix(conn),
+            Arc::clone(&pod),
+            Arc::clone(&gate),
+        ));
     }
 }
 
 /// Serves stream connections on AF_VSOCK `port` (any CID).
-pub async fn serve_vsock(port: u32, pod: Arc<Pod>) -> std::io::Result<()> {
+pub async fn serve_vsock(port: u32, pod: Arc<Pod>, gate: Arc<Gate>) -> std::io::Result<()> {
     let listener = VsockListener::bind(port)?;
     loop {
         match listener.accept().await {
             Ok(conn) => {
-                tokio::spawn(handle(Connection::Vsock(conn), Arc::clone(&pod)));
+                tokio::spawn(handle(
+                    Connection::Vsock(conn),
+                    Arc::clone(&pod),
+                    Arc::clone(&gate),
+                ));
             }
             Err(e) => {
                 // Out of descriptors, say: do not spin.
@@ -46,7 +54,7 @@ pub async fn serve_vsock(port: u32, pod: Arc<Pod>) -> std::io::Result<()> {
     }
 }
 
-async fn handle(mut conn: Connection, pod: Arc<Pod>) {
+async fn handle(mut conn: Connection, pod: Arc<Pod>, gate: Arc<Gate>) {
     let open: StreamOpen =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut conn)).await {
             Ok(Ok(o)) => o,
@@ -58,6 +66,13 @@ async fn handle(mut conn: Connection, pod: Arc<Pod>) {
         };
     let kind = open.kind.enum_value_or_default();
     let mut reply = StreamOpenReply::new();
+    if let Err(e) = gate.check_stream(kind) {
+        tracing::warn!(denial = %e, "stream denied by policy");
+        reply.code = crate::status::code_number(e.kind());
+        reply.message = e.to_string();
+        let _ = write_frame(&mut conn, &reply).await;
+        return;
+    }
     match pod
         .take_stream(&open.container_id, &open.exec_id, kind)
         .await

@@ -49,6 +49,10 @@ use crate::volumes::{
     UseKind, VolumeUse,
 };
 
+/// The pod's request policy (docs/policy.md): a TOML document the shim
+/// delivers to the agent as init-data, its digest bound at launch into the
+/// TEE's host data. Read from the sandbox container's spec.
+pub const POLICY_ANNOTATION: &str = "io.veil.policy";
 /// containerd's CRI annotation naming a container's pod.
 pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 /// containerd's CRI annotation saying `sandbox` or `container`.

@@ -233,6 +233,7 @@ impl TestVm {
             firmware: None,
             cmdline,
             vcpus,
+            host_data: None,
         }
     }
 

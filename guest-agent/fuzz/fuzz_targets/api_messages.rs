@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
         if let Ok((entries, _)) = volumes::check_request(&r) {
             // What passes has plain relative paths only.
             for e in entries {
-                assert!(e.path.components().all(|c| matches!(c, std::path::Component::Normal(_))));
+                assert!(e
+                    .path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))));
             }
         }
     }
@@ -42,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(s) = std::str::from_utf8(data) {
         if let Ok(p) = validate::relative_path("p", s) {
-            assert!(!p.components().any(|c| matches!(c, std::path::Component::ParentDir)));
+            assert!(!p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir)));
         }
     }
 });

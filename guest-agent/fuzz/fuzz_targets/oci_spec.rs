@@ -30,17 +30,19 @@ impl plan::Context for Ctx {
     fn guest_devices(&self) -> Vec<veil_agent::engine::wire::DevicePlan> {
         Vec::new()
     }
-    fn share_bind_source(
-        &self,
-        _: &Path,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn share_bind_source(&self, _: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Ok(())
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(spec) = plan::parse_spec(data) {
-        let _ = plan::plan_init(&spec, Path::new("/run/veil/containers/c/rootfs"), None, &Ctx);
+        let _ = plan::plan_init(
+            &spec,
+            Path::new("/run/veil/containers/c/rootfs"),
+            None,
+            &Ctx,
+        );
         if let Some(p) = spec.process().clone() {
             let _ = plan::plan_exec(&spec, 1, p, None);
         }

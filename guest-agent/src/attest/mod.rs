@@ -282,6 +282,8 @@ pub struct Attestation {
     attester: Result<Arc<dyn Attester>, String>,
     connect: ConnectorFactory,
     state: tokio::sync::Mutex<Option<Attested>>,
+    /// The verified policy document, sent to the broker as init-data.
+    init_data: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Attestation {
@@ -327,6 +329,7 @@ impl Attestation {
             attester,
             connect,
             state: tokio::sync::Mutex::new(None),
+            init_data: std::sync::Mutex::new(None),
         }
     }
 
@@ -348,6 +351,36 @@ impl Attestation {
     /// (a confidential pod).
     pub fn has_broker(&self) -> bool {
         self.config().is_some_and(|c| c.pin.is_some())
+    }
+
+    /// The host data the TEE bound at launch (SNP / simulated HOST_DATA,
+    /// TDX MRCONFIGID), read from a fresh report over zero report data.
+    pub async fn launch_host_data(&self) -> Result<Vec<u8>, AttestError> {
+        let cfg = self.checked_config()?;
+        let attester = self
+            .attester
+            .as_ref()
+            .map_err(|reason| AttestError::Attester {
+                tee: cfg.tee,
+                reason: reason.clone(),
+            })?;
+        let failed = |reason: String| AttestError::Attester {
+            tee: cfg.tee,
+            reason,
+        };
+        let ev = attester
+            .evidence([0u8; 64])
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let parsed = Evidence::from_primary(cfg.tee, &ev)
+            .map_err(|e| failed(veil_common::error_chain(&e)))?;
+        Ok(parsed.host_data())
+    }
+
+    /// Sets the init-data sent with the attestation (the verified policy
+    /// document), whose digest the broker checks against the host data.
+    pub fn set_init_data(&self, doc: String) {
+        *self.init_data.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc);
     }
 
     /// Attests and fetches every configured resource, once; with `refresh`,
@@ -419,6 +452,14 @@ impl Attestation {
             BROKER_NAME,
         )
         .map_err(AttestError::Broker)?;
+        let init_data = self
+            .init_data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(doc) = init_data {
+            client = client.with_init_data(doc);
+        }
         let refused = |what: &str| {
             let what = what.to_string();
             move |e| match e {

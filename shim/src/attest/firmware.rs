@@ -106,11 +106,12 @@ pub fn measure(launch: &LaunchInfo) -> Result<[u8; 48], FirmwareError> {
 fn answer(
     chip: &Result<SimChip, String>,
     measurement: &Result<[u8; 48], String>,
+    host_data: Option<&[u8; 32]>,
     report_data: &[u8; 64],
 ) -> Result<Vec<u8>, String> {
     let chip = chip.as_ref().map_err(|e| e.clone())?;
     let m = measurement.as_ref().map_err(|e| e.clone())?;
-    let ev = chip.evidence(report_data, m, None);
+    let ev = chip.evidence(report_data, m, host_data);
     serde_json::to_vec(&ev).map_err(|e| e.to_string())
 }
 
@@ -118,6 +119,7 @@ async fn handle(
     mut conn: UnixStream,
     chip: Arc<Result<SimChip, String>>,
     measurement: Arc<Result<[u8; 48], String>>,
+    host_data: Option<[u8; 32]>,
 ) {
     let rd = match tokio::time::timeout(REQUEST_TIMEOUT, simfw::read_request(&mut conn)).await {
         Ok(Ok(rd)) => rd,
@@ -128,7 +130,7 @@ async fn handle(
         }
         Err(_) => return,
     };
-    let result = answer(&chip, &measurement, &rd);
+    let result = answer(&chip, &measurement, host_data.as_ref(), &rd);
     match &result {
         Ok(_) => tracing::debug!(
             measurement = %measurement.as_ref().as_ref().map(hex::encode).unwrap_or_default(),
@@ -153,6 +155,9 @@ impl HostService for SimFirmware {
         launch: LaunchInfo,
     ) -> tokio::task::JoinHandle<()> {
         let chip = Arc::new(self.chip.clone());
+        // The init-data digest, bound into every report as HOST_DATA.
+        let host_data: Option<[u8; 32]> =
+            launch.host_data.as_deref().and_then(|h| h.try_into().ok());
         // Measured now, before the VMM starts, from the files it is given.
         let measurement = Arc::new(measure(&launch).map_err(|e| crate::error_chain(&e)));
         match measurement.as_ref() {
@@ -165,7 +170,7 @@ impl HostService for SimFirmware {
             loop {
                 match listener.accept().await {
                     Ok((conn, _)) => {
-                        tokio::spawn(handle(conn, chip.clone(), measurement.clone()));
+                        tokio::spawn(handle(conn, chip.clone(), measurement.clone(), host_data));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "simulated firmware accept failed");
@@ -192,6 +197,7 @@ mod tests {
             firmware: None,
             cmdline: "console=ttyS0 veil.tee=sim".into(),
             vcpus: 2,
+            host_data: None,
         }
     }
 

@@ -194,6 +194,41 @@ pub fn host_services(h: &HandlerConfig) -> Result<Vec<Arc<dyn HostService>>, Att
     Ok(out)
 }
 
+/// The host data a pod of `h` launches with for init-data `policy`: its
+/// SHA-256 (SNP HOST_DATA, the simulated TEE) or SHA-384 (TDX MRCONFIGID);
+/// `None` (zeros) without a policy or a TEE.
+pub fn init_data_host_data(h: &HandlerConfig, policy: &[u8]) -> Option<Vec<u8>> {
+    if policy.is_empty() {
+        return None;
+    }
+    match h.tee {
+        TeeKind::None => None,
+        TeeKind::Tdx => Some(sha2::Sha384::digest(policy).to_vec()),
+        TeeKind::Snp | TeeKind::Sim => Some(sha2::Sha256::digest(policy).to_vec()),
+    }
+}
+
+/// Delivers the pod's policy to the agent, before anything it governs. A
+/// confidential pod always gets one (empty: the agent's built-in
+/// confidential default); a plain pod only when it has one.
+pub async fn deliver_policy(
+    agent: &Agent,
+    h: &HandlerConfig,
+    policy: &[u8],
+) -> Result<(), AgentError> {
+    if h.tee == TeeKind::None && policy.is_empty() {
+        return Ok(());
+    }
+    let mut req = veil_protocol::agent::SetPolicyRequest::new();
+    req.policy = policy.to_vec();
+    agent::rpc(
+        "SetPolicy",
+        agent.sandbox.set_policy(agent::ctx(), &req).await,
+    )?;
+    tracing::info!(bytes = policy.len(), "pod policy delivered");
+    Ok(())
+}
+
 /// Asks the agent to attest and fetch its resources, when the handler names
 /// a broker; marks the `attested` phase. The broker's refusal comes back as
 /// the agent's FAILED_PRECONDITION with the broker's reason.

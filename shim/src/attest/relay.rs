@@ -119,6 +119,7 @@ mod tests {
             firmware: None,
             cmdline: String::new(),
             vcpus: 1,
+            host_data: None,
         };
         let task = Arc::new(KbsRelay::new(addr)).serve(UnixListener::bind(&sock).unwrap(), launch);
         let mut c = UnixStream::connect(&sock).await.unwrap();

@@ -106,6 +106,8 @@ pub struct BootParams<'a> {
     pub handler: &'a HandlerConfig,
     /// The pod's hostname.
     pub hostname: String,
+    /// The pod's policy document (init-data; empty: none).
+    pub policy: Vec<u8>,
 }
 
 /// A booted pod VM, its parts owned by the caller from here on.
@@ -159,6 +161,7 @@ pub fn launch_info(h: &HandlerConfig) -> Result<LaunchInfo, BootError> {
         firmware: matches!(h.tee, TeeKind::Snp | TeeKind::Tdx).then(|| h.firmware.clone()),
         cmdline: cmdline(h)?,
         vcpus: h.vcpus,
+        host_data: None,
     })
 }
 
@@ -201,17 +204,22 @@ impl Drop for Partial {
     }
 }
 
-fn machine(h: &HandlerConfig) -> Machine {
+fn machine(h: &HandlerConfig, host_data: Option<&[u8]>) -> Machine {
+    use base64::Engine;
+    let b64 = host_data.map(|d| base64::engine::general_purpose::STANDARD.encode(d));
     match h.tee {
         TeeKind::None | TeeKind::Sim => Machine::Microvm,
         TeeKind::Snp => Machine::Q35 {
-            tee: Tee::Snp(SnpParams::default()),
+            tee: Tee::Snp(SnpParams {
+                host_data_b64: b64,
+                ..SnpParams::default()
+            }),
             firmware: h.firmware.clone(),
         },
         TeeKind::Tdx => Machine::Q35 {
             tee: Tee::Tdx(TdxParams {
                 sept_ve_disable: true,
-                mrconfigid_b64: None,
+                mrconfigid_b64: b64,
             }),
             firmware: h.firmware.clone(),
         },
@@ -292,7 +300,8 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         partial.backend = Some(backend);
         (dev, t, None)
     };
-    let launch = launch_info(h)?;
+    let mut launch = launch_info(h)?;
+    launch.host_data = crate::attest::init_data_host_data(h, &p.policy);
     let disks: Vec<BootDisk> = scratch_disk(&p, &dir)?.into_iter().collect();
     let attest_services: Vec<Arc<dyn HostService>> = crate::attest::host_services(h)?;
     for svc in &attest_services {
@@ -307,7 +316,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         }
     }
     let virtio_fs = if h.shared_dirs {
-        if !matches!(machine(h), Machine::Microvm) {
+        if !matches!(machine(h, None), Machine::Microvm) {
             return Err(BootError::SharedDirs(format!(
                 "shared_dirs needs a microvm pod (tee none or sim); handler has tee {:?}",
                 h.tee
@@ -336,7 +345,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         console_log: console.clone(),
         vmm_log: dir.file("qemu.log"),
         qmp_socket: Some(qmp_path.clone()),
-        machine: machine(h),
+        machine: machine(h, launch.host_data.as_deref()),
         scsi_controller: true,
         disks,
         virtio_fs,
@@ -403,6 +412,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     phases.mark("agent_ready");
     let qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
 
+    crate::attest::deliver_policy(&agent, h, &p.policy).await?;
     let mut req = CreateSandboxRequest::new();
     req.sandbox_id = p.id.to_string();
     // The pod shares no network yet: localhost plus the pod's name, and the

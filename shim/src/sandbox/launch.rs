@@ -22,6 +22,10 @@ pub struct LaunchInfo {
     pub cmdline: String,
     /// vCPU count.
     pub vcpus: u32,
+    /// The host data bound into the TEE's reports (the init-data digest:
+    /// SHA-256 for SNP and the simulated TEE, SHA-384 for TDX); `None`:
+    /// zeros, no init-data. Not part of the measurement.
+    pub host_data: Option<Vec<u8>>,
 }
 
 /// A service the shim offers the guest on a vsock port (guest-initiated

@@ -124,6 +124,12 @@ impl Launcher for VmLauncher {
                     config: &config,
                     handler: &handler,
                     hostname: req.hostname.clone(),
+                    policy: req
+                        .spec
+                        .annotation(crate::spec::POLICY_ANNOTATION)
+                        .unwrap_or_default()
+                        .as_bytes()
+                        .to_vec(),
                 },
                 phases,
             ),

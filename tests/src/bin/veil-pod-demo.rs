@@ -43,8 +43,22 @@ fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
         .join("pod/volumes/kubernetes.io~empty-dir/data");
     std::fs::create_dir_all(&vol)?;
     let secret = format!("veil-demo-secret-{}", hex::encode(random(8)?));
+    let script = format!(
+        "echo {secret} > /root-secret && echo {secret} > /data/secret && sync && \
+         echo \"read back: $(cat /root-secret) (root fs), $(cat /data/secret) (emptyDir)\""
+    );
+    // The pod's policy (docs/policy.md): this container, and this one exec;
+    // any other exec from the host is refused.
+    let policy = format!(
+        "version = 1\n[[container]]\nname = \"demo\"\nargs = [\"sleep\", \"1000\"]\n\
+         env_names = [\"PATH\", \"HOSTNAME\", \"TERM\"]\nmounts = [\"/data\"]\nstdin = true\n\
+         [[container.exec]]\nargs = [\"sh\", \"-c\", {}]\nstdin = true\n",
+        serde_json::to_string(&script)?
+    );
     let mut args = env.run_args("veil-sim", oci::BUSYBOX_IMAGE);
     args.extend([
+        "--annotation".into(),
+        format!("io.veil.policy={policy}"),
         "-d".into(),
         "--mount".into(),
         format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display()),
@@ -78,16 +92,24 @@ fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
             e["measurement"].as_str().unwrap_or("?"),
         );
     }
-    let script = format!(
-        "echo {secret} > /root-secret && echo {secret} > /data/secret && sync && \
-         echo \"read back: $(cat /root-secret) (root fs), $(cat /data/secret) (emptyDir)\""
-    );
     println!("$ ctr task exec demo sh -c 'echo SECRET > /root-secret; echo SECRET > /data/secret; sync; cat …'");
     let out = c.ctr_ok(
         NS,
         &["task", "exec", "--exec-id", "w", id, "sh", "-c", &script],
     )?;
     print!("  {}", String::from_utf8_lossy(&out.stdout));
+    println!("$ ctr task exec demo cat /data/secret   (not in the pod's policy)");
+    let denied = c
+        .ctr(NS)
+        .args(["task", "exec", "--exec-id", "x", id, "cat", "/data/secret"])
+        .output()?;
+    if denied.status.success() {
+        bail!("the host read the secret through exec: the policy was not enforced");
+    }
+    println!(
+        "  refused: {}",
+        String::from_utf8_lossy(&denied.stderr).trim()
+    );
     let scratch = scratch_file(c, id);
     let head = std::fs::read(&scratch).with_context(|| format!("reading {}", scratch.display()))?;
     let luks = head.starts_with(LUKS_MAGIC);

@@ -157,6 +157,16 @@ impl Evidence {
         }
     }
 
+    /// The data the host bound at launch (veil: the init-data digest): SNP and simulated
+    /// HOST_DATA (32 bytes), TDX MRCONFIGID (48 bytes).
+    pub fn host_data(&self) -> Vec<u8> {
+        match self {
+            Evidence::Snp(s) => s.report.host_data().to_vec(),
+            Evidence::Tdx(t) => t.quote.report.mr_config_id.to_vec(),
+            Evidence::Sim { report, .. } => report.host_data().to_vec(),
+        }
+    }
+
     /// Parses composite `tee-evidence` for `tee`.
     pub fn from_composite(tee: Tee, ev: &CompositeEvidence) -> Result<Self, EvidenceError> {
         if !ev.additional_evidence.is_empty() {
