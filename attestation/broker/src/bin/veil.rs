@@ -1,6 +1,10 @@
 //! `veil`: operator tools. `veil measure` computes reference values; `veil sim-ca init` creates
 //! the simulated TEE's keys; `veil sim-report` signs a simulated report (the simulated firmware,
-//! as a command, for tests and external clients).
+//! as a command, for tests and external clients); `veil policy` writes, digests and explains pod
+//! request policies.
+
+#[path = "veil/policy.rs"]
+mod policy;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,6 +21,8 @@ use veil_verifier::reference::{ReferenceValue, ReferenceValues, REFERENCE_VALUES
 use veil_verifier::sim_ca::{init_sim_ca, SimChip};
 
 const EXIT_FAILED: u8 = 1;
+/// `veil policy check` found the request denied.
+const EXIT_DENIED: u8 = 3;
 
 #[derive(Parser)]
 #[command(name = "veil", about = "veil operator tools")]
@@ -43,6 +49,11 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Pod request policies: generate from a manifest, digest, check a request.
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
     /// Compute the expected launch measurement.
     Measure {
         /// Which TEE.
@@ -124,8 +135,9 @@ fn hex_array<const N: usize>(what: &str, s: &str) -> Result<[u8; N], String> {
         .map_err(|_| format!("{what} must be {N} bytes"))
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    match cli.cmd {
+fn run(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Policy { cmd } => policy::run(cmd).map(|_| ()),
         Cmd::Measure {
             mode,
             ovmf,
@@ -254,8 +266,13 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match Cli::parse().cmd {
+        Cmd::Policy { cmd } => policy::run(cmd),
+        other => run(other).map(|()| true),
+    };
+    match result {
+        Ok(false) => ExitCode::from(EXIT_DENIED),
+        Ok(true) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("veil: {e}");
             ExitCode::from(EXIT_FAILED)

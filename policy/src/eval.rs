@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 
 use super::{ContainerRule, Containers, EnvName, Policy};
-use crate::status::{Classify, Kind};
+use veil_common::{Classify, Kind};
 
 /// A request the policy refused: which request, which field, which rule.
 /// Never carries an environment value.
