@@ -134,7 +134,7 @@ fn containerd_config(dir: &Path, veil_config: &Path) -> String {
     let d = |s: &str| toml_str(&dir.join(s));
     let runtime = |name: &str| {
         format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}]\n  runtime_type = \"io.containerd.veil.v2\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}.options]\n    ConfigPath = \"{}#{name}\"\n",
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}]\n  runtime_type = \"io.containerd.veil.v2\"\n  pod_annotations = [\"io.veil.*\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{name}.options]\n    ConfigPath = \"{}#{name}\"\n",
             veil_config.display()
         )
     };

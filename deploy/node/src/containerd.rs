@@ -116,7 +116,7 @@ pub fn block(
     for r in runtimes {
         let t = format!("plugins.\"{plugin}.runtimes.{}", r.handler);
         s.push_str(&format!(
-            "[{t}]\n  runtime_type = \"io.containerd.veil.v2\"\n  runtime_path = {:?}\n  [{t}.options]\n    ConfigPath = {:?}\n",
+            "[{t}]\n  runtime_type = \"io.containerd.veil.v2\"\n  pod_annotations = [\"io.veil.*\"]\n  runtime_path = {:?}\n  [{t}.options]\n    ConfigPath = {:?}\n",
             r.shim,
             format!("{}#{}", r.veil_config, r.handler)
         ));
