@@ -386,3 +386,139 @@ pub fn generate(pod: &Pod, inputs: &Inputs) -> Result<Generated, GenerateError> 
     Policy::parse(document.as_bytes())?;
     Ok(Generated { document, notes })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use crate::eval::ExecView;
+
+    const IMAGE: &str = "docker.io/library/busybox:1.36";
+
+    fn inputs() -> Inputs {
+        let mut i = Inputs {
+            pause_image: DEFAULT_PAUSE_IMAGE.into(),
+            ..Inputs::default()
+        };
+        i.root_hashes.insert(IMAGE.into(), "ab".repeat(32));
+        i.root_hashes
+            .insert(DEFAULT_PAUSE_IMAGE.into(), "cd".repeat(32));
+        i
+    }
+
+    fn pod(container: &str) -> Pod {
+        parse_pod(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  enableServiceLinks: false\n  containers:\n  - name: app\n    image: {IMAGE}\n{container}"
+        ))
+        .unwrap()
+    }
+
+    fn rules(g: &Generated) -> Vec<crate::ContainerRule> {
+        match Policy::parse(g.document.as_bytes()).unwrap().containers {
+            crate::Containers::Rules(r) => r,
+            crate::Containers::Any { .. } => panic!("rules expected"),
+        }
+    }
+
+    #[test]
+    fn command_env_mounts_and_exec_become_one_rule_beside_the_pause_rule() {
+        let p = pod("    command: [httpd, -f]\n    args: [-p, '80']\n    env:\n    - {name: MODE, value: prod}\n    - name: TOKEN\n      valueFrom: {secretKeyRef: {name: s, key: k}}\n    volumeMounts:\n    - {name: d, mountPath: /data}\n");
+        let mut i = inputs();
+        i.exec.insert(
+            "app".into(),
+            vec![vec!["cat".into(), "/proc/loadavg".into()]],
+        );
+        let g = generate(&p, &i).unwrap();
+        let r = rules(&g);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].name, PAUSE_RULE);
+        assert_eq!(r[0].args, ["/pause"]);
+        let app = &r[1];
+        assert_eq!(app.args, ["httpd", "-f", "-p", "80"]);
+        assert!(app.root_hashes.contains(&"ab".repeat(32)));
+        assert!(app.env.contains("MODE=prod"));
+        assert!(!app.env.iter().any(|e| e.starts_with("TOKEN")));
+        assert!(app.mounts.contains("/data"));
+        assert!(app.mounts.contains("/dev/termination-log"));
+        assert!(g.notes.iter().any(|n| n.contains("TOKEN")));
+        let policy = Policy::parse(g.document.as_bytes()).unwrap();
+        let exec = |args: &[&str]| ExecView {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..ExecView::default()
+        };
+        assert!(policy
+            .check_exec(Some(1), &exec(&["cat", "/proc/loadavg"]))
+            .is_ok());
+        let denied = policy
+            .check_exec(Some(1), &exec(&["cat", "/data/secret"]))
+            .unwrap_err();
+        assert_eq!(denied.rule.as_deref(), Some("app"));
+    }
+
+    #[test]
+    fn arguments_come_from_the_image_config_as_containerd_builds_them() {
+        let mut i = inputs();
+        i.image_configs.insert(
+            IMAGE.into(),
+            ImageConfig::from_json(
+                br#"{"config":{"Entrypoint":["/bin/app"],"Cmd":["--serve"],"Env":["PATH=/bin"],"WorkingDir":"/srv"}}"#,
+            )
+            .unwrap(),
+        );
+        let r = rules(&generate(&pod(""), &i).unwrap());
+        assert_eq!(r[1].args, ["/bin/app", "--serve"]);
+        assert_eq!(r[1].cwd.as_deref(), Some("/srv"));
+        assert!(r[1].env.contains("PATH=/bin"));
+        // args replace the image's cmd, keep its entrypoint.
+        let r = rules(&generate(&pod("    args: [--debug]\n"), &i).unwrap());
+        assert_eq!(r[1].args, ["/bin/app", "--debug"]);
+        // command replaces both.
+        let r = rules(&generate(&pod("    command: [sh]\n"), &i).unwrap());
+        assert_eq!(r[1].args, ["sh"]);
+    }
+
+    #[test]
+    fn what_the_inputs_do_not_say_is_an_error_naming_it() {
+        let e = generate(&pod(""), &inputs()).unwrap_err().to_string();
+        assert!(
+            e.contains("no command") && e.contains("--image-config"),
+            "{e}"
+        );
+        let mut i = inputs();
+        i.root_hashes.remove(IMAGE);
+        let e = generate(&pod("    command: [sh]\n"), &i)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(IMAGE) && e.contains("--root-hash"), "{e}");
+        let mut i = inputs();
+        i.exec.insert("nope".into(), vec![vec!["ls".into()]]);
+        let e = generate(&pod("    command: [sh]\n"), &i)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'nope'"), "{e}");
+        let e = generate(
+            &pod("    command: [sh]\n    securityContext: {privileged: true}\n"),
+            &inputs(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("privileged"), "{e}");
+        let e = parse_pod("kind: Pod\nspec: 3\n").unwrap_err().to_string();
+        assert!(e.contains("not a Kubernetes Pod"), "{e}");
+    }
+
+    #[test]
+    fn capabilities_follow_add_and_drop() {
+        let r = rules(
+            &generate(
+                &pod("    command: [sh]\n    securityContext:\n      capabilities: {drop: [ALL], add: [NET_BIND_SERVICE]}\n"),
+                &inputs(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            r[1].capabilities.iter().collect::<Vec<_>>(),
+            ["CAP_NET_BIND_SERVICE"]
+        );
+    }
+}
