@@ -38,18 +38,29 @@ impl Services {
     pub async fn set_policy(&self, doc: &[u8]) -> Result<(), crate::policy::gate::GateError> {
         use crate::policy::gate::GateError;
         let host_data = match self.gate.tee() {
-            Some(_) => Some(
-                self.attestation
-                    .launch_host_data()
-                    .await
-                    .map_err(|e| GateError::HostData(crate::error_chain(&e)))?,
-            ),
+            Some(_) => match self.attestation.launch_host_data().await {
+                Ok(hd) => Some(hd),
+                // Without a report now (no simulated firmware keys on the
+                // node, say) only the built-in default can go in force; the
+                // attestation checks its binding before fetching secrets.
+                Err(e) if doc.is_empty() => {
+                    tracing::info!(
+                        reason = %crate::error_chain(&e),
+                        "launch host data unreadable now; the built-in default policy is checked against it at attestation"
+                    );
+                    None
+                }
+                Err(e) => return Err(GateError::HostData(crate::error_chain(&e))),
+            },
             None => None,
         };
         let source = self.gate.deliver(doc, host_data.as_deref())?;
-        if self.gate.tee().is_some() && !doc.is_empty() {
-            self.attestation
-                .set_init_data(String::from_utf8_lossy(doc).into_owned());
+        if self.gate.tee().is_some() {
+            self.attestation.bind_policy(doc);
+            if !doc.is_empty() {
+                self.attestation
+                    .set_init_data(String::from_utf8_lossy(doc).into_owned());
+            }
         }
         tracing::info!(policy = source, bytes = doc.len(), "policy in force");
         Ok(())

@@ -209,6 +209,9 @@ pub enum AttestError {
     /// Evidence, transport, TLS or the resource's JWE failed.
     #[error("attestation to the key broker failed")]
     Broker(#[source] ClientError),
+    /// The evidence does not bind the policy in force.
+    #[error("the launch does not bind the pod's policy: {0}; no secrets are fetched")]
+    PolicyBinding(String),
 }
 
 impl Classify for AttestError {
@@ -219,6 +222,7 @@ impl Classify for AttestError {
             }
             AttestError::Refused { .. } => Kind::FailedPrecondition,
             AttestError::UnknownResource(_) => Kind::NotFound,
+            AttestError::PolicyBinding(_) => Kind::PermissionDenied,
             AttestError::Attester { .. } | AttestError::Broker(_) => Kind::Internal,
         }
     }
@@ -250,6 +254,7 @@ pub type ConnectorFactory = Arc<dyn Fn() -> Box<dyn Connector> + Send + Sync>;
 struct Recording<'a> {
     inner: &'a dyn Attester,
     measurement: std::sync::Mutex<String>,
+    host_data: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Attester for Recording<'_> {
@@ -265,10 +270,14 @@ impl Attester for Recording<'_> {
     > {
         Box::pin(async move {
             let ev = self.inner.evidence(report_data).await?;
-            let m = Evidence::from_primary(self.inner.tee(), &ev)
+            let parsed = Evidence::from_primary(self.inner.tee(), &ev).ok();
+            let m = parsed
+                .as_ref()
                 .map(|e| e.measurement_hex())
                 .unwrap_or_default();
             *self.measurement.lock().unwrap_or_else(|p| p.into_inner()) = m;
+            *self.host_data.lock().unwrap_or_else(|p| p.into_inner()) =
+                parsed.map(|e| e.host_data());
             Ok(ev)
         })
     }
@@ -284,6 +293,9 @@ pub struct Attestation {
     state: tokio::sync::Mutex<Option<Attested>>,
     /// The verified policy document, sent to the broker as init-data.
     init_data: std::sync::Mutex<Option<String>>,
+    /// The policy in force (empty: the built-in default), whose digest the
+    /// evidence's host data must match before any secret is fetched.
+    policy_doc: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Attestation {
@@ -330,6 +342,7 @@ impl Attestation {
             connect,
             state: tokio::sync::Mutex::new(None),
             init_data: std::sync::Mutex::new(None),
+            policy_doc: std::sync::Mutex::new(None),
         }
     }
 
@@ -375,6 +388,12 @@ impl Attestation {
         let parsed = Evidence::from_primary(cfg.tee, &ev)
             .map_err(|e| failed(veil_common::error_chain(&e)))?;
         Ok(parsed.host_data())
+    }
+
+    /// Records the policy document in force: every attestation checks that
+    /// the evidence's host data binds it before fetching anything.
+    pub fn bind_policy(&self, doc: &[u8]) {
+        *self.policy_doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc.to_vec());
     }
 
     /// Sets the init-data sent with the attestation (the verified policy
@@ -442,6 +461,7 @@ impl Attestation {
         let recording = Recording {
             inner: attester.as_ref(),
             measurement: std::sync::Mutex::new(String::new()),
+            host_data: std::sync::Mutex::new(None),
         };
         let mut client = KbsClient::new(
             (self.connect)(),
@@ -475,6 +495,7 @@ impl Attestation {
             .attest(&recording)
             .await
             .map_err(refused("attestation"))?;
+        self.check_policy_binding(cfg.tee, &recording)?;
         let mut secrets = BTreeMap::new();
         for (name, path) in &cfg.resources {
             let v = client
@@ -502,6 +523,43 @@ impl Attestation {
             "attested to the key broker"
         );
         Ok(Attested { summary, secrets })
+    }
+}
+
+impl Attestation {
+    /// The evidence just presented must bind the policy in force (its
+    /// digest, or zeros for the built-in default): a host that launched the
+    /// pod for one policy and delivered another gets no secrets.
+    fn check_policy_binding(&self, tee: Tee, rec: &Recording<'_>) -> Result<(), AttestError> {
+        // Before SetPolicy nothing can run (the gate refuses), so secrets
+        // fetched then are held for the built-in default, whose host data
+        // is zeros; a policy delivered later must match the launch anyway.
+        let doc = self
+            .policy_doc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        let found = rec
+            .host_data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| AttestError::PolicyBinding("the evidence did not parse".into()))?;
+        let want = crate::policy::gate::expected_host_data(tee, &doc, found.len());
+        if want != found {
+            return Err(AttestError::PolicyBinding(format!(
+                "the evidence's host data {} is not {} ({} policy in force)",
+                hex::encode(&found),
+                hex::encode(&want),
+                if doc.is_empty() {
+                    "the built-in default"
+                } else {
+                    "the delivered"
+                }
+            )));
+        }
+        Ok(())
     }
 }
 

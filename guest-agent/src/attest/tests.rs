@@ -312,3 +312,20 @@ fn kernel_command_line_parsing_is_strict() {
         AttestConfigError::Unknown("veil.kbs.url".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_fetched_when_the_launch_does_not_bind_the_policy_in_force() {
+    let m = [0x11; 48];
+    let b = broker(m, true).await;
+    let a = attestation(&b, &cmdline(&b.pin), m);
+    // The simulated firmware here reports zero host data: a delivered
+    // document does not match it.
+    a.bind_policy(b"version = 1\n");
+    let e = a.attest(false).await.unwrap_err();
+    assert!(matches!(e, AttestError::PolicyBinding(_)), "{e}");
+    assert!(e.to_string().contains("does not bind the pod's policy"), "{e}");
+    assert_eq!(b.releases(), 0);
+    // The built-in default (zeros) attests.
+    a.bind_policy(b"");
+    a.attest(false).await.unwrap();
+}

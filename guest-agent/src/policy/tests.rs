@@ -265,4 +265,18 @@ fn the_gate_binds_the_policy_to_the_launch_host_data() {
         "built-in confidential default policy"
     );
     assert_eq!(init_data_digest(Tee::Tdx, b"x").len(), 48);
+
+    // The TEE cannot report yet: only the built-in default goes in force
+    // unverified (the attestation checks its binding before any secret).
+    let g = Gate::confidential(Tee::VeilSim);
+    assert!(matches!(
+        g.deliver(d.as_bytes(), None),
+        Err(GateError::HostData(_))
+    ));
+    let g = Gate::confidential(Tee::VeilSim);
+    g.deliver(b"", None).unwrap();
+    assert_eq!(
+        g.policy("x").unwrap().source,
+        "built-in confidential default policy"
+    );
 }
