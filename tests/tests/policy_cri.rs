@@ -88,6 +88,23 @@ async fn create(
         .container_id)
 }
 
+/// CreateContainer then StartContainer (where the guest container is
+/// made, and so where the agent's policy answers, as runc's errors do).
+async fn create_and_start(
+    client: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    config: &PodSandboxConfig,
+    container: ContainerConfig,
+) -> Result<String, tonic::Status> {
+    let id = create(client, pod, config, container).await?;
+    client
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await?;
+    Ok(id)
+}
+
 async fn exec_sync(
     client: &mut RuntimeServiceClient<Channel>,
     id: &str,
@@ -195,14 +212,9 @@ async fn scenario(env: &Confidential) -> Result<()> {
         }],
         ..cri::busybox_container("app", &["sleep", "1000"])
     };
-    let id = create(&mut client, &pod, &config, app.clone())
+    let id = create_and_start(&mut client, &pod, &config, app.clone())
         .await
         .context("CreateContainer of the listed container")?;
-    client
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await?;
 
     // The allowlisted command runs.
     let ok = exec_sync(&mut client, &id, &["cat", "/proc/loadavg"]).await?;
@@ -245,7 +257,8 @@ async fn scenario(env: &Confidential) -> Result<()> {
         "veil policy check: {why}"
     );
 
-    // Containers the policy does not list never start.
+    // Containers the policy does not list never start: the guest refuses
+    // them before anything runs.
     let other_cmd = ContainerConfig {
         metadata: Some(k8s_cri::v1::ContainerMetadata {
             name: "other".into(),
@@ -254,7 +267,7 @@ async fn scenario(env: &Confidential) -> Result<()> {
         command: vec!["sleep".into(), "999".into()],
         ..app.clone()
     };
-    let e = create(&mut client, &pod, &config, other_cmd)
+    let e = create_and_start(&mut client, &pod, &config, other_cmd)
         .await
         .err()
         .context("a container with another command was created")?;
@@ -274,7 +287,7 @@ async fn scenario(env: &Confidential) -> Result<()> {
         }],
         ..app.clone()
     };
-    let e = create(&mut client, &pod, &config, other_env)
+    let e = create_and_start(&mut client, &pod, &config, other_env)
         .await
         .err()
         .context("a container with another environment was created")?;

@@ -323,7 +323,10 @@ async fn no_secret_is_fetched_when_the_launch_does_not_bind_the_policy_in_force(
     a.bind_policy(b"version = 1\n");
     let e = a.attest(false).await.unwrap_err();
     assert!(matches!(e, AttestError::PolicyBinding(_)), "{e}");
-    assert!(e.to_string().contains("does not bind the pod's policy"), "{e}");
+    assert!(
+        e.to_string().contains("does not bind the pod's policy"),
+        "{e}"
+    );
     assert_eq!(b.releases(), 0);
     // The built-in default (zeros) attests.
     a.bind_policy(b"");
