@@ -65,7 +65,13 @@ pub struct ContainerView {
     pub namespaces: BTreeSet<String>,
     /// dm-verity root hash of the rootfs storage; `None`: not verity.
     pub root_hash: Option<String>,
+    /// The container's name in its pod (containerd's CRI annotation), when
+    /// it has one.
+    pub name: Option<String>,
 }
+
+/// containerd's CRI annotation naming a container in its pod.
+pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
 /// One mount of a container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -168,6 +174,9 @@ impl ContainerView {
                 })
                 .unwrap_or_default(),
             root_hash,
+            name: v["annotations"][CRI_CONTAINER_NAME]
+                .as_str()
+                .map(str::to_string),
         }
     }
 }
@@ -369,8 +378,17 @@ impl Policy {
             Containers::Any { .. } => return Ok(None),
             Containers::Rules(r) => r,
         };
+        // A container named like a rule is held to that rule (and so gets
+        // its exec allowlist); others may match any rule.
+        let named = c
+            .name
+            .as_ref()
+            .and_then(|n| rules.iter().position(|r| &r.name == n));
         let mut best: Option<(usize, Mismatch)> = None;
         for (i, rule) in rules.iter().enumerate() {
+            if named.is_some_and(|n| n != i) {
+                continue;
+            }
             match match_rule(rule, c) {
                 Ok(()) => return Ok(Some(i)),
                 Err(m) => {

@@ -241,3 +241,32 @@ pub fn file_contains(path: &Path, needle: &[u8]) -> Result<bool> {
     let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(find(&data, needle).is_some())
 }
+
+/// A request policy (docs/policy.md) for a CRI pod of the test images: the
+/// pause container, and per `(name, args, execs)` a busybox container with
+/// that command, the CRI standard mounts plus `mounts`, and the exact exec
+/// commands allowed in it.
+pub fn cri_policy(
+    pause_hash: &str,
+    busybox_hash: &str,
+    mounts: &[&str],
+    containers: &[(&str, Vec<String>, Vec<Vec<String>>)],
+) -> String {
+    let list = |v: &[String]| serde_json::to_string(v).unwrap_or_default();
+    let mut mounts: Vec<String> = mounts.iter().map(|s| s.to_string()).collect();
+    mounts.extend(["/etc/hosts".to_string(), "/dev/termination-log".to_string()]);
+    let mut doc = format!(
+        "version = 1\n\n[[container]]\nname = \"pause\"\nroot_hash = [\"{pause_hash}\"]\nargs = [\"/pause\"]\nenv_names = [\"PATH\"]\n"
+    );
+    for (name, args, execs) in containers {
+        doc.push_str(&format!(
+            "\n[[container]]\nname = \"{name}\"\nroot_hash = [\"{busybox_hash}\"]\nargs = {}\nenv_names = [\"PATH\", \"HOSTNAME\"]\nmounts = {}\n",
+            list(args),
+            list(&mounts)
+        ));
+        for e in execs {
+            doc.push_str(&format!("[[container.exec]]\nargs = {}\n", list(e)));
+        }
+    }
+    doc
+}

@@ -6,7 +6,9 @@
 //! an emptyDir (a host directory `…/volumes/kubernetes.io~empty-dir/shared`
 //! mounted into both). What one writes there the other reads; the host
 //! directory stays empty and the pod's host-side scratch file holds a LUKS2
-//! header and not the data. Afterwards nothing of the pod is left.
+//! header and not the data. Afterwards nothing of the pod is left. The pod's
+//! request policy lists both containers and exactly the two exec commands
+//! the test runs (a confidential pod allows no other exec).
 
 use anyhow::{ensure, Context, Result};
 use k8s_cri::v1::{
@@ -15,7 +17,7 @@ use k8s_cri::v1::{
 };
 use veil_tests::{
     cri, oci,
-    storage::{find, random, scratch_file, Confidential, LUKS_MAGIC},
+    storage::{cri_policy, find, random, scratch_file, Confidential, LUKS_MAGIC},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,13 +50,33 @@ async fn scenario(env: &Confidential) -> Result<()> {
     let logs = env.work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
 
+    // A confidential pod runs exec only as its policy lists it: exactly the
+    // writer's and the reader's commands.
+    let secret = format!("veil-cri-secret-{}", hex::encode(random(12)?));
+    let write = format!("echo {secret} > /shared/s && echo {secret} > /own && sync && echo ok");
+    let read = "cat /shared/s; test ! -e /own && echo apart".to_string();
+    let sh = |script: &str| vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+    let sleep = vec!["sleep".to_string(), "1000".to_string()];
+    let policy = cri_policy(
+        &pause_hash,
+        &busybox_hash,
+        &["/shared"],
+        &[
+            ("writer", sleep.clone(), vec![sh(&write)]),
+            ("reader", sleep, vec![sh(&read)]),
+        ],
+    );
+
     let mut client = cri::client(&env.c).await?;
-    let pod_config = veil_tests::cri::pod_config(
+    let mut pod_config = veil_tests::cri::pod_config(
         "storage-pod",
         "uid-s",
         "storagepod",
         &logs.display().to_string(),
     );
+    pod_config
+        .annotations
+        .insert("io.veil.policy".into(), policy);
     let pod = client
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(pod_config.clone()),
@@ -94,7 +116,6 @@ async fn scenario(env: &Confidential) -> Result<()> {
         ids.push(id);
     }
 
-    let secret = format!("veil-cri-secret-{}", hex::encode(random(12)?));
     let exec = |id: &str, script: String| {
         let req = ExecSyncRequest {
             container_id: id.to_string(),
@@ -107,17 +128,9 @@ async fn scenario(env: &Confidential) -> Result<()> {
             Ok::<_, anyhow::Error>((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
         }
     };
-    let (code, out) = exec(
-        &ids[0],
-        format!("echo {secret} > /shared/s && echo {secret} > /own && sync && echo ok"),
-    )
-    .await?;
+    let (code, out) = exec(&ids[0], write.clone()).await?;
     ensure!(code == 0 && out == "ok\n", "writer: {code} {out:?}");
-    let (code, out) = exec(
-        &ids[1],
-        "cat /shared/s; test ! -e /own && echo apart".into(),
-    )
-    .await?;
+    let (code, out) = exec(&ids[1], read.clone()).await?;
     ensure!(
         code == 0 && out == format!("{secret}\napart\n"),
         "reader: {code} {out:?}"

@@ -280,3 +280,29 @@ fn the_gate_binds_the_policy_to_the_launch_host_data() {
         "built-in confidential default policy"
     );
 }
+
+#[test]
+fn a_container_named_like_a_rule_is_held_to_that_rule() {
+    let two = format!(
+        "version = 1\n[[container]]\nname = \"a\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"ls\"]\n\
+         [[container]]\nname = \"b\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"cat\", \"/b\"]\n"
+    );
+    let p = Policy::parse(two.as_bytes()).unwrap();
+    // Unnamed: the first rule that matches.
+    assert_eq!(p.check_container(&view()).unwrap(), Some(0));
+    let named = |n: &str| ContainerView {
+        name: Some(n.into()),
+        ..view()
+    };
+    assert_eq!(p.check_container(&named("b")).unwrap(), Some(1));
+    // A name no rule has: any rule.
+    assert_eq!(p.check_container(&named("c")).unwrap(), Some(0));
+    // Named, but not what its rule says: denied under that rule.
+    let e = p
+        .check_container(&ContainerView {
+            args: vec!["/bin/sh".into()],
+            ..named("b")
+        })
+        .unwrap_err();
+    assert_eq!(e.rule.as_deref(), Some("b"));
+}
