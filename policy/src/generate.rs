@@ -216,7 +216,11 @@ impl Rule {
         use std::fmt::Write;
         let _ = writeln!(out, "\n[[container]]");
         let _ = writeln!(out, "name = {}", toml::Value::String(self.name.clone()));
-        let _ = writeln!(out, "root_hash = {}", toml_list(&[self.root_hash.clone()]));
+        let _ = writeln!(
+            out,
+            "root_hash = {}",
+            toml_list(std::slice::from_ref(&self.root_hash))
+        );
         let _ = writeln!(out, "args = {}", toml_list(&self.args));
         if !self.env.is_empty() {
             let _ = writeln!(out, "env = {}", toml_list(&self.env));

@@ -242,6 +242,9 @@ pub fn file_contains(path: &Path, needle: &[u8]) -> Result<bool> {
     Ok(find(&data, needle).is_some())
 }
 
+/// A container of [`cri_policy`]: name, command, exec commands.
+pub type PolicyContainer<'a> = (&'a str, Vec<String>, Vec<Vec<String>>);
+
 /// A request policy (docs/policy.md) for a CRI pod of the test images: the
 /// pause container, and per `(name, args, execs)` a busybox container with
 /// that command, the CRI standard mounts plus `mounts`, and the exact exec
@@ -250,7 +253,7 @@ pub fn cri_policy(
     pause_hash: &str,
     busybox_hash: &str,
     mounts: &[&str],
-    containers: &[(&str, Vec<String>, Vec<Vec<String>>)],
+    containers: &[PolicyContainer<'_>],
 ) -> String {
     let list = |v: &[String]| serde_json::to_string(v).unwrap_or_default();
     let mut mounts: Vec<String> = mounts.iter().map(|s| s.to_string()).collect();

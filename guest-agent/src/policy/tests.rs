@@ -283,10 +283,8 @@ fn the_gate_binds_the_policy_to_the_launch_host_data() {
 
 #[test]
 fn a_container_named_like_a_rule_is_held_to_that_rule() {
-    let two = format!(
-        "version = 1\n[[container]]\nname = \"a\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"ls\"]\n\
-         [[container]]\nname = \"b\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"cat\", \"/b\"]\n"
-    );
+    let two = "version = 1\n[[container]]\nname = \"a\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"ls\"]\n\
+         [[container]]\nname = \"b\"\nargs = [\"/bin/sleep\", \"3600\"]\nenv_names = [\"PATH\", \"HOSTNAME\", \"KUBERNETES_*\"]\nmounts = [\"/data\"]\n[[container.exec]]\nargs = [\"cat\", \"/b\"]\n";
     let p = Policy::parse(two.as_bytes()).unwrap();
     // Unnamed: the first rule that matches.
     assert_eq!(p.check_container(&view()).unwrap(), Some(0));
