@@ -130,6 +130,12 @@ fn a_veil_sim_pod_runs_only_what_its_measured_policy_allows() {
             "denial: {err}"
         );
         eprintln!("denied exec, as ctr shows it: {}", err.trim());
+        // The host side logs and counts it (the shim's log is in containerd's).
+        let log = env.c.log_text();
+        assert!(
+            log.contains("request denied by the pod's policy") && log.contains("denials=1"),
+            "no counted denial in the shim's log"
+        );
         remove(&env, "allowed");
 
         let out = run(&env, "refused", &doc, &["sleep", "999"]).unwrap();

@@ -9,6 +9,15 @@ use containerd_shim_protos::api::{self, Empty};
 
 use super::TaskService;
 
+/// Requests the pod's policy denied so far (one shim serves one pod), logged
+/// with each denial.
+static DENIALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The number of requests the pod's policy has denied in this shim.
+pub fn denials() -> u64 {
+    DENIALS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The task service as containerd's ttrpc `Task` service.
 pub struct TaskServer(pub Arc<TaskService>);
 
@@ -24,7 +33,13 @@ macro_rules! relay {
                 ) -> ttrpc::Result<$resp> {
                     tracing::debug!(method = stringify!($name), "task request");
                     self.0.$name(req).await.map_err(|e| {
-                        tracing::warn!(method = stringify!($name), error = %veil_common::error_chain(&e), "task request failed");
+                        use veil_common::Classify;
+                        if e.kind() == veil_common::Kind::PermissionDenied {
+                            let n = DENIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                            tracing::warn!(method = stringify!($name), denials = n, error = %veil_common::error_chain(&e), "request denied by the pod's policy");
+                        } else {
+                            tracing::warn!(method = stringify!($name), error = %veil_common::error_chain(&e), "task request failed");
+                        }
                         veil_protocol::status::to_ttrpc(&e)
                     })
                 }
