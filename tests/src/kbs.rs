@@ -204,7 +204,19 @@ impl KbsSetup {
     /// Serves the simulated firmware and the broker relay for `vm` (which must
     /// not have attested yet): what the shim starts for a `veil-sim` pod.
     pub fn serve_vm(&self, vm: &TestVm, broker: &Broker) -> Result<HostServices> {
-        let launch = vm.launch_info(veil_shim::config::TeeKind::Sim);
+        self.serve_vm_bound(vm, broker, None)
+    }
+
+    /// [`Self::serve_vm`] for a VM launched with `host_data` (the init-data
+    /// digest the simulated firmware signs into every report).
+    pub fn serve_vm_bound(
+        &self,
+        vm: &TestVm,
+        broker: &Broker,
+        host_data: Option<Vec<u8>>,
+    ) -> Result<HostServices> {
+        let mut launch = vm.launch_info(veil_shim::config::TeeKind::Sim);
+        launch.host_data = host_data;
         let services: Vec<Arc<dyn HostService>> = vec![
             Arc::new(SimFirmware::load(&self.sim_ca())?),
             Arc::new(KbsRelay::new(broker.addr.clone())),

@@ -20,8 +20,8 @@
 use std::time::{Duration, Instant};
 
 use veil_protocol::{
-    agent::{AttestRequest, AttestResponse},
-    agent_ttrpc::AttestationClient,
+    agent::{AttestRequest, AttestResponse, SetPolicyRequest},
+    agent_ttrpc::{AttestationClient, SandboxClient},
 };
 use veil_tests::{
     kbs::{Broker, KbsSetup},
@@ -232,4 +232,60 @@ async fn changed_command_line_word_and_default_policy_get_no_key_and_the_audit_s
     for k in [DISK_KEY, PROD_KEY] {
         assert!(!text.contains(&*String::from_utf8_lossy(k)));
     }
+}
+
+/// A host that launched the pod for one policy and delivers another (one
+/// byte changed): the real agent in the VM compares the document with the
+/// host data in a fresh simulated report, refuses it and everything after,
+/// and fetches no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_swapped_after_launch_is_refused_and_gets_no_key() {
+    use sha2::Digest;
+    let a = Artefacts::locate().unwrap();
+    let setup = KbsSetup::new(&a).unwrap();
+    let h = setup.handler(&[("disk-key", "default/key/disk")]);
+    let words = setup.words(&h).unwrap();
+    let vm = boot(&a, &words, "");
+    setup
+        .add_reference(
+            "attest-vm",
+            &vm.launch_info(veil_shim::config::TeeKind::Sim),
+        )
+        .unwrap();
+    setup.add_resource("default/key/disk", DISK_KEY).unwrap();
+    setup.set_policy(POLICY).unwrap();
+    let broker = setup.start().unwrap();
+    let launched = "version = 1\n[[container]]\nname = \"app\"\nargs = [\"sleep\", \"1000\"]\n";
+    let digest = sha2::Sha256::digest(launched.as_bytes()).to_vec();
+    let _services = setup.serve_vm_bound(&vm, &broker, Some(digest)).unwrap();
+
+    let client = vm.agent_client(Duration::from_secs(30)).await.unwrap();
+    let sandbox = SandboxClient::new(client);
+    let mut req = SetPolicyRequest::new();
+    req.policy = launched.replace("1000", "1001").into_bytes();
+    let e = sandbox.set_policy(ctx(), &req).await.unwrap_err();
+    let text = format!("{e:?}");
+    assert!(
+        text.contains("PERMISSION_DENIED") && text.contains("differs from the host data"),
+        "{text}"
+    );
+    // Everything after is refused, the launched policy too.
+    req.policy = launched.as_bytes().to_vec();
+    assert!(sandbox.set_policy(ctx(), &req).await.is_err());
+    let e = sandbox
+        .create_sandbox(ctx(), &veil_protocol::agent::CreateSandboxRequest::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("is refused"), "{e:?}");
+    // No secret: the evidence does not bind the (default) policy in force.
+    let e = attest(&vm, false).await.unwrap_err();
+    assert!(
+        format!("{e:?}").contains("does not bind the pod's policy"),
+        "{e:?}"
+    );
+    assert!(
+        events(&broker, "release").is_empty(),
+        "{}",
+        broker.audit_text()
+    );
 }
