@@ -296,6 +296,32 @@ async fn scenario(env: &Confidential) -> Result<()> {
         "denial: {}",
         e.message()
     );
+    let extra = env
+        .work
+        .path()
+        .join("kubelet/pods/uid-p/volumes/kubernetes.io~empty-dir/extra");
+    std::fs::create_dir_all(&extra)?;
+    let other_mount = ContainerConfig {
+        metadata: Some(k8s_cri::v1::ContainerMetadata {
+            name: "other-mount".into(),
+            attempt: 0,
+        }),
+        mounts: vec![k8s_cri::v1::Mount {
+            container_path: "/extra".into(),
+            host_path: extra.display().to_string(),
+            ..Default::default()
+        }],
+        ..app.clone()
+    };
+    let e = create_and_start(&mut client, &pod, &config, other_mount)
+        .await
+        .err()
+        .context("a container with an unlisted mount was created")?;
+    ensure!(
+        e.message().contains("mounts") && e.message().contains("/extra"),
+        "denial: {}",
+        e.message()
+    );
     remove(&mut client, &pod).await?;
 
     // One byte more in the policy: another pod identity, which the broker
