@@ -38,6 +38,7 @@ pub mod network;
 pub mod phases;
 pub mod pod;
 pub mod process;
+pub mod report;
 pub mod rootfs;
 pub mod sandbox;
 pub mod spec;

@@ -17,3 +17,4 @@ pub mod containerd;
 pub mod host;
 pub mod install;
 pub mod kube;
+pub mod metrics;

@@ -56,8 +56,54 @@ enum Cmd {
     Install(InstallArgs),
     /// Remove what install added.
     Uninstall,
-    /// Install, wait for SIGTERM or SIGINT, uninstall (the DaemonSet).
-    Run(InstallArgs),
+    /// Install, serve the node's metrics, wait for SIGTERM or SIGINT,
+    /// uninstall (the DaemonSet).
+    Run {
+        #[command(flatten)]
+        install: InstallArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Serve the node's metrics (Prometheus / OpenMetrics) only.
+    Metrics(MetricsArgs),
+}
+
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// Address to serve /metrics on; `off` in `run` serves none.
+    #[arg(long, default_value = "0.0.0.0:9464")]
+    metrics_listen: String,
+    /// The shims' state directory on the host (`state_dir` of the veil
+    /// config), under --root.
+    #[arg(long, default_value = "/run/veil")]
+    state_dir: PathBuf,
+}
+
+fn start_metrics(root: &std::path::Path, a: &MetricsArgs) -> Result<(), ExitCode> {
+    if a.metrics_listen == "off" {
+        return Ok(());
+    }
+    let listener = std::net::TcpListener::bind(&a.metrics_listen).map_err(|e| {
+        eprintln!(
+            "veil-node: cannot serve metrics on {}: {e}",
+            a.metrics_listen
+        );
+        ExitCode::from(1)
+    })?;
+    let dir = root.join(a.state_dir.strip_prefix("/").unwrap_or(&a.state_dir));
+    println!(
+        "serving metrics on {}",
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    std::thread::spawn(move || {
+        if let Err(e) = veil_node::metrics::serve(listener, &dir) {
+            eprintln!("veil-node: metrics stopped: {e}");
+        }
+    });
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -149,7 +195,25 @@ fn main() -> ExitCode {
         }
         Cmd::Install(a) => do_install(&host, &cli, a),
         Cmd::Uninstall => do_uninstall(&host, &cli),
-        Cmd::Run(a) => {
+        Cmd::Metrics(m) => {
+            if let Err(code) = start_metrics(&cli.root, m) {
+                return code;
+            }
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGTERM);
+            set.add(Signal::SIGINT);
+            if let Err(e) = set.thread_block() {
+                return fail(&e);
+            }
+            return match set.wait() {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            };
+        }
+        Cmd::Run {
+            install: a,
+            metrics,
+        } => {
             // Blocked before installing, so a SIGTERM during install is
             // taken after it, not lost.
             let mut set = SigSet::empty();
@@ -161,6 +225,10 @@ fn main() -> ExitCode {
             match do_install(&host, &cli, a) {
                 Err(code) => Err(code),
                 Ok(()) => {
+                    if let Err(code) = start_metrics(&cli.root, metrics) {
+                        let _ = do_uninstall(&host, &cli);
+                        return code;
+                    }
                     println!("installed; waiting for SIGTERM to uninstall");
                     match set.wait() {
                         Ok(sig) => println!("{sig}: uninstalling"),

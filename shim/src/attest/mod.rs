@@ -249,7 +249,21 @@ pub async fn attest_pod(
                 &AttestRequest::new(),
             )
             .await,
-    )?;
+    );
+    let r = match r {
+        Ok(r) => {
+            crate::report::attestation("released", "");
+            r
+        }
+        Err(e) => {
+            let outcome = match e.kind() {
+                Kind::FailedPrecondition | Kind::PermissionDenied => "refused",
+                _ => "failed",
+            };
+            crate::report::attestation(outcome, &veil_common::error_chain(&e));
+            return Err(e);
+        }
+    };
     phases.mark("attested");
     tracing::info!(
         tee = %r.tee,

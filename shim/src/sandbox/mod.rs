@@ -107,6 +107,7 @@ impl Launcher for VmLauncher {
             tracing::warn!(error = %e, "cannot record the pod's config in its bundle");
         }
         tracing::info!(pod = %req.sandbox_id, handler = %handler_name, "booting pod VM");
+        crate::report::init(&config.state_dir, req.sandbox_id, &handler_name);
         let images = Images::new(req.sandbox_id, image_store(&config, &handler));
         // Build the sandbox container's image while the VM boots; it is
         // attached (and found in the store) right after.
@@ -142,6 +143,16 @@ impl Launcher for VmLauncher {
                 return Err(e.into());
             }
         };
+        crate::report::pod(
+            &b.dir.path,
+            &crate::report::PodReport {
+                memory_mib: handler.memory_mib,
+                vcpus: handler.vcpus,
+                shim_pid: std::process::id(),
+                vmm_pid: b.vm.pid(),
+                backend_pid: b.backend.as_ref().and_then(|x| x.pid()),
+            },
+        );
         let sandbox = Arc::new(Sandbox {
             id: req.sandbox_id.to_string(),
             dir: b.dir,

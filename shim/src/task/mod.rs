@@ -409,7 +409,11 @@ impl TaskService {
             });
             if let Some(ph) = c.take_start_phases() {
                 ph.mark("container_started");
-                tracing::info!("{}", ph.line(&self.pod_id().await, &req.id));
+                let line = ph.line(&self.pod_id().await, &req.id);
+                if let Some(pairs) = crate::phases::parse_line(&line) {
+                    crate::report::started(&pairs);
+                }
+                tracing::info!("{line}");
             }
         } else {
             self.ctx.events.publish(TaskEvent::ExecStarted {
