@@ -33,6 +33,10 @@ use veil_common::{Classify, Kind};
 
 /// Most CNI interfaces a pod may have.
 pub const MAX_INTERFACES: usize = 8;
+/// Most routes handed to the guest (the agent takes no more).
+pub const MAX_ROUTES: usize = 64;
+/// Most addresses of one interface handed to the guest.
+pub const MAX_ADDRESSES: usize = 16;
 
 /// `ETH_P_ALL`, the protocol of the redirect filters (network byte order,
 /// as tc wants it).
@@ -91,6 +95,20 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError 
     move |source| NetworkError::Netlink { what, source }
 }
 
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_net(ip: IpAddr, prefix_len: u8) -> veil_protocol::agent::IpNet {
+    let mut n = veil_protocol::agent::IpNet::new();
+    n.ip = ip_bytes(ip);
+    n.prefix_len = u32::from(prefix_len);
+    n
+}
+
 /// A CNI interface as the guest must see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
@@ -134,6 +152,8 @@ pub struct Route {
     pub oif: u32,
     /// Metric.
     pub metric: u32,
+    /// Scope (`RT_SCOPE_*`).
+    pub scope: u8,
 }
 
 /// A CNI interface paired with its tap.
@@ -274,6 +294,7 @@ fn wanted_route(m: &RouteMessage) -> Option<Route> {
         gateway,
         oif: oif?,
         metric,
+        scope: u8::from(m.header.scope),
     })
 }
 
@@ -295,7 +316,7 @@ async fn read_interfaces(h: &Handle) -> Result<Vec<Interface>, NetworkError> {
             .try_collect()
             .await
             .map_err(nl(format!("list the addresses of {name}")))?;
-        let addresses = addrs
+        let addresses: Vec<(IpAddr, u8)> = addrs
             .iter()
             .filter(|a| a.header.index == index)
             .filter_map(|a| {
@@ -307,6 +328,12 @@ async fn read_interfaces(h: &Handle) -> Result<Vec<Interface>, NetworkError> {
             // The guest makes its own link-local address from the same MAC.
             .filter(|(ip, _)| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .collect();
+        if addresses.len() > MAX_ADDRESSES {
+            return Err(NetworkError::Unsupported(format!(
+                "{name} has {} addresses; veil pods take at most {MAX_ADDRESSES}",
+                addresses.len()
+            )));
+        }
         out.push(Interface {
             name,
             index,
@@ -343,6 +370,12 @@ async fn read_routes(h: &Handle, ifaces: &[Interface]) -> Result<Vec<Route>, Net
                 .filter_map(wanted_route)
                 .filter(|r| ifaces.iter().any(|i| i.index == r.oif)),
         );
+    }
+    if routes.len() > MAX_ROUTES {
+        return Err(NetworkError::Unsupported(format!(
+            "the pod's network namespace has {} routes; veil pods take at most {MAX_ROUTES}",
+            routes.len()
+        )));
     }
     Ok(routes)
 }
@@ -386,6 +419,15 @@ async fn remove_ingress(h: &Handle, index: u32) -> Result<(), NetworkError> {
     del.execute()
         .await
         .map_err(nl(format!("remove ingress qdisc of link {index}")))
+}
+
+async fn remove_link(h: &Handle, name: &str) -> Result<(), NetworkError> {
+    let index = link_index(h, name).await?;
+    h.link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(nl(format!("remove {name}")))
 }
 
 async fn wire(h: &Handle, ifaces: Vec<Interface>) -> Result<Vec<TapLink>, NetworkError> {
@@ -458,6 +500,43 @@ impl PodNetwork {
         self.links.iter().map(|l| &l.iface)
     }
 
+    /// What the agent configures, as CreateSandbox fields: the interfaces
+    /// (by MAC) and the routes (by interface name).
+    pub fn guest_config(
+        &self,
+    ) -> (
+        Vec<veil_protocol::agent::NetInterface>,
+        Vec<veil_protocol::agent::NetRoute>,
+    ) {
+        use veil_protocol::agent::{NetInterface, NetRoute};
+        let ifaces = self
+            .interfaces()
+            .map(|i| {
+                let mut n = NetInterface::new();
+                n.mac = i.mac.to_vec();
+                n.name = i.name.clone();
+                n.mtu = i.mtu;
+                n.addresses = i.addresses.iter().map(|(ip, p)| ip_net(*ip, *p)).collect();
+                n
+            })
+            .collect();
+        let routes = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let dev = self.interfaces().find(|i| i.index == r.oif)?;
+                let mut n = NetRoute::new();
+                n.destination = protobuf::MessageField::some(ip_net(r.destination, r.prefix_len));
+                n.gateway = r.gateway.map(ip_bytes).unwrap_or_default();
+                n.device = dev.name.clone();
+                n.scope = u32::from(r.scope);
+                n.metric = r.metric;
+                Some(n)
+            })
+            .collect();
+        (ifaces, routes)
+    }
+
     /// The VM's virtio-net devices: one per tap still held, with the CNI
     /// interface's MAC and MTU; kernel vhost-net where `/dev/vhost-net`
     /// exists. Call before [`PodNetwork::release_taps`].
@@ -493,6 +572,7 @@ impl PodNetwork {
         }
         self.release_taps();
         let indexes: Vec<u32> = self.links.iter().map(|l| l.iface.index).collect();
+        let taps: Vec<String> = self.links.iter().map(|l| l.tap_name.clone()).collect();
         if indexes.is_empty() || !self.netns.exists() {
             return;
         }
@@ -503,6 +583,13 @@ impl PodNetwork {
                 run_in_netns(&path, |h| async move {
                     for i in indexes {
                         if let Err(e) = remove_ingress(&h, i).await {
+                            tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
+                        }
+                    }
+                    // The taps go now even while QEMU still holds them (it
+                    // is stopped later, after containerd's CNI DEL).
+                    for t in taps {
+                        if let Err(e) = remove_link(&h, &t).await {
                             tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
                         }
                     }
