@@ -25,6 +25,18 @@ use crate::Artefacts;
 /// Where the shim keeps pod directories (the default `state_dir`).
 pub const VEIL_STATE_DIR: &str = "/run/veil";
 
+/// How to start the private containerd.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run containerd (and so the CNI plugins and the shims) in this
+    /// network namespace (a path such as `/run/netns/NAME`), not the node's.
+    pub netns: Option<PathBuf>,
+    /// A CNI conflist to use instead of the test's pod-local one; Debian's
+    /// `bridge`, `host-local`, `loopback` and `portmap` plugins are on its
+    /// plugin path. `@DIR@` in it is replaced with the private directory.
+    pub cni_conflist: Option<String>,
+}
+
 /// A running private containerd.
 pub struct Containerd {
     child: Child,
@@ -64,19 +76,28 @@ fn list_netns() -> Vec<String> {
 /// `support/cni-dummy.sh`: CRI requires a pod IP) and `lo` (Debian's
 /// `loopback` plugin). Nothing reaches outside the pod and the node's
 /// network is not touched.
-fn install_cni(dir: &Path) -> Result<()> {
+fn install_cni(dir: &Path, conflist: Option<&str>) -> Result<()> {
     let bin = dir.join("cni/bin");
     let conf = dir.join("cni/conf");
     fs::create_dir_all(&bin)?;
     fs::create_dir_all(&conf)?;
-    let loopback = Path::new(CNI_PLUGIN_DIR).join("loopback");
-    if !loopback.is_file() {
-        bail!(
-            "CNI loopback plugin {} not found: run ci/setup.sh (containernetworking-plugins)",
-            loopback.display()
-        );
+    for plugin in ["loopback", "bridge", "host-local", "portmap"] {
+        let p = Path::new(CNI_PLUGIN_DIR).join(plugin);
+        if !p.is_file() {
+            bail!(
+                "CNI {plugin} plugin {} not found: run ci/setup.sh (containernetworking-plugins)",
+                p.display()
+            );
+        }
+        std::os::unix::fs::symlink(&p, bin.join(plugin))?;
     }
-    std::os::unix::fs::symlink(&loopback, bin.join("loopback"))?;
+    if let Some(list) = conflist {
+        fs::write(
+            conf.join("10-veil-test.conflist"),
+            list.replace("@DIR@", &dir.display().to_string()),
+        )?;
+        return Ok(());
+    }
     std::os::unix::fs::symlink(
         crate::workspace_root().join("tests/support/cni-dummy.sh"),
         bin.join("veil-test-dummy"),
@@ -220,6 +241,11 @@ impl Containerd {
     /// Starts containerd with a fresh root and state, the shim from the
     /// artefacts on its PATH, and waits for it to answer.
     pub fn start(a: &Artefacts) -> Result<Self> {
+        Self::start_with(a, &Options::default())
+    }
+
+    /// [`Self::start`] with `opts`.
+    pub fn start_with(a: &Artefacts, opts: &Options) -> Result<Self> {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("containerd tests need root");
         }
@@ -233,7 +259,7 @@ impl Containerd {
         fs::write(&veil_config, veil_config_text(a, &image_dir))?;
         let config = dir.path().join("config.toml");
         fs::write(&config, containerd_config(dir.path(), &veil_config))?;
-        install_cni(dir.path())?;
+        install_cni(dir.path(), opts.cni_conflist.as_deref())?;
         let log = dir.path().join("containerd.log");
         let out = fs::File::create(&log)?;
         let shim_dir = a
@@ -248,7 +274,16 @@ impl Containerd {
         );
         let pods_before = list_pods();
         let netns_before = list_netns();
-        let child = Command::new(bin)
+        let mut cmd = match &opts.netns {
+            // nsenter execs containerd: the child's PID is containerd's.
+            Some(ns) => {
+                let mut c = Command::new(which("nsenter").context("nsenter not found")?);
+                c.arg(format!("--net={}", ns.display())).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env("PATH", path)

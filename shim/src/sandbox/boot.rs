@@ -341,7 +341,12 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     let nics = match &p.netns {
         Some(ns) => {
             let net = PodNetwork::setup(ns).await?;
-            let nics = net.nics();
+            let mut nics = net.nics();
+            // Kernel vhost-net needs KVM's ioeventfds; TCG uses QEMU's own
+            // virtio-net.
+            for n in &mut nics {
+                n.vhost &= accel == accel::Accel::Kvm;
+            }
             partial.network = Some(net);
             nics
         }
