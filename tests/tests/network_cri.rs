@@ -59,10 +59,14 @@ struct Net {
     pods: Vec<String>,
 }
 
-/// A busybox container serving `/tmp/www/index.html` = `text` on :8080.
+/// Size of the file served for the throughput figure.
+const BIG_MIB: usize = 32;
+
+/// A busybox container serving `/tmp/www/index.html` = `text` and
+/// `/tmp/www/big` ([`BIG_MIB`] MiB of zeros) on :8080.
 fn web(name: &str, text: &str) -> k8s_cri::v1::ContainerConfig {
     let script = format!(
-        "mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
+        "mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1048576 count={BIG_MIB} 2>/dev/null && echo {text} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"
     );
     cri::busybox_container(name, &["sh", "-c", &script])
 }
@@ -194,12 +198,70 @@ impl Net {
     }
 }
 
+/// One HTTP/1.0 GET of `path` from `ip`:8080 on a new connection; the
+/// bytes of the response.
+fn http_get(ip: &str, path: &str) -> Result<usize> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((ip, 8080))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n;
+    }
+}
+
+/// From a thread inside `ns`: the median time of 21 GETs of the small page
+/// (connect, request, response, close) and the throughput of one GET of the
+/// big file, in MiB/s.
+fn measure(ns: &std::path::Path, ip: &str) -> Result<(Duration, f64)> {
+    let ns = std::fs::File::open(ns)?;
+    let ip = ip.to_string();
+    std::thread::spawn(move || -> Result<(Duration, f64)> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut rtts = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            http_get(&ip, "/index.html")?;
+            rtts.push(t.elapsed());
+        }
+        rtts.sort();
+        let t = Instant::now();
+        let bytes = http_get(&ip, "/big")?;
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(bytes >= BIG_MIB << 20, "got {bytes} bytes of /big");
+        Ok((
+            rtts[rtts.len() / 2],
+            bytes as f64 / f64::from(1 << 20) / secs,
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("measuring thread panicked"))?
+}
+
 /// Runs `cmd` in the network namespace held open by `fd` of this process.
 fn in_held_ns(fd: &std::fs::File, cmd: &[&str]) -> Result<String> {
     let ns = format!("--net=/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
     let mut args = vec!["nsenter", ns.as_str()];
     args.extend(cmd);
     veil_tests::netns::run(&args)
+}
+
+/// A `veil-phases` log line as milliseconds since `create`.
+fn phases_ms(line: &str) -> String {
+    let marks = veil_shim::phases::parse_line(line).unwrap_or_default();
+    let base = marks.iter().find(|(k, _)| k == "create").map_or(0, |m| m.1);
+    marks
+        .iter()
+        .filter(|(k, _)| k != "sandbox" && k != "container")
+        .map(|(k, v)| format!("{k}={:.0}ms", (*v as f64 - base as f64) / 1e6))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,6 +378,20 @@ async fn scenario(n: &mut Net) -> Result<Vec<String>> {
         .await?;
     n.get_from_ns(&format!("http://{peer_ip}:8080/"), "hello-from-peer")
         .await?;
+    n.get_from_ns(&format!("http://{runc_ip}:8080/"), "hello-from-runc")
+        .await?;
+
+    // Figures: request round trip and TCP throughput from the test
+    // namespace to the veil pod and to the runc pod.
+    for (what, addr) in [("veil", &ip), ("runc", &runc_ip)] {
+        let (rtt, mibs) = measure(&n.ns.path(), addr)?;
+        eprintln!(
+            "figure: {what} pod: HTTP GET round trip median {rtt:?}, TCP download {mibs:.1} MiB/s"
+        );
+    }
+    for l in n.c.log_text().lines().filter(|l| l.contains("veil-phases")) {
+        eprintln!("figure: {}", phases_ms(l));
+    }
 
     // The host side while the pod runs: a tap and redirects in its
     // namespace (held open to look again after the pod is gone).
