@@ -10,6 +10,7 @@
 //! them), nor the guest side (the agent configures the guest's NICs from
 //! [`PodNetwork::interfaces`] and [`PodNetwork::routes`]).
 
+pub mod forward;
 pub mod tap;
 
 use std::{
@@ -176,6 +177,8 @@ pub struct PodNetwork {
     pub links: Vec<TapLink>,
     /// The routes through those interfaces.
     pub routes: Vec<Route>,
+    /// The CRI PortForward relay, once started.
+    forward: Option<forward::PortForward>,
     torn_down: bool,
 }
 
@@ -491,8 +494,20 @@ impl PodNetwork {
             netns: netns.to_path_buf(),
             links,
             routes,
+            forward: None,
             torn_down: false,
         })
+    }
+
+    /// Starts relaying the localhost connections of the pod's namespace
+    /// (CRI PortForward) to the guest reached through `transport`.
+    pub async fn start_port_forward(
+        &mut self,
+        transport: veil_protocol::vsock::GuestTransport,
+    ) -> Result<(), NetworkError> {
+        let f = forward::PortForward::start(&self.netns, transport).await?;
+        self.forward = Some(f);
+        Ok(())
     }
 
     /// The interfaces the guest configures.
@@ -573,7 +588,11 @@ impl PodNetwork {
         self.release_taps();
         let indexes: Vec<u32> = self.links.iter().map(|l| l.iface.index).collect();
         let taps: Vec<String> = self.links.iter().map(|l| l.tap_name.clone()).collect();
-        if indexes.is_empty() || !self.netns.exists() {
+        let forward_port = self.forward.take().map(|f| {
+            f.stop();
+            f.port
+        });
+        if (indexes.is_empty() && forward_port.is_none()) || !self.netns.exists() {
             return;
         }
         let path = self.netns.clone();
@@ -583,6 +602,11 @@ impl PodNetwork {
                 run_in_netns(&path, |h| async move {
                     for i in indexes {
                         if let Err(e) = remove_ingress(&h, i).await {
+                            tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
+                        }
+                    }
+                    if let Some(p) = forward_port {
+                        if let Err(e) = forward::remove_rule(p) {
                             tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
                         }
                     }

@@ -458,8 +458,10 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         "CreateSandbox",
         agent.sandbox.create_sandbox(agent::ctx(), &req).await,
     )?;
-    if partial.network.is_some() {
-        // Taps wired on the host, the guest's interfaces configured.
+    if let Some(n) = partial.network.as_mut() {
+        n.start_port_forward(transport.clone()).await?;
+        // Taps wired on the host, the guest's interfaces configured,
+        // PortForward relayed.
         phases.mark("network_ready");
     }
     crate::attest::attest_pod(&agent, h, phases).await?;
