@@ -52,6 +52,8 @@ async fn cni_interface_is_wired_to_a_tap_and_unwired_at_teardown() -> Result<()>
     for dev in ["eth0", tap.as_str()] {
         let f = ns.tc(&format!("filter show dev {dev} ingress"))?;
         assert!(f.contains("mirred") && f.contains("Redirect"), "{dev}: {f}");
+        // Every frame, not one protocol.
+        assert!(f.contains("protocol all"), "{dev}: {f}");
     }
 
     net.teardown();

@@ -403,8 +403,10 @@ async fn redirect(h: &Handle, from: u32, to: u32) -> Result<(), NetworkError> {
     h.traffic_filter(from as i32)
         .add()
         .ingress()
-        .protocol(ETH_P_ALL_BE)
+        // priority() also overwrites the protocol half of the header
+        // (rtnetlink 0.24): set it first.
         .priority(1)
+        .protocol(ETH_P_ALL_BE)
         .redirect(to)
         .map_err(nl("build redirect"))?
         .execute()
