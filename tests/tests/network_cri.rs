@@ -7,9 +7,11 @@
 //! reports, from the test namespace, from a second veil pod and from a runc
 //! pod (and reaches them); `ip addr` / `ip route` in the container show the
 //! CNI address, MTU and default route; `/etc/resolv.conf` is the pod's CRI DNS
-//! config; two containers of the pod talk over localhost. Removing the pod
-//! leaves no tap, redirect or process, and CNI releases the address: the
-//! next pod gets it back.
+//! config; two containers of the pod talk over localhost; a connection to
+//! localhost:8080 inside the pod's namespace (what containerd's CRI
+//! PortForward makes) reaches the guest's httpd. Removing the pod leaves no
+//! tap, redirect, iptables rule or process, and CNI releases the address:
+//! the next pod gets it back.
 
 use std::{
     os::fd::AsRawFd,
@@ -233,6 +235,25 @@ fn addr(ip: &str) -> Result<std::net::SocketAddr> {
     Ok(std::net::SocketAddr::new(ip.parse()?, 8080))
 }
 
+/// An HTTP/1.0 GET of `/` from `ip`:8080, read until the response holds
+/// `want` (not to its end: a close does not cross hybrid vsock as EOF).
+fn http_get_until(ip: &str, want: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr(ip)?, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&out).contains(want) {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// One HTTP/1.0 GET of `path` from `ip`:8080 on a new connection; the
 /// bytes of the response.
 fn http_get(ip: &str, path: &str) -> Result<usize> {
@@ -434,6 +455,24 @@ async fn scenario(n: &mut Net) -> Result<Vec<String>> {
         "no redirect on eth0: {filters}"
     );
 
+    // What containerd's CRI PortForward does: dial localhost:PORT inside
+    // the pod's namespace. The shim's redirect and relay carry it to the
+    // guest's localhost.
+    let held_path = std::path::PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        held.as_raw_fd()
+    ));
+    let body = in_netns(&held_path, || {
+        http_get_until("127.0.0.1", "hello-from-veil")
+    })?;
+    ensure!(
+        body.contains("hello-from-veil"),
+        "localhost:8080 of the pod namespace: {body:?}"
+    );
+    let nat = in_held_ns(&held, &["iptables", "-t", "nat", "-S", "OUTPUT"])?;
+    ensure!(nat.contains("REDIRECT"), "no localhost redirect: {nat}");
+
     // Removing the pod: no tap, no redirect, no process; the address is
     // released.
     let t1 = Instant::now();
@@ -445,6 +484,11 @@ async fn scenario(n: &mut Net) -> Result<Vec<String>> {
     ensure!(
         !qdiscs.contains("ingress"),
         "ingress qdisc left behind: {qdiscs}"
+    );
+    let nat = in_held_ns(&held, &["iptables", "-t", "nat", "-S", "OUTPUT"])?;
+    ensure!(
+        !nat.contains("REDIRECT"),
+        "localhost redirect left behind: {nat}"
     );
     drop(held);
     let dir = format!("{}/{server}/", containerd::VEIL_STATE_DIR);
@@ -471,11 +515,25 @@ async fn scenario(n: &mut Net) -> Result<Vec<String>> {
         .pod("veil", "again", vec![web("web", "hello-again")])
         .await?;
     let again_ip = n.ip(&again).await?;
+    let again_ns = n.netns_path(&again).await?;
     ensure!(
         again_ip == ip,
         "the next pod got {again_ip}, not the released {ip}"
     );
-    n.get_from_ns(&again_ip, "hello-again").await?;
+    if let Err(e) = n.get_from_ns(&again_ip, "hello-again").await {
+        let h = std::fs::File::open(&again_ns)?;
+        let diag = [
+            in_held_ns(&h, &["ip", "-s", "link"]).unwrap_or_default(),
+            in_held_ns(
+                &h,
+                &["tc", "-s", "filter", "show", "dev", "eth0", "ingress"],
+            )
+            .unwrap_or_default(),
+            n.ns.ip("-s link").unwrap_or_default(),
+        ]
+        .join("\n");
+        bail!("{e:#}\nthe new pod's namespace:\n{diag}");
+    }
 
     for p in [&peer, &runc, &again] {
         n.remove(p).await?;
