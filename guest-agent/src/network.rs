@@ -58,6 +58,15 @@ pub enum NetworkError {
     /// The netlink socket.
     #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
+    /// A sysctl of an interface.
+    #[error("cannot set {path}")]
+    Sysctl {
+        /// The /proc/sys path.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl crate::status::Classify for NetworkError {
@@ -66,7 +75,9 @@ impl crate::status::Classify for NetworkError {
         match self {
             NetworkError::Invalid(_) => Kind::InvalidArgument,
             NetworkError::NoNic { .. } => Kind::FailedPrecondition,
-            NetworkError::Netlink { .. } | NetworkError::Socket(_) => Kind::Internal,
+            NetworkError::Netlink { .. }
+            | NetworkError::Socket(_)
+            | NetworkError::Sysctl { .. } => Kind::Internal,
         }
     }
 }
@@ -430,6 +441,10 @@ async fn apply_with(h: &Handle, plan: &Plan) -> Result<(), NetworkError> {
                 .await
                 .map_err(nl(format!("add {ip}/{len} to {}", i.name)))?;
         }
+        // A gratuitous ARP when it comes up: peers that cached the MAC of
+        // the address's previous owner (a released pod IP) learn this one.
+        let path = format!("/proc/sys/net/ipv4/conf/{}/arp_notify", i.name);
+        std::fs::write(&path, "1").map_err(|source| NetworkError::Sysctl { path, source })?;
         set(
             h,
             format!("bring {} up", i.name),

@@ -51,24 +51,11 @@ pub struct Containerd {
     /// containerd's stdout/stderr (shim logs included).
     pub log: PathBuf,
     pods_before: Vec<String>,
-    netns_before: Vec<String>,
     dir: tempfile::TempDir,
 }
 
-/// Where the CRI plugin makes pod network namespaces.
-const NETNS_DIR: &str = "/run/netns";
 /// Debian's CNI plugins (`containernetworking-plugins`).
 const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
-
-fn list_netns() -> Vec<String> {
-    fs::read_dir(NETNS_DIR)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// The CNI setup of the private containerd: every pod gets a network
 /// namespace of its own with an `eth0` holding a test address (one end of a
@@ -185,6 +172,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # Pods get no lower OOM score than containerd's own: where the tests run,
   # lowering it may be denied even to root (runc then cannot start a pod).
   restrict_oom_score_adj = true
+  # Pod network namespaces below this containerd's own state dir, so a test
+  # cleans up its own and never another's running at the same time.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -273,7 +263,6 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         let pods_before = list_pods();
-        let netns_before = list_netns();
         let mut cmd = match &opts.netns {
             // nsenter execs containerd: the child's PID is containerd's.
             Some(ns) => {
@@ -300,7 +289,6 @@ impl Containerd {
             image_dir,
             log,
             pods_before,
-            netns_before,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -532,14 +520,8 @@ impl Drop for Containerd {
             }
         }
         // Pod network namespaces CRI made and did not remove (a test that
-        // failed before removing its pod).
-        for ns in list_netns() {
-            if ns.starts_with("cni-") && !self.netns_before.contains(&ns) {
-                let p = Path::new(NETNS_DIR).join(&ns);
-                let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
-                let _ = fs::remove_file(&p);
-            }
-        }
+        // failed before removing its pod) are below the state dir: unmounted
+        // with the rest.
         // Whatever is still mounted below our root (CRI's sandbox shm, ...).
         let root = self.dir.path().display().to_string();
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
