@@ -25,6 +25,8 @@ packages=(
   containernetworking-plugins
   # ip and tc: the network tests build and inspect the namespaces they create
   iproute2
+  # iptables: the shim redirects localhost of a veil pod's namespace for CRI PortForward
+  iptables
   # virtiofsd (from crates.io, below) links libcap-ng and libseccomp
   libcap-ng-dev
 )

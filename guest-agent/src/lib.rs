@@ -28,6 +28,7 @@ pub mod guest;
 pub mod health;
 pub mod init;
 pub mod logging;
+pub mod network;
 pub mod pod;
 pub mod policy;
 pub mod power;

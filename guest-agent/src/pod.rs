@@ -81,6 +81,9 @@ pub enum PodError {
     /// A stdio operation failed.
     #[error(transparent)]
     Stdio(#[from] StdioError),
+    /// The pod's network could not be configured.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// Another OS operation failed.
     #[error("{what}")]
     Io {
@@ -105,6 +108,7 @@ impl Classify for PodError {
             PodError::Cgroup(e) => e.kind(),
             PodError::Stdio(e) => e.kind(),
             PodError::Engine(e) => e.kind(),
+            PodError::Network(e) => e.kind(),
             PodError::Io { .. } => Kind::Internal,
         }
     }
@@ -319,12 +323,23 @@ impl Pod {
     /// Creates the sandbox.
     pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<(), PodError> {
         sandbox::validate(req)?;
+        let net = crate::network::plan(req)?;
         let mut inner = self.inner.lock().await;
         if let Some(sb) = &inner.sandbox {
             return Err(PodError::Exists {
                 what: "sandbox",
                 id: sb.id.clone(),
             });
+        }
+        if self.cfg.host_mode {
+            // The agent runs on a host (tests): its links are not the pod's.
+            if !net.interfaces.is_empty() {
+                return Err(PodError::State(
+                    "network interfaces need the agent in a VM, not in host mode".into(),
+                ));
+            }
+        } else {
+            crate::network::apply(&net).await?;
         }
         let dir = self.cfg.state_dir.join("sandbox");
         sandbox::write_files(&dir, req).map_err(|source| PodError::Io {
@@ -437,12 +452,21 @@ impl Pod {
     pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32, PodError> {
         validate::id("container_id", &req.container_id)?;
         validate::max_len("oci_spec", req.oci_spec.len(), MAX_SPEC)?;
+        validate::max_len("resolv_conf", req.resolv_conf.len(), sandbox::MAX_FILE)?;
         let id = req.container_id.clone();
         let mut inner = self.inner.lock().await;
-        if inner.sandbox.is_none() {
+        let Some(sb) = inner.sandbox.as_ref() else {
             return Err(PodError::State(
                 "CreateSandbox must come before CreateContainer".into(),
             ));
+        };
+        if !req.resolv_conf.is_empty() {
+            sandbox::rewrite_resolv_conf(&sb.dir, &req.resolv_conf).map_err(|source| {
+                PodError::Io {
+                    what: "rewriting the pod's resolv.conf".into(),
+                    source,
+                }
+            })?;
         }
         if inner.containers.contains_key(&id) {
             return Err(PodError::Exists {

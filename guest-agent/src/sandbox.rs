@@ -66,6 +66,20 @@ pub fn write_files(dir: &Path, req: &CreateSandboxRequest) -> std::io::Result<()
     Ok(())
 }
 
+/// Replaces the content of the pod's resolv.conf in place (the same
+/// inode, so the binds of running containers see it too).
+pub fn rewrite_resolv_conf(dir: &Path, content: &[u8]) -> std::io::Result<()> {
+    let path = dir.join("resolv.conf");
+    if fs::read(&path).is_ok_and(|old| old == content) {
+        return Ok(());
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, content)
+}
+
 impl Sandbox {
     /// The path of shared file `name`, if it is one.
     pub fn file(&self, name: &str) -> Option<PathBuf> {

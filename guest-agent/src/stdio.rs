@@ -201,7 +201,7 @@ impl ProcessIo {
             StreamKind::STDOUT => s.stdout.take(),
             StreamKind::STDERR => s.stderr.take(),
             StreamKind::TERMINAL => s.terminal.take(),
-            StreamKind::STREAM_KIND_UNSPECIFIED => None,
+            StreamKind::STREAM_KIND_UNSPECIFIED | StreamKind::PORT_FORWARD => None,
         };
         let fd = slot.ok_or(StdioError::NoSuchStream(kind))?;
         s.attached.push(kind);

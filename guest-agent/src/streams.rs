@@ -9,7 +9,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use veil_protocol::{
-    agent::{StreamOpen, StreamOpenReply},
+    agent::{StreamKind, StreamOpen, StreamOpenReply},
     stream::{read_frame, write_frame},
     vsock::{Connection, VsockListener},
 };
@@ -54,6 +54,42 @@ pub async fn serve_vsock(port: u32, pod: Arc<Pod>, gate: Arc<Gate>) -> std::io::
     }
 }
 
+/// A CRI PortForward connection: to `port` on the guest's localhost (where
+/// the pod's containers listen: they share the VM's network namespace),
+/// IPv4 first, then IPv6, as containerd does in a runc pod's namespace.
+async fn port_forward(mut conn: Connection, port: u32) {
+    let mut reply = StreamOpenReply::new();
+    let target = match u16::try_from(port) {
+        Ok(p) if p != 0 => {
+            match tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, p)).await {
+                Ok(s) => Ok(s),
+                Err(_) => tokio::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, p)).await,
+            }
+        }
+        _ => {
+            reply.code = crate::status::code_number(crate::status::Kind::InvalidArgument);
+            reply.message = format!("port {port} is not a TCP port");
+            let _ = write_frame(&mut conn, &reply).await;
+            return;
+        }
+    };
+    let mut target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            reply.code = crate::status::code_number(crate::status::Kind::Unavailable);
+            reply.message = format!("nothing answers on localhost:{port} in the pod: {e}");
+            let _ = write_frame(&mut conn, &reply).await;
+            return;
+        }
+    };
+    if write_frame(&mut conn, &reply).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut target).await {
+        tracing::debug!(error = %e, port, "port-forward connection ended");
+    }
+}
+
 async fn handle(mut conn: Connection, pod: Arc<Pod>, gate: Arc<Gate>) {
     let open: StreamOpen =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut conn)).await {
@@ -72,6 +108,9 @@ async fn handle(mut conn: Connection, pod: Arc<Pod>, gate: Arc<Gate>) {
         reply.message = e.to_string();
         let _ = write_frame(&mut conn, &reply).await;
         return;
+    }
+    if kind == StreamKind::PORT_FORWARD {
+        return port_forward(conn, open.port).await;
     }
     match pod
         .take_stream(&open.container_id, &open.exec_id, kind)

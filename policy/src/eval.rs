@@ -524,6 +524,7 @@ fn api_key(request: &str) -> &'static str {
         "PauseContainer" | "ResumeContainer" => "pause",
         "UpdateContainer" => "update",
         "StatsContainer" | "ListPids" => "stats",
+        "PortForward" => "port_forward",
         _ => "read_output",
     }
 }

@@ -123,6 +123,7 @@ struct Doc {
 #[serde(deny_unknown_fields)]
 struct ApiDoc {
     read_output: Option<bool>,
+    port_forward: Option<bool>,
     read_volume_file: Option<bool>,
     put_volume: Option<bool>,
     pause: Option<bool>,
@@ -173,6 +174,9 @@ struct ExecDoc {
 pub struct Api {
     /// Attach the containers' stdout, stderr and terminal output.
     pub read_output: bool,
+    /// CRI PortForward: connections from the host to ports on the pod's
+    /// localhost (services the workload did not put on its network).
+    pub port_forward: bool,
     /// ReadVolumeFile: read a file volume back.
     pub read_volume_file: bool,
     /// PutVolume: copy file volumes (which containers see them is decided
@@ -192,6 +196,7 @@ impl Api {
     fn all() -> Self {
         Api {
             read_output: true,
+            port_forward: true,
             read_volume_file: true,
             put_volume: true,
             pause: true,
@@ -205,8 +210,13 @@ impl Api {
     /// what the pod holds: output and termination messages are what the
     /// workload chooses to write for the host, file volumes come from the
     /// host, and stopping or starving a pod is always in the host's power.
+    /// Port-forward is the exception: it reaches services bound to the
+    /// pod's localhost, which the workload kept off its network.
     fn confidential() -> Self {
-        Api::all()
+        Api {
+            port_forward: false,
+            ..Api::all()
+        }
     }
 }
 
@@ -323,6 +333,7 @@ impl Policy {
         let a = doc.api;
         let set = |v: Option<bool>, d: bool| v.unwrap_or(d);
         api.read_output = set(a.read_output, api.read_output);
+        api.port_forward = set(a.port_forward, api.port_forward);
         api.read_volume_file = set(a.read_volume_file, api.read_volume_file);
         api.put_volume = set(a.put_volume, api.put_volume);
         api.pause = set(a.pause, api.pause);

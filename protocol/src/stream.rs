@@ -96,7 +96,25 @@ pub async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     req.container_id = container_id.to_string();
     req.exec_id = exec_id.to_string();
     req.kind = kind.into();
-    write_frame(conn, &req).await?;
+    open_with(conn, &req).await
+}
+
+/// Opens a `PORT_FORWARD` stream to `port` on the guest's localhost.
+pub async fn open_port_forward<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    port: u16,
+) -> Result<(), FrameError> {
+    let mut req = StreamOpen::new();
+    req.kind = StreamKind::PORT_FORWARD.into();
+    req.port = u32::from(port);
+    open_with(conn, &req).await
+}
+
+async fn open_with<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut S,
+    req: &StreamOpen,
+) -> Result<(), FrameError> {
+    write_frame(conn, req).await?;
     let reply: StreamOpenReply = read_frame(conn).await?;
     if reply.code != 0 {
         return Err(FrameError::Refused {

@@ -6,7 +6,9 @@
 //! (the shim's ttrpc server is up), `create` (task Create received),
 //! `vmm_spawned` (vsock backend and QEMU started), `kernel_booted` (the agent
 //! announced itself on the console: kernel boot plus agent start),
-//! `agent_ready` (first health answer over vsock), `attested` (TEE pods with
+//! `agent_ready` (first health answer over vsock), `network_ready` (pods
+//! with a network namespace: taps wired and the guest's interfaces, addresses
+//! and routes configured by the agent), `attested` (TEE pods with
 //! a key broker: the agent attested and fetched its keys), `scratch_ready`
 //! (pods with a scratch disk: unlocked or formatted, and mounted, by the
 //! agent), `rootfs_attached` (image
@@ -30,6 +32,7 @@ pub const MARKS: &[&str] = &[
     "vmm_spawned",
     "kernel_booted",
     "agent_ready",
+    "network_ready",
     "attested",
     "scratch_ready",
     "rootfs_attached",

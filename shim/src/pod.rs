@@ -160,6 +160,12 @@ pub trait Pod: Send + Sync {
     /// PIDs of the host processes the pod runs (VMM, vsock backend).
     fn host_pids(&self) -> Vec<u32>;
 
+    /// Removes the pod's network from its network namespace (the taps and
+    /// redirects), so CNI's DEL, which containerd runs once the sandbox
+    /// container is deleted, finds the namespace as CNI left it. The VM
+    /// itself may run on (without network) until [`Pod::shutdown`].
+    fn release_network(&self) {}
+
     /// Makes the image of `layers` available in the guest and holds a
     /// reference to it; `name` is the image as the pod names it (the key of
     /// a confidential pod's image policy). An image already attached is

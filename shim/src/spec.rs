@@ -151,6 +151,14 @@ pub enum SpecError {
         /// Why.
         reason: MountRefusal,
     },
+    /// The pod's resolv.conf the spec binds cannot be sent to the guest.
+    #[error("the pod's resolv.conf {path} (bound at /etc/resolv.conf): {reason}")]
+    ResolvConf {
+        /// Its host path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A block device entry without a path or numbers.
     #[error(
         "the block device entry {path:?} of linux.devices has no path or no major/minor numbers"
@@ -170,9 +178,13 @@ impl Classify for SpecError {
             }
             SpecError::Mount { reason, .. } => reason.kind(),
             SpecError::Device { .. } => Kind::InvalidArgument,
+            SpecError::ResolvConf { .. } => Kind::FailedPrecondition,
         }
     }
 }
+
+/// Largest resolv.conf sent to the guest (the agent's limit).
+pub const MAX_RESOLV_CONF: usize = 64 * 1024;
 
 /// A container's spec as the host gave it.
 #[derive(Debug, Clone)]
@@ -267,6 +279,38 @@ impl HostSpec {
     /// The hostname the spec asks for.
     pub fn hostname(&self) -> Option<&str> {
         self.0.get("hostname")?.as_str().filter(|h| !h.is_empty())
+    }
+
+    /// The content of the host file the spec binds at `/etc/resolv.conf`
+    /// (the one containerd's CRI plugin wrote from the pod's DNS config),
+    /// at most [`MAX_RESOLV_CONF`] bytes; empty when the spec binds none.
+    pub fn resolv_conf(&self) -> Result<Vec<u8>, SpecError> {
+        let Some(mounts) = self.0.get("mounts").and_then(Value::as_array) else {
+            return Ok(Vec::new());
+        };
+        let source = mounts.iter().find_map(|m| {
+            (m.get("destination").and_then(Value::as_str) == Some("/etc/resolv.conf"))
+                .then(|| m.get("source").and_then(Value::as_str))
+                .flatten()
+        });
+        let Some(path) = source.filter(|s| s.starts_with('/')) else {
+            return Ok(Vec::new());
+        };
+        let fail = |reason: String| SpecError::ResolvConf {
+            path: path.to_string(),
+            reason,
+        };
+        let f = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(f, MAX_RESOLV_CONF as u64 + 1),
+            &mut buf,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        if buf.len() > MAX_RESOLV_CONF {
+            return Err(fail(format!("larger than {MAX_RESOLV_CONF} bytes")));
+        }
+        Ok(buf)
     }
 
     /// The pod's network namespace: the path of the `network` namespace the
@@ -614,6 +658,27 @@ mod tests {
         );
         assert!(v["linux"].get("cgroupsPath").is_none());
         assert!(v["annotations"].get(GUEST_DEVICES_ANNOTATION).is_none());
+    }
+
+    #[test]
+    fn resolv_conf_is_the_bound_file_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("resolv.conf");
+        std::fs::write(&f, "nameserver 10.96.0.10\nsearch ns.svc.cluster.local\n").unwrap();
+        let spec = |src: &std::path::Path| {
+            HostSpec(json!({"mounts": [
+                {"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent"},
+                {"destination": "/etc/resolv.conf", "type": "bind", "source": src},
+            ]}))
+        };
+        assert_eq!(
+            spec(&f).resolv_conf().unwrap(),
+            b"nameserver 10.96.0.10\nsearch ns.svc.cluster.local\n"
+        );
+        assert!(HostSpec(json!({})).resolv_conf().unwrap().is_empty());
+        assert!(spec(&dir.path().join("missing")).resolv_conf().is_err());
+        std::fs::write(&f, vec![b'#'; MAX_RESOLV_CONF + 1]).unwrap();
+        assert!(spec(&f).resolv_conf().is_err());
     }
 
     fn with_namespaces(types: &[&str]) -> HostSpec {

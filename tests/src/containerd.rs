@@ -25,6 +25,18 @@ use crate::Artefacts;
 /// Where the shim keeps pod directories (the default `state_dir`).
 pub const VEIL_STATE_DIR: &str = "/run/veil";
 
+/// How to start the private containerd.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Run containerd (and so the CNI plugins and the shims) in this
+    /// network namespace (a path such as `/run/netns/NAME`), not the node's.
+    pub netns: Option<PathBuf>,
+    /// A CNI conflist to use instead of the test's pod-local one; Debian's
+    /// `bridge`, `host-local`, `loopback` and `portmap` plugins are on its
+    /// plugin path. `@DIR@` in it is replaced with the private directory.
+    pub cni_conflist: Option<String>,
+}
+
 /// A running private containerd.
 pub struct Containerd {
     child: Child,
@@ -39,24 +51,11 @@ pub struct Containerd {
     /// containerd's stdout/stderr (shim logs included).
     pub log: PathBuf,
     pods_before: Vec<String>,
-    netns_before: Vec<String>,
     dir: tempfile::TempDir,
 }
 
-/// Where the CRI plugin makes pod network namespaces.
-const NETNS_DIR: &str = "/run/netns";
 /// Debian's CNI plugins (`containernetworking-plugins`).
 const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
-
-fn list_netns() -> Vec<String> {
-    fs::read_dir(NETNS_DIR)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// The CNI setup of the private containerd: every pod gets a network
 /// namespace of its own with an `eth0` holding a test address (one end of a
@@ -64,19 +63,28 @@ fn list_netns() -> Vec<String> {
 /// `support/cni-dummy.sh`: CRI requires a pod IP) and `lo` (Debian's
 /// `loopback` plugin). Nothing reaches outside the pod and the node's
 /// network is not touched.
-fn install_cni(dir: &Path) -> Result<()> {
+fn install_cni(dir: &Path, conflist: Option<&str>) -> Result<()> {
     let bin = dir.join("cni/bin");
     let conf = dir.join("cni/conf");
     fs::create_dir_all(&bin)?;
     fs::create_dir_all(&conf)?;
-    let loopback = Path::new(CNI_PLUGIN_DIR).join("loopback");
-    if !loopback.is_file() {
-        bail!(
-            "CNI loopback plugin {} not found: run ci/setup.sh (containernetworking-plugins)",
-            loopback.display()
-        );
+    for plugin in ["loopback", "bridge", "host-local", "portmap"] {
+        let p = Path::new(CNI_PLUGIN_DIR).join(plugin);
+        if !p.is_file() {
+            bail!(
+                "CNI {plugin} plugin {} not found: run ci/setup.sh (containernetworking-plugins)",
+                p.display()
+            );
+        }
+        std::os::unix::fs::symlink(&p, bin.join(plugin))?;
     }
-    std::os::unix::fs::symlink(&loopback, bin.join("loopback"))?;
+    if let Some(list) = conflist {
+        fs::write(
+            conf.join("10-veil-test.conflist"),
+            list.replace("@DIR@", &dir.display().to_string()),
+        )?;
+        return Ok(());
+    }
     std::os::unix::fs::symlink(
         crate::workspace_root().join("tests/support/cni-dummy.sh"),
         bin.join("veil-test-dummy"),
@@ -164,6 +172,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # Pods get no lower OOM score than containerd's own: where the tests run,
   # lowering it may be denied even to root (runc then cannot start a pod).
   restrict_oom_score_adj = true
+  # Pod network namespaces below this containerd's own state dir, so a test
+  # cleans up its own and never another's running at the same time.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -220,6 +231,11 @@ impl Containerd {
     /// Starts containerd with a fresh root and state, the shim from the
     /// artefacts on its PATH, and waits for it to answer.
     pub fn start(a: &Artefacts) -> Result<Self> {
+        Self::start_with(a, &Options::default())
+    }
+
+    /// [`Self::start`] with `opts`.
+    pub fn start_with(a: &Artefacts, opts: &Options) -> Result<Self> {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("containerd tests need root");
         }
@@ -233,7 +249,7 @@ impl Containerd {
         fs::write(&veil_config, veil_config_text(a, &image_dir))?;
         let config = dir.path().join("config.toml");
         fs::write(&config, containerd_config(dir.path(), &veil_config))?;
-        install_cni(dir.path())?;
+        install_cni(dir.path(), opts.cni_conflist.as_deref())?;
         let log = dir.path().join("containerd.log");
         let out = fs::File::create(&log)?;
         let shim_dir = a
@@ -247,8 +263,16 @@ impl Containerd {
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         let pods_before = list_pods();
-        let netns_before = list_netns();
-        let child = Command::new(bin)
+        let mut cmd = match &opts.netns {
+            // nsenter execs containerd: the child's PID is containerd's.
+            Some(ns) => {
+                let mut c = Command::new(which("nsenter").context("nsenter not found")?);
+                c.arg(format!("--net={}", ns.display())).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -265,7 +289,6 @@ impl Containerd {
             image_dir,
             log,
             pods_before,
-            netns_before,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -497,14 +520,8 @@ impl Drop for Containerd {
             }
         }
         // Pod network namespaces CRI made and did not remove (a test that
-        // failed before removing its pod).
-        for ns in list_netns() {
-            if ns.starts_with("cni-") && !self.netns_before.contains(&ns) {
-                let p = Path::new(NETNS_DIR).join(&ns);
-                let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
-                let _ = fs::remove_file(&p);
-            }
-        }
+        // failed before removing its pod) are below the state dir: unmounted
+        // with the rest.
         // Whatever is still mounted below our root (CRI's sandbox shm, ...).
         let root = self.dir.path().display().to_string();
         let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -7,7 +7,7 @@
 //! image archives built offline ([`oci`]), a private containerd with the
 //! veil runtime registered ([`containerd`]) and a CRI client to it ([`cri`]), node-install fixtures ([`node`]), a key broker with a simulated
 //! TEE for attestation tests ([`kbs`]) and the confidential-storage helpers
-//! ([`storage`]).
+//! ([`storage`]), network namespaces made by the test ([`netns`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
@@ -17,6 +17,7 @@ pub mod artefacts;
 pub mod containerd;
 pub mod cri;
 pub mod kbs;
+pub mod netns;
 pub mod node;
 pub mod oci;
 pub mod rootfs;

@@ -5,61 +5,15 @@
 //! teardown removes the qdiscs and the tap goes with its last descriptor.
 //! Needs root and `ip`/`tc` (iproute2) to build and inspect the namespace.
 
-use std::{net::IpAddr, path::PathBuf, process::Command};
+use std::net::IpAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use veil_shim::network::PodNetwork;
-
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Self> {
-        if !nix::unistd::Uid::effective().is_root() {
-            bail!("network_host needs root (it creates a network namespace)");
-        }
-        let name = format!("veil-nettest-{}", std::process::id());
-        run(&["ip", "netns", "add", &name])?;
-        Ok(Netns(name))
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.0)
-    }
-    fn ip(&self, args: &str) -> Result<String> {
-        let mut v = vec!["ip", "-n", &self.0];
-        v.extend(args.split_whitespace());
-        run(&v)
-    }
-    fn tc(&self, args: &str) -> Result<String> {
-        let mut v = vec!["tc", "-n", &self.0];
-        v.extend(args.split_whitespace());
-        run(&v)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("{} not found: run ci/setup.sh (iproute2)", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+use veil_tests::netns::Netns;
 
 #[tokio::test(flavor = "current_thread")]
 async fn cni_interface_is_wired_to_a_tap_and_unwired_at_teardown() -> Result<()> {
-    let ns = Netns::create()?;
+    let ns = Netns::create("nettest")?;
     ns.ip("link add eth0 mtu 1400 type veth peer name peer0")?;
     ns.ip("link set eth0 address 0a:58:0a:63:00:02")?;
     ns.ip("addr add 10.99.0.2/24 dev eth0")?;
@@ -98,6 +52,8 @@ async fn cni_interface_is_wired_to_a_tap_and_unwired_at_teardown() -> Result<()>
     for dev in ["eth0", tap.as_str()] {
         let f = ns.tc(&format!("filter show dev {dev} ingress"))?;
         assert!(f.contains("mirred") && f.contains("Redirect"), "{dev}: {f}");
+        // Every frame, not one protocol.
+        assert!(f.contains("protocol all"), "{dev}: {f}");
     }
 
     net.teardown();
@@ -105,7 +61,7 @@ async fn cni_interface_is_wired_to_a_tap_and_unwired_at_teardown() -> Result<()>
         let q = ns.tc(&format!("qdisc show dev {dev}"))?;
         assert!(!q.contains("ingress"), "{dev} keeps its ingress qdisc: {q}");
     }
-    // The shim held the only descriptor: the tap is gone with it.
+    // The tap is removed at teardown.
     assert!(ns.ip(&format!("link show {tap}")).is_err());
     Ok(())
 }

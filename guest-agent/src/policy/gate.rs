@@ -314,6 +314,7 @@ impl Gate {
         use veil_protocol::agent::StreamKind;
         match kind {
             StreamKind::STDIN => self.policy("StreamOpen").map(|_| ()),
+            StreamKind::PORT_FORWARD => self.check_call("PortForward", |a| a.port_forward),
             _ => self.check_call("StreamOpen", |a| a.read_output),
         }
     }

@@ -304,3 +304,17 @@ fn a_container_named_like_a_rule_is_held_to_that_rule() {
         .unwrap_err();
     assert_eq!(e.rule.as_deref(), Some("b"));
 }
+
+#[test]
+fn port_forward_needs_the_policy_in_a_confidential_pod() {
+    use veil_protocol::agent::StreamKind;
+    let plain = Gate::plain();
+    plain.check_stream(StreamKind::PORT_FORWARD).unwrap();
+    let g = Gate::confidential(Tee::VeilSim);
+    g.deliver(b"", Some(&[0u8; 32])).unwrap();
+    let e = g.check_stream(StreamKind::PORT_FORWARD).unwrap_err();
+    assert_eq!(e.rule.as_deref(), Some("api.port_forward"), "{e}");
+    g.check_stream(StreamKind::STDOUT).unwrap();
+    let p = Policy::parse(b"version = 1\n[api]\nport_forward = true\n").unwrap();
+    assert!(p.api.port_forward);
+}

@@ -10,6 +10,7 @@
 //! them), nor the guest side (the agent configures the guest's NICs from
 //! [`PodNetwork::interfaces`] and [`PodNetwork::routes`]).
 
+pub mod forward;
 pub mod tap;
 
 use std::{
@@ -33,6 +34,10 @@ use veil_common::{Classify, Kind};
 
 /// Most CNI interfaces a pod may have.
 pub const MAX_INTERFACES: usize = 8;
+/// Most routes handed to the guest (the agent takes no more).
+pub const MAX_ROUTES: usize = 64;
+/// Most addresses of one interface handed to the guest.
+pub const MAX_ADDRESSES: usize = 16;
 
 /// `ETH_P_ALL`, the protocol of the redirect filters (network byte order,
 /// as tc wants it).
@@ -91,6 +96,20 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError 
     move |source| NetworkError::Netlink { what, source }
 }
 
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_net(ip: IpAddr, prefix_len: u8) -> veil_protocol::agent::IpNet {
+    let mut n = veil_protocol::agent::IpNet::new();
+    n.ip = ip_bytes(ip);
+    n.prefix_len = u32::from(prefix_len);
+    n
+}
+
 /// A CNI interface as the guest must see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
@@ -134,6 +153,8 @@ pub struct Route {
     pub oif: u32,
     /// Metric.
     pub metric: u32,
+    /// Scope (`RT_SCOPE_*`).
+    pub scope: u8,
 }
 
 /// A CNI interface paired with its tap.
@@ -156,6 +177,8 @@ pub struct PodNetwork {
     pub links: Vec<TapLink>,
     /// The routes through those interfaces.
     pub routes: Vec<Route>,
+    /// The CRI PortForward relay, once started.
+    forward: Option<forward::PortForward>,
     torn_down: bool,
 }
 
@@ -274,6 +297,7 @@ fn wanted_route(m: &RouteMessage) -> Option<Route> {
         gateway,
         oif: oif?,
         metric,
+        scope: u8::from(m.header.scope),
     })
 }
 
@@ -295,7 +319,7 @@ async fn read_interfaces(h: &Handle) -> Result<Vec<Interface>, NetworkError> {
             .try_collect()
             .await
             .map_err(nl(format!("list the addresses of {name}")))?;
-        let addresses = addrs
+        let addresses: Vec<(IpAddr, u8)> = addrs
             .iter()
             .filter(|a| a.header.index == index)
             .filter_map(|a| {
@@ -307,6 +331,12 @@ async fn read_interfaces(h: &Handle) -> Result<Vec<Interface>, NetworkError> {
             // The guest makes its own link-local address from the same MAC.
             .filter(|(ip, _)| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .collect();
+        if addresses.len() > MAX_ADDRESSES {
+            return Err(NetworkError::Unsupported(format!(
+                "{name} has {} addresses; veil pods take at most {MAX_ADDRESSES}",
+                addresses.len()
+            )));
+        }
         out.push(Interface {
             name,
             index,
@@ -344,6 +374,12 @@ async fn read_routes(h: &Handle, ifaces: &[Interface]) -> Result<Vec<Route>, Net
                 .filter(|r| ifaces.iter().any(|i| i.index == r.oif)),
         );
     }
+    if routes.len() > MAX_ROUTES {
+        return Err(NetworkError::Unsupported(format!(
+            "the pod's network namespace has {} routes; veil pods take at most {MAX_ROUTES}",
+            routes.len()
+        )));
+    }
     Ok(routes)
 }
 
@@ -367,8 +403,10 @@ async fn redirect(h: &Handle, from: u32, to: u32) -> Result<(), NetworkError> {
     h.traffic_filter(from as i32)
         .add()
         .ingress()
-        .protocol(ETH_P_ALL_BE)
+        // priority() also overwrites the protocol half of the header
+        // (rtnetlink 0.24): set it first.
         .priority(1)
+        .protocol(ETH_P_ALL_BE)
         .redirect(to)
         .map_err(nl("build redirect"))?
         .execute()
@@ -386,6 +424,15 @@ async fn remove_ingress(h: &Handle, index: u32) -> Result<(), NetworkError> {
     del.execute()
         .await
         .map_err(nl(format!("remove ingress qdisc of link {index}")))
+}
+
+async fn remove_link(h: &Handle, name: &str) -> Result<(), NetworkError> {
+    let index = link_index(h, name).await?;
+    h.link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(nl(format!("remove {name}")))
 }
 
 async fn wire(h: &Handle, ifaces: Vec<Interface>) -> Result<Vec<TapLink>, NetworkError> {
@@ -449,13 +496,62 @@ impl PodNetwork {
             netns: netns.to_path_buf(),
             links,
             routes,
+            forward: None,
             torn_down: false,
         })
+    }
+
+    /// Starts relaying the localhost connections of the pod's namespace
+    /// (CRI PortForward) to the guest reached through `transport`.
+    pub async fn start_port_forward(
+        &mut self,
+        transport: veil_protocol::vsock::GuestTransport,
+    ) -> Result<(), NetworkError> {
+        let f = forward::PortForward::start(&self.netns, transport).await?;
+        self.forward = Some(f);
+        Ok(())
     }
 
     /// The interfaces the guest configures.
     pub fn interfaces(&self) -> impl Iterator<Item = &Interface> {
         self.links.iter().map(|l| &l.iface)
+    }
+
+    /// What the agent configures, as CreateSandbox fields: the interfaces
+    /// (by MAC) and the routes (by interface name).
+    pub fn guest_config(
+        &self,
+    ) -> (
+        Vec<veil_protocol::agent::NetInterface>,
+        Vec<veil_protocol::agent::NetRoute>,
+    ) {
+        use veil_protocol::agent::{NetInterface, NetRoute};
+        let ifaces = self
+            .interfaces()
+            .map(|i| {
+                let mut n = NetInterface::new();
+                n.mac = i.mac.to_vec();
+                n.name = i.name.clone();
+                n.mtu = i.mtu;
+                n.addresses = i.addresses.iter().map(|(ip, p)| ip_net(*ip, *p)).collect();
+                n
+            })
+            .collect();
+        let routes = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let dev = self.interfaces().find(|i| i.index == r.oif)?;
+                let mut n = NetRoute::new();
+                n.destination = protobuf::MessageField::some(ip_net(r.destination, r.prefix_len));
+                n.gateway = r.gateway.map(ip_bytes).unwrap_or_default();
+                n.device = dev.name.clone();
+                n.scope = u32::from(r.scope);
+                n.metric = r.metric;
+                Some(n)
+            })
+            .collect();
+        (ifaces, routes)
     }
 
     /// The VM's virtio-net devices: one per tap still held, with the CNI
@@ -493,7 +589,12 @@ impl PodNetwork {
         }
         self.release_taps();
         let indexes: Vec<u32> = self.links.iter().map(|l| l.iface.index).collect();
-        if indexes.is_empty() || !self.netns.exists() {
+        let taps: Vec<String> = self.links.iter().map(|l| l.tap_name.clone()).collect();
+        let forward_port = self.forward.take().map(|f| {
+            f.stop();
+            f.port
+        });
+        if (indexes.is_empty() && forward_port.is_none()) || !self.netns.exists() {
             return;
         }
         let path = self.netns.clone();
@@ -503,6 +604,18 @@ impl PodNetwork {
                 run_in_netns(&path, |h| async move {
                     for i in indexes {
                         if let Err(e) = remove_ingress(&h, i).await {
+                            tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
+                        }
+                    }
+                    if let Some(p) = forward_port {
+                        if let Err(e) = forward::remove_rule(p) {
+                            tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
+                        }
+                    }
+                    // The taps go now even while QEMU still holds them (it
+                    // is stopped later, after containerd's CNI DEL).
+                    for t in taps {
+                        if let Err(e) = remove_link(&h, &t).await {
                             tracing::debug!(error = %veil_common::error_chain(&e), "pod network teardown");
                         }
                     }

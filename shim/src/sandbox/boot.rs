@@ -12,6 +12,7 @@ use veil_common::{Classify, Kind};
 use veil_protocol::{agent::CreateSandboxRequest, vsock::GuestTransport};
 
 use super::launch::{HostService, LaunchInfo};
+use crate::network::PodNetwork;
 use crate::volumes::shared::{self, SharedError, VirtioFs};
 use crate::{
     agent::{self, Agent, AgentError},
@@ -71,6 +72,9 @@ pub enum BootError {
     /// The pod's attestation set-up (broker, simulated TEE keys).
     #[error("attestation set-up")]
     Attest(#[from] crate::attest::AttestSetupError),
+    /// The pod's network (taps and redirects in its namespace).
+    #[error("pod network")]
+    Network(#[from] crate::network::NetworkError),
     /// The virtio-fs share of a `shared_dirs` handler.
     #[error("host-shared directories (virtio-fs)")]
     Shared(#[from] SharedError),
@@ -91,6 +95,7 @@ impl Classify for BootError {
             BootError::File { .. } | BootError::Died(..) => Kind::Internal,
             BootError::Attest(e) => e.kind(),
             BootError::Shared(e) => e.kind(),
+            BootError::Network(e) => e.kind(),
             BootError::SharedDirs(_) => Kind::FailedPrecondition,
         }
     }
@@ -108,6 +113,9 @@ pub struct BootParams<'a> {
     pub hostname: String,
     /// The pod's policy document (init-data; empty: none).
     pub policy: Vec<u8>,
+    /// The pod's network namespace (CNI's), if it has one: its interfaces
+    /// become the VM's NICs. `None`: loopback only.
+    pub netns: Option<PathBuf>,
 }
 
 /// A booted pod VM, its parts owned by the caller from here on.
@@ -134,6 +142,8 @@ pub struct Booted {
     pub has_scratch: bool,
     /// The virtio-fs share's daemon, if the handler shares host directories.
     pub virtiofs: Option<VirtioFs>,
+    /// The pod's network on the host (taps and redirects), if it has one.
+    pub network: Option<PodNetwork>,
 }
 
 /// The kernel command line of `h`'s pods: the base line, the measured
@@ -179,6 +189,7 @@ struct Partial {
     vm: Option<Box<dyn RunningVm>>,
     backend: Option<HybridVsockBackend>,
     virtiofs: Option<VirtioFs>,
+    network: Option<PodNetwork>,
     services: Vec<tokio::task::JoinHandle<()>>,
     defused: bool,
 }
@@ -199,6 +210,9 @@ impl Drop for Partial {
         }
         if let Some(mut f) = self.virtiofs.take() {
             f.stop();
+        }
+        if let Some(mut n) = self.network.take() {
+            n.teardown();
         }
         self.dir.cleanup();
     }
@@ -263,6 +277,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         vm: None,
         backend: None,
         virtiofs: None,
+        network: None,
         services: Vec::new(),
         defused: false,
     };
@@ -332,6 +347,20 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     } else {
         None
     };
+    let nics = match &p.netns {
+        Some(ns) => {
+            let net = PodNetwork::setup(ns).await?;
+            let mut nics = net.nics();
+            // Kernel vhost-net needs KVM's ioeventfds; TCG uses QEMU's own
+            // virtio-net.
+            for n in &mut nics {
+                n.vhost &= accel == accel::Accel::Kvm;
+            }
+            partial.network = Some(net);
+            nics
+        }
+        None => Vec::new(),
+    };
     let qmp_path = dir.file("qmp.sock");
     let console = dir.file("console.log");
     let spec = VmSpec {
@@ -349,12 +378,18 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         scsi_controller: true,
         disks,
         virtio_fs,
-        nics: Vec::new(),
+        nics,
     };
-    let vm = Qemu {
+    let launched = Qemu {
         binary: p.config.qemu.clone(),
     }
-    .launch(&spec, spawn_opts())?;
+    .launch(&spec, spawn_opts());
+    // QEMU holds its own tap descriptors now (or failed): the taps live as
+    // long as the VM.
+    if let Some(n) = partial.network.as_mut() {
+        n.release_taps();
+    }
+    let vm = launched?;
     if let Some(pid) = vm.pid() {
         dir.record_pid("qemu", pid)?;
     }
@@ -415,24 +450,30 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     crate::attest::deliver_policy(&agent, h, &p.policy).await?;
     let mut req = CreateSandboxRequest::new();
     req.sandbox_id = p.id.to_string();
-    // The pod shares no network yet: localhost plus the pod's name, and the
-    // node's resolver configuration.
+    // localhost plus the pod's name. The pod's resolv.conf comes with its
+    // first application container (its spec binds the file containerd wrote
+    // from the pod's DNS config): none until then.
     req.hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
         p.hostname
     )
     .into_bytes();
-    req.resolv_conf = std::fs::read("/etc/resolv.conf")
-        .map(|mut r| {
-            r.truncate(64 * 1024);
-            r
-        })
-        .unwrap_or_default();
     req.hostname = p.hostname;
+    if let Some(n) = &partial.network {
+        let (interfaces, routes) = n.guest_config();
+        req.interfaces = interfaces;
+        req.routes = routes;
+    }
     agent::rpc(
         "CreateSandbox",
         agent.sandbox.create_sandbox(agent::ctx(), &req).await,
     )?;
+    if let Some(n) = partial.network.as_mut() {
+        n.start_port_forward(transport.clone()).await?;
+        // Taps wired on the host, the guest's interfaces configured,
+        // PortForward relayed.
+        phases.mark("network_ready");
+    }
     crate::attest::attest_pod(&agent, h, phases).await?;
     let has_scratch = h.scratch_disk_mib > 0;
     if has_scratch {
@@ -462,6 +503,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     };
     let backend = partial.backend.take();
     let virtiofs = partial.virtiofs.take();
+    let network = partial.network.take();
     let services = std::mem::take(&mut partial.services);
     // Everything is owned by the caller now.
     partial.defused = true;
@@ -477,6 +519,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         launch,
         has_scratch,
         virtiofs,
+        network,
     })
 }
 

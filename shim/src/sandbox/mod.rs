@@ -36,6 +36,7 @@ pub use launch::{HostService, LaunchInfo};
 use crate::{
     agent::{self, Agent},
     config::ConfigError,
+    network::PodNetwork,
     phases::Phases,
     pod::{
         AttachedImage, ExitInfo, LaunchRequest, Launcher, NewContainer, NewExec, Pod, PodError,
@@ -131,6 +132,7 @@ impl Launcher for VmLauncher {
                         .unwrap_or_default()
                         .as_bytes()
                         .to_vec(),
+                    netns: req.spec.network_namespace(),
                 },
                 phases,
             ),
@@ -174,6 +176,7 @@ impl Launcher for VmLauncher {
                 handler: handler_name.clone(),
             },
             virtiofs: Lock::new(b.virtiofs),
+            network: Lock::new(b.network),
             blocks: PodBlocks::default(),
             gone: Lock::new(None),
         });
@@ -228,6 +231,8 @@ pub struct Sandbox {
     mounts: MountContext,
     /// The virtio-fs daemon of the pod's share, if it has one.
     virtiofs: Lock<Option<VirtioFs>>,
+    /// The pod's network on the host (taps, redirects), if it has one.
+    network: Lock<Option<PodNetwork>>,
     /// The block volumes hot-added to the VM.
     blocks: PodBlocks,
     /// Why the VM is gone, once it is (it died, or the pod was shut down).
@@ -360,6 +365,12 @@ impl Pod for Sandbox {
         &self.id
     }
 
+    fn release_network(&self) {
+        if let Some(mut n) = self.network.lock().take() {
+            n.teardown();
+        }
+    }
+
     fn host_pids(&self) -> Vec<u32> {
         let mut v = Vec::new();
         v.extend(self.vm.lock().as_ref().and_then(|vm| vm.pid()));
@@ -399,6 +410,7 @@ impl Pod for Sandbox {
         phases: &Phases,
     ) -> Result<u32, PodError> {
         self.guest()?;
+        let resolv_conf = c.spec.resolv_conf().map_err(SandboxError::Spec)?;
         let guest = c.spec.for_guest(&self.mounts).map_err(SandboxError::Spec)?;
         self.blocks.attach(c.id, &guest.blocks, &self.qmp).await?;
         let copied = match self
@@ -419,6 +431,7 @@ impl Pod for Sandbox {
         let mut req = CreateContainerRequest::new();
         req.container_id = c.id.to_string();
         req.oci_spec = guest.json;
+        req.resolv_conf = resolv_conf;
         let mut root = Rootfs::new();
         root.storage_id = c.image.storage_id.clone();
         if self.has_scratch {
@@ -735,6 +748,7 @@ impl Pod for Sandbox {
         if let Some(mut f) = self.virtiofs.lock().take() {
             f.stop();
         }
+        self.release_network();
         self.relays.lock().clear();
         self.images.release_all().await;
         self.dir.cleanup();
@@ -747,6 +761,7 @@ impl Drop for Sandbox {
             s.abort();
         }
         self.stop_host_processes();
+        self.release_network();
         self.dir.cleanup();
     }
 }

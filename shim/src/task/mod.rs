@@ -471,6 +471,10 @@ impl TaskService {
         let pod = self.pod().await?;
         if req.exec_id.is_empty() {
             pod.remove_container(&req.id).await?;
+            if req.id == pod.id() {
+                // The sandbox container goes: containerd runs CNI's DEL next.
+                pod.release_network();
+            }
             if let Err(e) = pod.detach_image(&c.image).await {
                 tracing::warn!(container = %req.id, error = %veil_common::error_chain(&e), "cannot detach the container's image");
             }
