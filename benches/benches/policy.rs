@@ -154,19 +154,7 @@ fn start(env: &Confidential, id: &str, doc: Option<&str>) -> Result<Duration> {
         "ctr run {id}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = env
-        .c
-        .ctr(NS)
-        .args(["task", "kill", "-s", "KILL", id])
-        .output();
-    for _ in 0..300 {
-        let o = env.c.ctr(NS).args(["task", "delete", id]).output()?;
-        if o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    env.c.ctr_ok(NS, &["containers", "delete", id])?;
+    env.c.kill_and_remove(NS, id)?;
     Ok(took)
 }
 

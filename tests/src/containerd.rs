@@ -330,6 +330,25 @@ impl Containerd {
         c
     }
 
+    /// SIGKILLs container `id`'s task, deletes the task once it has exited
+    /// (up to 30 s), then deletes the container, failing with ctr's output
+    /// if that does not succeed (leftovers are for [`Self::wait_clean`]).
+    pub fn kill_and_remove(&self, namespace: &str, id: &str) -> Result<()> {
+        let _ = self
+            .ctr(namespace)
+            .args(["task", "kill", "-s", "KILL", id])
+            .output();
+        for _ in 0..300 {
+            match self.ctr(namespace).args(["task", "delete", id]).output() {
+                Ok(o) if o.status.success() => break,
+                Ok(o) if String::from_utf8_lossy(&o.stderr).contains("not found") => break,
+                _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+        self.ctr_ok(namespace, &["containers", "delete", id])?;
+        Ok(())
+    }
+
     /// Runs `ctr` and fails with its output unless it succeeds.
     pub fn ctr_ok(&self, namespace: &str, args: &[&str]) -> Result<Output> {
         let out = self.ctr(namespace).args(args).output()?;

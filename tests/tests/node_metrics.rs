@@ -144,19 +144,7 @@ fn scenario(env: &Confidential, log: &std::path::Path) -> Result<()> {
         "no attested phase: {text}"
     );
 
-    let _ = env
-        .c
-        .ctr(NS)
-        .args(["task", "kill", "-s", "KILL", "metered"])
-        .output();
-    for _ in 0..300 {
-        let o = env.c.ctr(NS).args(["task", "delete", "metered"]).output()?;
-        if o.status.success() || String::from_utf8_lossy(&o.stderr).contains("not found") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    env.c.ctr_ok(NS, &["containers", "delete", "metered"])?;
+    env.c.kill_and_remove(NS, "metered")?;
     env.c.wait_clean(&["metered"])?;
     let text = scrape(&addr)?;
     ensure!(!text.contains("veil_pods{"), "pod still counted: {text}");

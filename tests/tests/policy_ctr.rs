@@ -43,19 +43,7 @@ fn run(env: &Confidential, id: &str, doc: &str, cmd: &[&str]) -> Result<std::pro
 }
 
 fn remove(env: &Confidential, id: &str) {
-    let _ = env
-        .c
-        .ctr(NS)
-        .args(["task", "kill", "-s", "KILL", id])
-        .output();
-    for _ in 0..300 {
-        match env.c.ctr(NS).args(["task", "delete", id]).output() {
-            Ok(o) if o.status.success() => break,
-            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("not found") => break,
-            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
-        }
-    }
-    let _ = env.c.ctr(NS).args(["containers", "delete", id]).output();
+    let _ = env.c.kill_and_remove(NS, id);
 }
 
 #[test]

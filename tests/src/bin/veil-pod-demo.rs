@@ -122,19 +122,7 @@ fn run(env: &Confidential, broker: &veil_tests::kbs::Broker) -> Result<()> {
         if leaked { "YES" } else { "no" },
         std::fs::read_dir(&vol)?.next().is_none(),
     );
-    let _ = c.ctr(NS).args(["task", "kill", "-s", "KILL", id]).output();
-    for _ in 0..300 {
-        if c.ctr(NS)
-            .args(["task", "delete", id])
-            .output()?
-            .status
-            .success()
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = c.ctr(NS).args(["containers", "delete", id]).output();
+    let _ = c.kill_and_remove(NS, id);
     if !luks || leaked {
         bail!("the host-side scratch file is not ciphertext only");
     }
