@@ -67,14 +67,20 @@ impl Phases {
         m.push((name, ns));
     }
 
+    /// The marks recorded so far, in [`MARKS`] order.
+    pub fn marks(&self) -> Vec<(&'static str, u128)> {
+        let marks = self.marks.lock().clone();
+        MARKS
+            .iter()
+            .filter_map(|name| marks.iter().find(|(n, _)| n == name).copied())
+            .collect()
+    }
+
     /// The `veil-phases` line.
     pub fn line(&self, sandbox: &str, container: &str) -> String {
-        let marks = self.marks.lock().clone();
         let mut s = format!("veil-phases sandbox={sandbox} container={container}");
-        for name in MARKS {
-            if let Some((_, t)) = marks.iter().find(|(n, _)| n == name) {
-                s.push_str(&format!(" {name}={t}"));
-            }
+        for (name, t) in self.marks() {
+            s.push_str(&format!(" {name}={t}"));
         }
         s
     }

@@ -102,10 +102,10 @@ pub fn attestation(outcome: &str, reason: &str) {
 }
 
 /// The first container's start phases: `(name, unix ns)` pairs.
-pub fn started(phases: &[(String, u128)]) {
+pub fn started(phases: &[(&str, u128)]) {
     let map: serde_json::Map<String, serde_json::Value> = phases
         .iter()
-        .map(|(n, t)| (n.clone(), serde_json::Value::from(*t as u64)))
+        .map(|(n, t)| (n.to_string(), serde_json::Value::from(*t as u64)))
         .collect();
     event("start", serde_json::json!({ "phases": map }));
 }

@@ -409,11 +409,8 @@ impl TaskService {
             });
             if let Some(ph) = c.take_start_phases() {
                 ph.mark("container_started");
-                let line = ph.line(&self.pod_id().await, &req.id);
-                if let Some(pairs) = crate::phases::parse_line(&line) {
-                    crate::report::started(&pairs);
-                }
-                tracing::info!("{line}");
+                crate::report::started(&ph.marks());
+                tracing::info!("{}", ph.line(&self.pod_id().await, &req.id));
             }
         } else {
             self.ctx.events.publish(TaskEvent::ExecStarted {
