@@ -79,7 +79,7 @@ struct MetricsArgs {
     state_dir: PathBuf,
 }
 
-fn start_metrics(root: &std::path::Path, a: &MetricsArgs) -> Result<(), ExitCode> {
+fn start_metrics(host: &Host, a: &MetricsArgs) -> Result<(), ExitCode> {
     if a.metrics_listen == "off" {
         return Ok(());
     }
@@ -90,7 +90,7 @@ fn start_metrics(root: &std::path::Path, a: &MetricsArgs) -> Result<(), ExitCode
         );
         ExitCode::from(1)
     })?;
-    let dir = root.join(a.state_dir.strip_prefix("/").unwrap_or(&a.state_dir));
+    let dir = host.at(&a.state_dir.to_string_lossy());
     println!(
         "serving metrics on {}",
         listener
@@ -196,7 +196,7 @@ fn main() -> ExitCode {
         Cmd::Install(a) => do_install(&host, &cli, a),
         Cmd::Uninstall => do_uninstall(&host, &cli),
         Cmd::Metrics(m) => {
-            if let Err(code) = start_metrics(&cli.root, m) {
+            if let Err(code) = start_metrics(&host, m) {
                 return code;
             }
             let mut set = SigSet::empty();
@@ -225,7 +225,7 @@ fn main() -> ExitCode {
             match do_install(&host, &cli, a) {
                 Err(code) => Err(code),
                 Ok(()) => {
-                    if let Err(code) = start_metrics(&cli.root, metrics) {
+                    if let Err(code) = start_metrics(&host, metrics) {
                         let _ = do_uninstall(&host, &cli);
                         return code;
                     }
