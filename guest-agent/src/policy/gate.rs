@@ -154,23 +154,20 @@ impl Gate {
             // The built-in default may go in force before the TEE can
             // report (the attestation checks the binding before any secret
             // is fetched); a delivered document is verified first.
-            let hd = match host_data {
-                Some(hd) => hd,
-                None if doc.is_empty() => &[][..],
+            match host_data {
+                Some(hd) => {
+                    let want = expected_host_data(tee, doc, hd.len());
+                    if want != hd {
+                        let e = GateError::Mismatch {
+                            digest: hex::encode(&want),
+                            host_data: hex::encode(hd),
+                        };
+                        st.phase = Phase::Refusing(e.to_string());
+                        return Err(e);
+                    }
+                }
+                None if doc.is_empty() => {}
                 None => return Err(GateError::HostData("no host data".into())),
-            };
-            let want = if hd.is_empty() {
-                Vec::new()
-            } else {
-                expected_host_data(tee, doc, hd.len())
-            };
-            if want != hd {
-                let e = GateError::Mismatch {
-                    digest: hex::encode(&want),
-                    host_data: hex::encode(hd),
-                };
-                st.phase = Phase::Refusing(e.to_string());
-                return Err(e);
             }
         }
         let policy = match (doc.is_empty(), self.tee) {
