@@ -370,13 +370,7 @@ impl Attestation {
     /// TDX MRCONFIGID), read from a fresh report over zero report data.
     pub async fn launch_host_data(&self) -> Result<Vec<u8>, AttestError> {
         let cfg = self.checked_config()?;
-        let attester = self
-            .attester
-            .as_ref()
-            .map_err(|reason| AttestError::Attester {
-                tee: cfg.tee,
-                reason: reason.clone(),
-            })?;
+        let attester = self.attester(cfg)?;
         let failed = |reason: String| AttestError::Attester {
             tee: cfg.tee,
             reason,
@@ -439,6 +433,16 @@ impl Attestation {
             .ok_or_else(|| AttestError::UnknownResource(name.to_string()))
     }
 
+    /// The TEE's attester, or why there is none.
+    fn attester(&self, cfg: &GuestAttestConfig) -> Result<&Arc<dyn Attester>, AttestError> {
+        self.attester
+            .as_ref()
+            .map_err(|reason| AttestError::Attester {
+                tee: cfg.tee,
+                reason: reason.clone(),
+            })
+    }
+
     fn checked_config(&self) -> Result<&GuestAttestConfig, AttestError> {
         match &self.config {
             Err(e) => Err(AttestError::Config(e.clone())),
@@ -450,13 +454,7 @@ impl Attestation {
     async fn run(&self) -> Result<Attested, AttestError> {
         let cfg = self.checked_config()?;
         let pin = cfg.pin.ok_or(AttestError::NoBroker)?;
-        let attester = self
-            .attester
-            .as_ref()
-            .map_err(|reason| AttestError::Attester {
-                tee: cfg.tee,
-                reason: reason.clone(),
-            })?;
+        let attester = self.attester(cfg)?;
         let started = Instant::now();
         let recording = Recording {
             inner: attester.as_ref(),
