@@ -845,13 +845,19 @@ impl Pod {
         })
     }
 
-    /// Waits for a process's complete exit: (status, at_ns).
-    pub async fn wait(&self, container_id: &str, exec_id: &str) -> Result<(i32, i64), PodError> {
+    /// Waits for a process's complete exit: (status, at_ns, bytes each
+    /// output stream carried by then).
+    pub async fn wait(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<(i32, i64, crate::stdio::Written), PodError> {
         let (_, p) = self.process(container_id, exec_id).await?;
         if p.state() == State::Prepared {
             return Err(PodError::State("the process was never started".into()));
         }
-        Ok(p.wait().await)
+        let (status, at) = p.wait().await;
+        Ok((status, at, p.io.written()))
     }
 
     /// Resizes a process's terminal.

@@ -2,7 +2,7 @@
 //! stdio and exit.
 //!
 //! The exit is *complete* only when the process has exited and every byte of
-//! its output has been copied to the shim ([`crate::stdio::ProcessIo::drained`]);
+//! its output has been copied to the shim ([`crate::stdio::ProcessIo::settle`]);
 //! waiters and the exit event see it only then.
 
 use std::{
@@ -143,7 +143,7 @@ impl Process {
             let at_ns = now_ns();
             me.exited.send_replace(true);
             drop(me.created.lock().unwrap_or_else(|p| p.into_inner()).take());
-            me.io.drained().await;
+            me.io.settle().await;
             me.state.send_replace(State::Exited { pid, status, at_ns });
             on_exit(pid, status, at_ns);
         });

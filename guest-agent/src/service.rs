@@ -269,7 +269,7 @@ impl agent_ttrpc::Containers for Services {
     }
 
     async fn wait_process(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<WaitProcessResponse> {
-        let (status, at) = self
+        let (status, at, written) = self
             .pod
             .wait(&req.container_id, &req.exec_id)
             .await
@@ -277,6 +277,9 @@ impl agent_ttrpc::Containers for Services {
         let mut r = WaitProcessResponse::new();
         r.exit_status = status;
         r.exited_at_ns = at;
+        r.stdout_bytes = written.stdout;
+        r.stderr_bytes = written.stderr;
+        r.output_pending = written.pending;
         Ok(r)
     }
 

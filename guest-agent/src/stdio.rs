@@ -3,14 +3,21 @@
 //!
 //! Backpressure is end to end: the agent reads from a process only as fast as
 //! it can write to the stream connection, and nothing is read before the
-//! stream is attached. [`ProcessIo::drained`] resolves once every wanted
-//! output has reached EOF and its connection was shut down for writing — the
-//! condition for reporting the process's exit.
+//! stream is attached. [`ProcessIo::settle`] resolves once the process's
+//! output is complete — every wanted output reached EOF, or (a background
+//! child still holds a stream open) everything readable was written to the
+//! stream — the condition for reporting the process's exit. The bytes written
+//! per stream are reported with the exit, so the shim knows how much to relay
+//! before it tells containerd.
 
 use std::{
     io,
     os::fd::{AsRawFd, OwnedFd},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -33,12 +40,22 @@ use crate::{
     status::{Classify, Kind},
 };
 
-/// Copy buffer size: large enough that a 100 MiB stream costs few syscalls.
+/// Buffer for draining a pipe nobody reads any more.
 const COPY_BUF: usize = 256 * 1024;
-/// Most bytes moved by one splice(2).
-const SPLICE_CHUNK: usize = 4 * 1024 * 1024;
+/// Socket send buffer asked for output connections.
+const SOCKET_BUF: usize = 4 * 1024 * 1024;
 /// Pipe capacity asked for output pipes (the kernel may give less).
 const PIPE_SIZE: i32 = 4 * 1024 * 1024;
+/// How often [`ProcessIo::settle`] looks at streams another process holds.
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+/// After the exit, how long output that keeps coming from a process still
+/// holding the stream (a background child) may hold the exit back.
+const SETTLE_CAP: Duration = Duration::from_secs(2);
+/// After the exit, how long a stream may wait for room in a connection
+/// nobody drains (containerd detached from the FIFO) without a byte moving
+/// before the exit is reported anyway. The copy goes on: a reader that
+/// comes back still gets the rest.
+const STUCK: Duration = Duration::from_millis(300);
 
 /// Errors of stdio handling.
 #[derive(Debug, thiserror::Error)]
@@ -77,13 +94,78 @@ struct Slots {
     stderr: Option<OwnedFd>,
     terminal: Option<OwnedFd>,
     attached: Vec<StreamKind>,
+    /// The copies running, for [`ProcessIo::settle`] and the byte counts.
+    copies: Vec<Arc<OutputCopy>>,
+}
+
+/// The identity (st_dev, st_ino) of the file behind the process's end of an
+/// output: the pipe, or the terminal's slave.
+type FileId = (u64, u64);
+
+fn file_id(fd: &OwnedFd) -> Option<FileId> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino))
+}
+
+/// One output being copied to its stream connection.
+struct OutputCopy {
+    kind: StreamKind,
+    /// A second handle on the agent's end (pipe read end, pty master), for
+    /// asking how many bytes wait in it.
+    probe: Option<OwnedFd>,
+    /// What the process's end is, for finding who else holds it.
+    theirs: Option<FileId>,
+    /// Bytes written to the connection.
+    written: AtomicU64,
+    /// Bytes read but not yet written.
+    in_flight: AtomicBool,
+    /// Waiting for room in the connection (the shim is not reading).
+    waiting_room: AtomicBool,
+    /// EOF reached (or the copy stopped).
+    done: AtomicBool,
+}
+
+impl OutputCopy {
+    /// Nothing waits in the pipe and nothing read is unwritten.
+    fn idle(&self) -> bool {
+        if self.in_flight.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(fd) = &self.probe else {
+            return false;
+        };
+        pending_bytes(fd.as_raw_fd()) == 0
+    }
+
+    /// Has output and is waiting for the shim to take it.
+    fn blocked(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) || self.waiting_room.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes each output stream carried to the shim.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// stdout, or the terminal.
+    pub stdout: u64,
+    /// stderr.
+    pub stderr: u64,
+    /// The exit was settled with output still waiting for the shim
+    /// ([`STUCK`]).
+    pub pending: bool,
 }
 
 /// The agent's side of a process's stdio.
 pub struct ProcessIo {
     slots: Mutex<Slots>,
+    /// The process's ends of its outputs, until [`ProcessIo::take`] moves
+    /// them into a [`Copy`].
+    theirs: Mutex<Vec<(StreamKind, FileId)>>,
     /// Outputs not yet copied to EOF.
     pending: watch::Sender<usize>,
+    /// [`ProcessIo::settle`] gave up on a shim that took nothing.
+    settled_stuck: AtomicBool,
     close_stdin: Arc<Notify>,
     /// For window resizes.
     pty_master: Option<OwnedFd>,
@@ -106,6 +188,7 @@ pub fn prepare_in(
     let mut pending = 0;
     let fds;
     let mut pty_master = None;
+    let mut theirs = Vec::new();
     if terminal {
         let in_container = ptmx.and_then(|p| match crate::engine::pty::open_in(p) {
             Ok(pair) => Some(pair),
@@ -119,6 +202,7 @@ pub fn prepare_in(
             None => openpty(None, None).map_err(|e| StdioError::Create(e.into()))?,
         };
         let slave = pty.slave;
+        theirs.extend(file_id(&slave).map(|id| (StreamKind::TERMINAL, id)));
         fds = ProcessFds {
             stdin: slave.try_clone().map_err(StdioError::Create)?,
             stdout: slave.try_clone().map_err(StdioError::Create)?,
@@ -136,22 +220,25 @@ pub fn prepare_in(
         } else {
             dev_null().map_err(StdioError::Create)?
         };
-        let mut output =
-            |wanted: bool, slot: &mut Option<OwnedFd>| -> Result<OwnedFd, StdioError> {
-                if !wanted {
-                    return dev_null().map_err(StdioError::Create);
-                }
-                let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
-                // As large as allowed (root may exceed pipe-max-size), else the default.
-                if fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).is_err() {
-                    let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1024 * 1024));
-                }
-                *slot = Some(r);
-                pending += 1;
-                Ok(w)
-            };
-        let stdout = output(want.stdout, &mut slots.stdout)?;
-        let stderr = output(want.stderr, &mut slots.stderr)?;
+        let mut output = |wanted: bool,
+                          kind: StreamKind,
+                          slot: &mut Option<OwnedFd>|
+         -> Result<OwnedFd, StdioError> {
+            if !wanted {
+                return dev_null().map_err(StdioError::Create);
+            }
+            let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| StdioError::Create(e.into()))?;
+            // As large as allowed (root may exceed pipe-max-size), else the default.
+            if fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).is_err() {
+                let _ = fcntl(r.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(1024 * 1024));
+            }
+            theirs.extend(file_id(&w).map(|id| (kind, id)));
+            *slot = Some(r);
+            pending += 1;
+            Ok(w)
+        };
+        let stdout = output(want.stdout, StreamKind::STDOUT, &mut slots.stdout)?;
+        let stderr = output(want.stderr, StreamKind::STDERR, &mut slots.stderr)?;
         fds = ProcessFds {
             stdin,
             stdout,
@@ -163,7 +250,9 @@ pub fn prepare_in(
         fds,
         Arc::new(ProcessIo {
             slots: Mutex::new(slots),
+            theirs: Mutex::new(theirs),
             pending,
+            settled_stuck: AtomicBool::new(false),
             close_stdin: Arc::new(Notify::new()),
             pty_master,
         }),
@@ -205,10 +294,31 @@ impl ProcessIo {
         };
         let fd = slot.ok_or(StdioError::NoSuchStream(kind))?;
         s.attached.push(kind);
+        let copy = (kind != StreamKind::STDIN).then(|| {
+            let theirs = self
+                .theirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, id)| *id);
+            let copy = Arc::new(OutputCopy {
+                kind,
+                probe: fd.try_clone().ok(),
+                theirs,
+                written: AtomicU64::new(0),
+                in_flight: AtomicBool::new(false),
+                waiting_room: AtomicBool::new(false),
+                done: AtomicBool::new(false),
+            });
+            s.copies.push(Arc::clone(&copy));
+            copy
+        });
         Ok(Attachment {
             io: Arc::clone(self),
             kind,
             fd: Some(fd),
+            copy,
         })
     }
 
@@ -233,6 +343,96 @@ impl ProcessIo {
     pub async fn drained(&self) {
         let mut rx = self.pending.subscribe();
         let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Resolves once the output of a process that has exited is complete:
+    /// every wanted output reached EOF; or every stream still open is
+    /// attached and idle (nothing waiting in it, nothing read unwritten) at
+    /// two looks in a row — then another process, a background child, holds
+    /// it, since the exited process's ends are closed; or [`SETTLE_CAP`]
+    /// after the call, output still comes and another process is found
+    /// holding a stream; or every stream still open is idle or blocked on a
+    /// shim that takes nothing for [`STUCK`] (nobody reads: the exit must not
+    /// wait for a reader). Otherwise a stream nobody else holds is waited for
+    /// to EOF: what the process wrote before it exited is never cut.
+    pub async fn settle(&self) {
+        let started = Instant::now();
+        let mut rx = self.pending.subscribe();
+        let mut quiet = 0;
+        // The total written and since when it has not changed.
+        let mut last = (u64::MAX, Instant::now());
+        loop {
+            let open = *rx.borrow_and_update();
+            if open == 0 {
+                return;
+            }
+            let copies: Vec<Arc<OutputCopy>> = self
+                .lock()
+                .copies
+                .iter()
+                .filter(|c| !c.done.load(Ordering::Acquire))
+                .cloned()
+                .collect();
+            // A stream not attached yet is waited for as before: its output
+            // has not begun to flow.
+            let all_attached = copies.len() >= open;
+            let total: u64 = copies
+                .iter()
+                .map(|c| c.written.load(Ordering::Acquire))
+                .sum();
+            if total != last.0 {
+                last = (total, Instant::now());
+            }
+            if all_attached
+                && copies.iter().any(|c| c.blocked())
+                && copies.iter().all(|c| c.blocked() || c.idle())
+                && last.1.elapsed() >= STUCK
+            {
+                tracing::info!(
+                    written = total,
+                    "output not taken by the shim for {STUCK:?} after the exit: reporting the exit"
+                );
+                self.settled_stuck.store(true, Ordering::Release);
+                return;
+            }
+            if all_attached && copies.iter().all(|c| c.idle()) {
+                quiet += 1;
+                if quiet >= 2 {
+                    tracing::debug!("output settled with a stream held open by another process");
+                    return;
+                }
+            } else {
+                quiet = 0;
+            }
+            if all_attached
+                && started.elapsed() >= SETTLE_CAP
+                && copies
+                    .iter()
+                    .any(|c| c.theirs.is_some_and(held_by_another_process))
+            {
+                tracing::debug!(
+                    "output still flowing from another process {SETTLE_CAP:?} after the exit"
+                );
+                return;
+            }
+            let _ = tokio::time::timeout(SETTLE_POLL, rx.changed()).await;
+        }
+    }
+
+    /// Bytes written so far to each output stream.
+    pub fn written(&self) -> Written {
+        let mut w = Written {
+            pending: self.settled_stuck.load(Ordering::Acquire),
+            ..Written::default()
+        };
+        for c in &self.lock().copies {
+            let n = c.written.load(Ordering::Acquire);
+            match c.kind {
+                StreamKind::STDERR => w.stderr += n,
+                _ => w.stdout += n,
+            }
+        }
+        w
     }
 
     /// Closes the process's stdin: at once if no stream is attached, else
@@ -261,18 +461,28 @@ impl ProcessIo {
     }
 }
 
-async fn copy_output<R, W>(mut from: R, mut to: W)
+async fn copy_output<R, W>(mut from: R, mut to: W, copy: Option<&OutputCopy>)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut buf = vec![0u8; WRITE_CHUNK];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if to.write_all(&buf[..n]).await.is_err() {
+        if let Some(c) = copy {
+            c.in_flight.store(true, Ordering::Release);
+        }
+        let wrote = to.write_all(&buf[..n]).await;
+        if let Some(c) = copy {
+            if wrote.is_ok() {
+                c.written.fetch_add(n as u64, Ordering::AcqRel);
+            }
+            c.in_flight.store(false, Ordering::Release);
+        }
+        if wrote.is_err() {
             // The shim went away: keep draining so the process is not blocked.
             while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
             return;
@@ -282,22 +492,58 @@ where
     let _ = to.shutdown().await;
 }
 
-/// Moves a pipe's data into the connection with splice(2) until EOF, then
-/// shuts the connection down for writing. Blocking; runs on its own thread.
-/// Falls back to read/write where the socket cannot splice. If the shim goes
-/// away, the pipe is drained so the process is not blocked.
-fn splice_output(pipe: OwnedFd, conn: OwnedFd) {
+/// Whether a process other than the agent has `id` open.
+fn held_by_another_process(id: FileId) -> bool {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name.to_str() else { continue };
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // stat follows the link to the open file itself (pipes included).
+            if let Ok(st) = nix::sys::stat::stat(&fd.path()) {
+                if (st.st_dev, st.st_ino) == id {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Most bytes moved by one splice(2) or write(2) to a stream connection.
+const WRITE_CHUNK: usize = veil_protocol::vsock::MAX_WRITE;
+
+/// Moves a pipe's data into the connection with splice(2) until EOF,
+/// counting what was moved, then shuts the connection down for writing.
+/// Blocking; runs on its own thread. The socket is non-blocking and the
+/// thread waits in poll(2), never inside splice: a splice blocked on a full
+/// socket holds the pipe's lock, and then even the process's exit (which
+/// closes its end) would wait for the shim. Each splice moves at most
+/// [`WRITE_CHUNK`], which the hybrid vsock backend takes as one packet
+/// (see [`veil_protocol::vsock::MAX_WRITE`]). Falls back to read/write
+/// where the socket cannot splice. If the shim goes away, the pipe is
+/// drained so the process is not blocked.
+fn copy_pipe(pipe: OwnedFd, conn: OwnedFd, copy: Option<&OutputCopy>) {
     use std::io::{Read, Write};
-    // Room for a whole pipe's worth per splice: fewer wake-ups per MiB.
-    // (Best effort: the default still works, only slower.)
-    let _ = nix::sys::socket::setsockopt(
-        &conn,
-        nix::sys::socket::sockopt::SndBufForce,
-        &(2 * SPLICE_CHUNK),
-    );
+    // Room for a whole pipe's worth: fewer wake-ups per MiB (best effort).
+    let _ =
+        nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::SndBufForce, &SOCKET_BUF);
     let (pfd, sfd) = (pipe.as_raw_fd(), conn.as_raw_fd());
     let mut pipe = std::fs::File::from(pipe);
-    let mut conn = std::fs::File::from(conn);
+    let count = |n: usize| {
+        if let Some(c) = copy {
+            c.written.fetch_add(n as u64, Ordering::AcqRel);
+        }
+    };
     loop {
         // SAFETY: splice(2) between two fds we own (the pipe's read end and
         // the connected socket), without offsets (both are streams).
@@ -307,11 +553,12 @@ fn splice_output(pipe: OwnedFd, conn: OwnedFd) {
                 std::ptr::null_mut(),
                 sfd,
                 std::ptr::null_mut(),
-                SPLICE_CHUNK,
-                libc::SPLICE_F_MOVE,
+                WRITE_CHUNK,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
             )
         };
         if n > 0 {
+            count(n as usize);
             continue;
         }
         if n == 0 {
@@ -319,21 +566,59 @@ fn splice_output(pipe: OwnedFd, conn: OwnedFd) {
         }
         match io::Error::last_os_error().raw_os_error() {
             Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => {
+                // Either the pipe is empty or the socket is full: wait for
+                // the one that blocks.
+                let waiting_for_room = pending_bytes(pfd) > 0;
+                if let Some(c) = copy {
+                    c.waiting_room.store(waiting_for_room, Ordering::Release);
+                }
+                let (fd, events) = if waiting_for_room {
+                    (sfd, libc::POLLOUT)
+                } else {
+                    (pfd, libc::POLLIN)
+                };
+                let mut p = libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                };
+                // SAFETY: poll(2) on one pollfd that lives on the stack.
+                let _ = unsafe { libc::poll(&mut p, 1, -1) };
+                if let Some(c) = copy {
+                    c.waiting_room.store(false, Ordering::Release);
+                }
+                if waiting_for_room && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    drain(&mut pipe);
+                    return;
+                }
+            }
             Some(libc::EINVAL) => {
                 // This socket cannot splice: copy.
-                let mut buf = vec![0u8; COPY_BUF];
+                let mut sock = std::fs::File::from(conn);
+                let _ = set_blocking_raw(sfd);
+                let mut buf = vec![0u8; WRITE_CHUNK];
                 loop {
                     match pipe.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => {
-                            if conn.write_all(&buf[..n]).is_err() {
+                            if let Some(c) = copy {
+                                c.in_flight.store(true, Ordering::Release);
+                            }
+                            let wrote = sock.write_all(&buf[..n]);
+                            if let Some(c) = copy {
+                                c.in_flight.store(false, Ordering::Release);
+                            }
+                            if wrote.is_err() {
                                 drain(&mut pipe);
                                 return;
                             }
+                            count(n);
                         }
                     }
                 }
-                break;
+                let _ = nix::sys::socket::shutdown(sfd, nix::sys::socket::Shutdown::Write);
+                return;
             }
             _ => {
                 drain(&mut pipe);
@@ -342,6 +627,19 @@ fn splice_output(pipe: OwnedFd, conn: OwnedFd) {
         }
     }
     let _ = nix::sys::socket::shutdown(sfd, nix::sys::socket::Shutdown::Write);
+}
+
+/// Bytes waiting to be read from `fd` (FIONREAD), 0 on error.
+fn pending_bytes(fd: std::os::fd::RawFd) -> libc::c_int {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at a
+    // live local.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
 }
 
 /// Reads a pipe to EOF, discarding: its writer must never block on a reader
@@ -372,11 +670,11 @@ where
     }
 }
 
-/// Clears `O_NONBLOCK` on `fd` (the splice thread blocks).
-fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
-    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?;
+/// Clears `O_NONBLOCK` on `fd` (the read/write fallback blocks).
+fn set_blocking_raw(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let flags = fcntl(fd, FcntlArg::F_GETFL)?;
     let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
@@ -385,6 +683,7 @@ pub struct Attachment {
     io: Arc<ProcessIo>,
     kind: StreamKind,
     fd: Option<OwnedFd>,
+    copy: Option<Arc<OutputCopy>>,
 }
 
 impl Attachment {
@@ -394,6 +693,7 @@ impl Attachment {
             return Ok(());
         };
         let io = Arc::clone(&self.io);
+        let copy = self.copy.take();
         match self.kind {
             StreamKind::STDIN => {
                 let close = Arc::clone(&io.close_stdin);
@@ -426,7 +726,10 @@ impl Attachment {
                 });
                 tokio::spawn(async move {
                     if let Ok(master) = FdStream::new(fd) {
-                        copy_output(master, conn_w).await;
+                        copy_output(master, conn_w, copy.as_deref()).await;
+                    }
+                    if let Some(c) = &copy {
+                        c.done.store(true, Ordering::Release);
                     }
                     output_ended.notify_one();
                     // Both halves gone: the connection closes.
@@ -435,15 +738,17 @@ impl Attachment {
                 });
             }
             _ => {
-                // A thread of its own, blocking in splice(2): the kernel moves
-                // the pipe's pages into the socket and wakes it only when there
-                // is data or room, as if the process wrote to the socket itself.
+                // A thread of its own, waiting in poll(2): woken only when
+                // there is data or room, as if the process wrote to the
+                // socket itself. The socket stays non-blocking.
                 let conn = conn.into_fd().map_err(StdioError::Create)?;
-                set_blocking(&conn).map_err(StdioError::Create)?;
                 let spawned = std::thread::Builder::new()
                     .name("veil-stdout".into())
                     .spawn(move || {
-                        splice_output(fd, conn);
+                        copy_pipe(fd, conn, copy.as_deref());
+                        if let Some(c) = &copy {
+                            c.done.store(true, Ordering::Release);
+                        }
                         io.output_done();
                     });
                 if let Err(e) = spawned {
@@ -463,5 +768,128 @@ impl Drop for Attachment {
         if self.fd.take().is_some() && self.kind != StreamKind::STDIN {
             self.io.output_done();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio as Std};
+    use tokio::net::UnixStream;
+
+    fn stdout_only() -> Stdio {
+        let mut s = Stdio::new();
+        s.stdout = true;
+        s
+    }
+
+    /// A process with stdout on a pipe copied to a socket pair; returns the
+    /// child, the io and the shim's end of the stream.
+    fn spawn_with_stdout(script: &str) -> (std::process::Child, Arc<ProcessIo>, UnixStream) {
+        let (fds, io) = prepare(&stdout_only(), false).unwrap();
+        let (agent_end, shim_end) = UnixStream::pair().unwrap();
+        io.take(StreamKind::STDOUT)
+            .unwrap()
+            .run(Connection::Unix(agent_end))
+            .unwrap();
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Std::null())
+            .stdout(Std::from(fds.stdout))
+            .stderr(Std::inherit())
+            .spawn()
+            .unwrap();
+        (child, io, shim_end)
+    }
+
+    /// Waits for the child's exit. Another test's reaper may collect it
+    /// first (ECHILD): that is an exit too.
+    async fn exited(mut child: std::process::Child) {
+        while let Ok(None) = child.try_wait() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_background_child_holding_stdout_does_not_hold_the_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let script = format!("echo first; sleep 60 & echo $! > {}", pidfile.display());
+        let (child, io, mut shim) = spawn_with_stdout(&script);
+        exited(child).await;
+        let t = Instant::now();
+        let settled = tokio::time::timeout(Duration::from_secs(10), io.settle()).await;
+        eprintln!("settled in {:?}", t.elapsed());
+        let bg: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) on the background sleep this test started.
+        unsafe { libc::kill(bg, libc::SIGKILL) };
+        assert!(settled.is_ok(), "the exit waited for the background child");
+        assert_eq!(io.written().stdout, 6);
+        let mut got = vec![0u8; 6];
+        shim.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"first\n");
+    }
+
+    #[tokio::test]
+    async fn what_the_process_wrote_before_its_exit_is_never_cut() {
+        const SIZE: u64 = 8 * 1024 * 1024;
+        let (child, io, mut shim) = spawn_with_stdout(&format!("head -c {SIZE} /dev/zero"));
+        exited(child).await;
+        // The shim is slow to read (but less than STUCK): the pipe and
+        // socket hold the tail.
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(STUCK / 2).await;
+            let mut n = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match shim.read(&mut buf).await {
+                    Ok(0) | Err(_) => return n,
+                    Ok(k) => n += k as u64,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), io.settle())
+            .await
+            .expect("settles once the output reached EOF");
+        let w = io.written();
+        assert_eq!(w.stdout, SIZE, "settled before everything was written");
+        assert!(!w.pending);
+        assert_eq!(reader.await.unwrap(), SIZE);
+    }
+
+    #[tokio::test]
+    async fn the_exit_of_a_writer_nobody_reads_is_not_held_back() {
+        let (child, io, _shim) = spawn_with_stdout("exec yes");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // SAFETY: kill(2) on the child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        exited(child).await;
+        let t = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), io.settle())
+            .await
+            .expect("the exit waited for a shim that reads nothing");
+        assert!(
+            t.elapsed() >= STUCK,
+            "settled before the stream was found stuck"
+        );
+        let w = io.written();
+        assert!(w.stdout > 0, "nothing reached the connection");
+        assert!(w.pending, "the exit must say output was left waiting");
+    }
+
+    #[tokio::test]
+    async fn a_writer_nobody_reads_can_still_be_killed() {
+        let (child, _io, _shim) = spawn_with_stdout("exec yes");
+        // Let the pipe and the socket fill up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // SAFETY: kill(2) on the child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        tokio::time::timeout(Duration::from_secs(10), exited(child))
+            .await
+            .expect("the killed writer's exit hung on its output pipe");
     }
 }

@@ -35,7 +35,8 @@ pub async fn serve_unix(path: &Path, pod: Arc<Pod>, gate: Arc<Gate>) -> std::io:
 
 /// Serves stream connections on AF_VSOCK `port` (any CID).
 pub async fn serve_vsock(port: u32, pod: Arc<Pod>, gate: Arc<Gate>) -> std::io::Result<()> {
-    let listener = VsockListener::bind(port)?;
+    let listener =
+        VsockListener::bind_with_buffer(port, veil_protocol::vsock::STREAM_BUFFER_BYTES)?;
     loop {
         match listener.accept().await {
             Ok(conn) => {

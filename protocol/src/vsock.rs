@@ -45,6 +45,53 @@ pub const ANY_CID: u32 = u32::MAX;
 /// version.
 pub const READY_LINE_PREFIX: &str = "READY ";
 
+/// Per-connection buffer of the stdio streams, on both ends: the guest's
+/// `SO_VM_SOCKETS_BUFFER_SIZE` and the hybrid backend's `tx-buffer-size`.
+/// vhost-device-vsock 0.3 tells the guest about freed room only after 3/4 of
+/// its buffer moved, while the guest stops sending once the peer's
+/// advertised room is used; with the defaults (64 KiB backend, 256 KiB
+/// guest) a stream moved in bursts with long waits. 4 MiB on both ends keeps
+/// it flowing.
+pub const STREAM_BUFFER_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Largest single write the agent makes to a vsock stream. The hybrid
+/// backend cannot take a guest packet of more than about 32 KiB spread over
+/// several descriptors: it drops it, leaks the descriptors, and every
+/// connection of the VM stops. Writes of at most this much stay single
+/// packets the backend accepts.
+pub const MAX_WRITE: usize = 28 * 1024;
+
+/// `AF_VSOCK` socket options (linux/vm_sockets.h), level `AF_VSOCK`.
+const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
+const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
+
+fn set_vsock_u64(fd: &OwnedFd, opt: libc::c_int, value: u64) -> io::Result<()> {
+    // SAFETY: setsockopt(2) reads a u64 (the kernel's `unsigned long long`
+    // for these options) from a live local, length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            opt,
+            (&value as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets the receive buffer the socket advertises to its peer (and so how
+/// much the peer may send before it waits). Raising the maximum first: the
+/// kernel caps the size at it.
+fn set_buffer(fd: &OwnedFd, bytes: u64) -> io::Result<()> {
+    set_vsock_u64(fd, SO_VM_SOCKETS_BUFFER_MAX_SIZE, bytes)?;
+    set_vsock_u64(fd, SO_VM_SOCKETS_BUFFER_SIZE, bytes)
+}
+
 /// The longest readiness or handshake line read.
 const MAX_LINE: usize = 128;
 
@@ -152,6 +199,8 @@ impl AsyncWrite for VsockStream {
 #[derive(Debug)]
 pub struct VsockListener {
     fd: AsyncFd<OwnedFd>,
+    /// Buffer size set on each connection, if one was asked for.
+    buffer: Option<u64>,
 }
 
 impl VsockListener {
@@ -167,7 +216,16 @@ impl VsockListener {
         listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))?;
         // SAFETY: as in `VsockStream::from_fd`: the AsyncFd owns `fd`.
         let fd = unsafe { AsyncFd::register(fd)? };
-        Ok(VsockListener { fd })
+        Ok(VsockListener { fd, buffer: None })
+    }
+
+    /// Listens on `port` with `bytes` of buffer per connection (see
+    /// [`STREAM_BUFFER_BYTES`]); accepted connections are set likewise.
+    pub fn bind_with_buffer(port: u32, bytes: u64) -> io::Result<Self> {
+        let mut l = Self::bind(port)?;
+        set_buffer(l.fd.get_ref(), bytes)?;
+        l.buffer = Some(bytes);
+        Ok(l)
     }
 
     /// Waits for the next connection.
@@ -185,6 +243,12 @@ impl VsockListener {
                     // SAFETY: accept4 returned a new, open descriptor that
                     // nothing else owns; the OwnedFd takes sole ownership.
                     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                    // The kernel gives a connection its listener's sizes;
+                    // set again anyway (one syscall per stream), so the
+                    // advertised room never depends on that.
+                    if let Some(bytes) = self.buffer {
+                        let _ = set_buffer(&fd, bytes);
+                    }
                     return FdStream::new(fd).map(VsockStream);
                 }
                 Ok(Err(e)) => return Err(e),

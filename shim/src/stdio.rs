@@ -2,21 +2,26 @@
 //! agent's stream connections.
 //!
 //! Output streams are attached before the process starts and copied to
-//! their FIFOs until EOF; the agent sends EOF only after the process's last
-//! byte, so [`Relay::finish_output`] returning means every byte was delivered
-//! — the exit is reported after it. stdin is copied until containerd closes
-//! its end (or `CloseIO`), then the agent closes the process's stdin.
+//! their FIFOs until EOF. With the exit the agent reports how many bytes it
+//! had written to each stream; [`Relay::finish_output`] returns once those
+//! reached the FIFOs (or the stream ended), so every byte the process wrote
+//! before its exit is delivered before the exit is reported — and a
+//! background child still holding the stream does not hold the exit back.
+//! stdin is copied until containerd closes its end (or `CloseIO`), then the
+//! agent closes the process's stdin.
 
 use std::{
     os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     pin::Pin,
+    time::Duration,
 };
 use veil_common::{Classify, Kind};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::unix::pipe,
+    sync::watch,
     task::JoinHandle,
 };
 use veil_protocol::agent::StreamKind;
@@ -149,10 +154,102 @@ fn unblock_stdin_open(path: &Path) {
         .open(path);
 }
 
+/// How long the output relays may go without moving a byte, after the
+/// exit, before the exit is reported anyway (a stream that broke).
+const STALL: Duration = Duration::from_secs(2);
+
+/// How long a relay may sit in a write to its FIFO without it moving, after
+/// the exit, before the exit is reported anyway: nobody reads the FIFO (a
+/// detached client, a containerd that restarted). The relay goes on.
+const FIFO_STALL: Duration = Duration::from_millis(300);
+
+/// Copy buffer of an output relay.
+const RELAY_BUF: usize = 256 * 1024;
+
+/// How far an output relay got.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// Bytes written to the FIFO or file.
+    bytes: u64,
+    /// The stream ended (or its destination failed).
+    ended: bool,
+    /// In a write to the destination that has not returned yet.
+    writing: bool,
+}
+
+/// One output relay: its task and progress. `stderr` says which of the
+/// agent's counts it is held to.
+struct Output {
+    task: JoinHandle<()>,
+    progress: watch::Receiver<Progress>,
+    stderr: bool,
+}
+
+/// What the agent had written per stream when it reported the exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// stdout, or the terminal.
+    pub stdout: u64,
+    /// stderr.
+    pub stderr: u64,
+    /// The agent reported the exit with output of the process still
+    /// waiting for us: relay until the stream ends, not just the counts.
+    pub pending: bool,
+}
+
+/// Copies `from` into `to` until EOF, publishing progress. If `to` fails the
+/// stream is still read to its end (discarding), so the process is never
+/// blocked on a destination that went away.
+async fn relay_output<R, W>(mut from: R, mut to: W, progress: watch::Sender<Progress>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUF];
+    let mut failed = false;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if failed {
+            continue;
+        }
+        progress.send_modify(|p| p.writing = true);
+        if to.write_all(&buf[..n]).await.is_err() {
+            failed = true;
+            progress.send_modify(|p| {
+                p.ended = true;
+                p.writing = false;
+            });
+            continue;
+        }
+        progress.send_modify(|p| {
+            p.bytes += n as u64;
+            p.writing = false;
+        });
+    }
+    let _ = to.flush().await;
+    progress.send_modify(|p| p.ended = true);
+}
+
+fn spawn_output<R, W>(from: R, to: W, stderr: bool) -> Output
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, progress) = watch::channel(Progress::default());
+    Output {
+        task: tokio::spawn(relay_output(from, to, tx)),
+        progress,
+        stderr,
+    }
+}
+
 /// The copy tasks of one process's stdio.
 #[derive(Default)]
 pub struct Relay {
-    outputs: Vec<JoinHandle<()>>,
+    outputs: Vec<Output>,
     stdin: Option<(JoinHandle<()>, PathBuf)>,
 }
 
@@ -170,13 +267,10 @@ impl Relay {
             let stream = agent
                 .open_stream(container, exec, StreamKind::TERMINAL)
                 .await?;
-            let (mut r, mut w) = tokio::io::split(stream);
+            let (r, mut w) = tokio::io::split(stream);
             if !paths.stdout.is_empty() {
-                let mut out = open_output(&paths.stdout)?;
-                relay.outputs.push(tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut r, &mut out).await;
-                    let _ = out.flush().await;
-                }));
+                let out = open_output(&paths.stdout)?;
+                relay.outputs.push(spawn_output(r, out, false));
             }
             if !paths.stdin.is_empty() {
                 let path = PathBuf::from(&paths.stdin);
@@ -201,12 +295,11 @@ impl Relay {
             if uri.is_empty() {
                 continue;
             }
-            let mut out = open_output(uri)?;
-            let mut stream = agent.open_stream(container, exec, kind).await?;
-            relay.outputs.push(tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut stream, &mut out).await;
-                let _ = out.flush().await;
-            }));
+            let out = open_output(uri)?;
+            let stream = agent.open_stream(container, exec, kind).await?;
+            relay
+                .outputs
+                .push(spawn_output(stream, out, kind == StreamKind::STDERR));
         }
         if !paths.stdin.is_empty() {
             let mut stream = agent
@@ -226,11 +319,23 @@ impl Relay {
         Ok(relay)
     }
 
-    /// Waits until every output stream reached EOF (all output delivered).
-    pub async fn finish_output(&mut self) {
-        for t in self.outputs.drain(..) {
-            let _ = t.await;
+    /// Waits until every output stream delivered what the agent had sent
+    /// when it reported the exit (`sent`), or — the count unknown (the agent
+    /// was lost), or output left pending — until it ended. Gives up on a
+    /// stream that moves nothing for [`STALL`], or whose FIFO takes nothing
+    /// for [`FIFO_STALL`]; returns whether everything arrived. The relays go
+    /// on copying what comes after (a background child's output).
+    pub async fn finish_output(&self, sent: Option<Sent>) -> bool {
+        let mut complete = true;
+        for o in &self.outputs {
+            let target =
+                sent.filter(|s| !s.pending)
+                    .map(|s| if o.stderr { s.stderr } else { s.stdout });
+            if !wait_relayed(o.progress.clone(), target).await {
+                complete = false;
+            }
         }
+        complete
     }
 
     /// Stops copying stdin (CloseIO, or the process is gone).
@@ -242,11 +347,45 @@ impl Relay {
     }
 }
 
+/// Waits for one relay to reach `target` bytes (or its end, without one);
+/// false if it gave up on a stalled stream or an unread FIFO.
+async fn wait_relayed(mut rx: watch::Receiver<Progress>, target: Option<u64>) -> bool {
+    let mut moved_at = tokio::time::Instant::now();
+    let mut bytes = rx.borrow().bytes;
+    loop {
+        let p = *rx.borrow_and_update();
+        if p.ended || target.is_some_and(|t| p.bytes >= t) {
+            return true;
+        }
+        if p.bytes != bytes {
+            (bytes, moved_at) = (p.bytes, tokio::time::Instant::now());
+        }
+        let (limit, why) = if p.writing {
+            (FIFO_STALL, "nobody reads the FIFO")
+        } else {
+            (STALL, "the stream stalled")
+        };
+        let left = limit.saturating_sub(moved_at.elapsed());
+        if left.is_zero() {
+            tracing::warn!(
+                relayed = p.bytes,
+                expected = ?target,
+                "output incomplete at the exit ({why}): reporting the exit"
+            );
+            return false;
+        }
+        match tokio::time::timeout(left, rx.changed()).await {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(_)) => return true,
+        }
+    }
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         self.close_stdin();
-        for t in &self.outputs {
-            t.abort();
+        for o in &self.outputs {
+            o.task.abort();
         }
     }
 }
@@ -286,6 +425,61 @@ mod tests {
             output_path("binary:///bin/x?a=b"),
             Err(StdioError::Unsupported(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_unread_fifo_does_not_hold_the_exit() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("out");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sink = open_output(fifo.to_str().unwrap()).unwrap();
+        let (mut agent, from) = tokio::io::duplex(1024 * 1024);
+        let out = spawn_output(from, sink, false);
+        // More than the FIFO holds; nobody reads it.
+        let writer = tokio::spawn(async move {
+            let _ = agent.write_all(&vec![b'y'; 4 * 1024 * 1024]).await;
+        });
+        let t = std::time::Instant::now();
+        let got = wait_relayed(out.progress.clone(), Some(4 * 1024 * 1024)).await;
+        assert!(!got, "an unread FIFO cannot have taken everything");
+        assert!(
+            t.elapsed() < STALL,
+            "waited {:?}: the unread FIFO was not noticed",
+            t.elapsed()
+        );
+        writer.abort();
+        out.task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_everything_before_the_exit() {
+        const SIZE: usize = 2 * 1024 * 1024;
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("out");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sink = open_output(fifo.to_str().unwrap()).unwrap();
+        let mut reader = pipe::OpenOptions::new().open_receiver(&fifo).unwrap();
+        let (mut agent, from) = tokio::io::duplex(1024 * 1024);
+        let out = spawn_output(from, sink, false);
+        tokio::spawn(async move {
+            let _ = agent.write_all(&vec![b'y'; SIZE]).await;
+        });
+        // Reads 64 KiB every 50 ms: slow, but never idle for FIFO_STALL.
+        let read = tokio::spawn(async move {
+            let mut n = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while n < SIZE {
+                match reader.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            n
+        });
+        assert!(wait_relayed(out.progress.clone(), Some(SIZE as u64)).await);
+        assert_eq!(read.await.unwrap(), SIZE);
+        out.task.abort();
     }
 
     #[tokio::test]

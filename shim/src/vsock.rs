@@ -68,6 +68,10 @@ pub fn vhost_available() -> bool {
 }
 
 const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+/// The backend's per-connection buffer for guest-to-host data that the host
+/// side has not read yet (its default is 64 KiB); the guest's stream sockets
+/// advertise the same (see the constant's text for why).
+const TX_BUFFER: u64 = veil_protocol::vsock::STREAM_BUFFER_BYTES;
 
 mod ioctl {
     // VHOST_VSOCK_SET_GUEST_CID = _IOW(VHOST_VIRTIO, 0x60, __u64), VHOST_VIRTIO = 0xAF.
@@ -138,7 +142,7 @@ impl HybridVsockBackend {
         let log = dir.join("vhost-device-vsock.log");
         let mut cmd = Command::new(binary);
         cmd.arg("--vm").arg(format!(
-            "guest-cid={guest_cid},socket={},uds-path={}",
+            "guest-cid={guest_cid},socket={},uds-path={},tx-buffer-size={TX_BUFFER}",
             vhost_socket.display(),
             uds_path.display()
         ));

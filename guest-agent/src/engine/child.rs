@@ -237,8 +237,33 @@ fn finish(control: &OwnedFd, req: &SpawnRequest) -> Result<Never, String> {
     unsafe {
         libc::fcntl(control.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
     }
+    default_signals();
     security::apply(process, req.seccomp.as_ref())?;
     exec.exec()
+}
+
+/// Gives the program the signal state a fresh process has, as runc does:
+/// every disposition back to default and nothing blocked. The helper is a
+/// Rust program whose runtime ignores SIGPIPE, and an ignored signal
+/// survives `execve`: without this a container's `yes | head` or a writer
+/// whose reader went away would loop on EPIPE instead of dying.
+fn default_signals() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: resetting a disposition to SIG_DFL installs no handler; a
+        // signal number the kernel refuses just returns an error, ignored.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    // SAFETY: sigemptyset initialises the local set; sigprocmask reads it.
+    unsafe {
+        let mut none = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
 }
 
 /// Reaps orphans in the pod's shared PID namespace, forever.

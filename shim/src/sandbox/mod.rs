@@ -53,9 +53,6 @@ use crate::{
 };
 use images::Images;
 
-/// How long output may still flow after the agent reported an exit (it
-/// reports it once the output was written, so this only covers transit).
-const OUTPUT_GRACE: Duration = Duration::from_secs(30);
 /// How often the watchdog looks at the VMM and the vsock backend.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
@@ -507,19 +504,29 @@ impl Pod for Sandbox {
             .containers
             .wait_process(agent::ctx_unbounded(), &preq(container, exec))
             .await;
-        let exit = match waited {
-            Ok(w) => ExitInfo {
-                status: u32::try_from(w.exit_status).unwrap_or(255),
-                at: std::time::SystemTime::UNIX_EPOCH
-                    + Duration::from_nanos(u64::try_from(w.exited_at_ns).unwrap_or(0)),
-            },
+        let (exit, sent) = match waited {
+            Ok(w) => (
+                ExitInfo {
+                    status: u32::try_from(w.exit_status).unwrap_or(255),
+                    at: std::time::SystemTime::UNIX_EPOCH
+                        + Duration::from_nanos(u64::try_from(w.exited_at_ns).unwrap_or(0)),
+                },
+                Some(crate::stdio::Sent {
+                    stdout: w.stdout_bytes,
+                    stderr: w.stderr_bytes,
+                    pending: w.output_pending,
+                }),
+            ),
             Err(e) => {
                 let e = veil_protocol::status::RemoteError::from(e);
                 tracing::warn!(%container, %exec, error = %e, "lost the process");
-                ExitInfo {
-                    status: 255,
-                    at: std::time::SystemTime::now(),
-                }
+                (
+                    ExitInfo {
+                        status: 255,
+                        at: std::time::SystemTime::now(),
+                    },
+                    None,
+                )
             }
         };
         if let Some(relay) = self.relay(container, exec) {
@@ -527,11 +534,8 @@ impl Pod for Sandbox {
             // Input first: a terminal's connection carries both directions
             // and only closes (EOF for its output) once our side is done.
             relay.close_stdin();
-            if tokio::time::timeout(OUTPUT_GRACE, relay.finish_output())
-                .await
-                .is_err()
-            {
-                tracing::warn!(%container, %exec, "output did not end after the exit");
+            if !relay.finish_output(sent).await {
+                tracing::warn!(%container, %exec, "output incomplete at the exit");
             }
         }
         if exec.is_empty() && self.gone.lock().is_none() {
