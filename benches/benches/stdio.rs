@@ -5,7 +5,7 @@
 //!
 //! - stdout: the container runs `yes <line> | head -c 100M`; the bench reads
 //!   `ctr`'s stdout, from the first byte to EOF.
-//! - stdin: `ctr run -i` with `sha256sum`; the bench writes 100 MiB, closes,
+//! - stdin: `ctr run` (stdin attached: containerd 1.6's ctr has no `-i`) with `sha256sum`; the bench writes 100 MiB, closes,
 //!   and times from the first byte written to the digest line.
 //!
 //! Run: `cargo bench -p veil-benches --bench stdio` (VEIL_BENCH_RUNS=N,
@@ -101,7 +101,7 @@ fn stdout_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result
 
 /// MiB/s into the container's stdin.
 fn stdin_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<f64> {
-    let mut child = run_cmd(c, veil, &["-i"], id)
+    let mut child = run_cmd(c, veil, &[], id)
         .args(["sha256sum"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -876,10 +876,16 @@ impl Pod {
         Ok(p.io.resize(rows, cols)?)
     }
 
-    /// Closes a process's stdin.
-    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), PodError> {
+    /// Closes a process's stdin: at once, or once `after` bytes came
+    /// through its stream.
+    pub async fn close_stdin(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        after: Option<u64>,
+    ) -> Result<(), PodError> {
         let (_, p) = self.process(container_id, exec_id).await?;
-        p.io.close_stdin();
+        p.io.close_stdin(after);
         Ok(())
     }
 

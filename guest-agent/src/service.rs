@@ -291,9 +291,10 @@ impl agent_ttrpc::Containers for Services {
         Ok(Empty::new())
     }
 
-    async fn close_stdin(&self, _c: &TtrpcContext, req: ProcessRequest) -> R<Empty> {
+    async fn close_stdin(&self, _c: &TtrpcContext, req: CloseStdinRequest) -> R<Empty> {
+        let after = req.counted.then_some(req.stdin_bytes);
         self.pod
-            .close_stdin(&req.container_id, &req.exec_id)
+            .close_stdin(&req.container_id, &req.exec_id, after)
             .await
             .map_err(err)?;
         Ok(Empty::new())

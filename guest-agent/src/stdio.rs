@@ -27,7 +27,7 @@ use nix::{
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{watch, Notify},
+    sync::watch,
 };
 use veil_protocol::{
     agent::{Stdio, StreamKind},
@@ -166,7 +166,9 @@ pub struct ProcessIo {
     pending: watch::Sender<usize>,
     /// [`ProcessIo::settle`] gave up on a shim that took nothing.
     settled_stuck: AtomicBool,
-    close_stdin: Arc<Notify>,
+    /// Where stdin ends: `None` while open; `Some(None)` at once;
+    /// `Some(Some(n))` once `n` bytes came through the stream.
+    stdin_end: Arc<watch::Sender<Option<Option<u64>>>>,
     /// For window resizes.
     pty_master: Option<OwnedFd>,
 }
@@ -253,7 +255,7 @@ pub fn prepare_in(
             theirs: Mutex::new(theirs),
             pending,
             settled_stuck: AtomicBool::new(false),
-            close_stdin: Arc::new(Notify::new()),
+            stdin_end: Arc::new(watch::channel(None).0),
             pty_master,
         }),
     ))
@@ -435,11 +437,11 @@ impl ProcessIo {
         w
     }
 
-    /// Closes the process's stdin: at once if no stream is attached, else
-    /// after the bytes already readable from the stream.
-    pub fn close_stdin(&self) {
+    /// Closes the process's stdin: at once if no stream is attached or no
+    /// count is given, else once `after` bytes came through the stream.
+    pub fn close_stdin(&self, after: Option<u64>) {
         drop(self.lock().stdin.take());
-        self.close_stdin.notify_one();
+        self.stdin_end.send_replace(Some(after));
     }
 
     /// Sets the terminal's window size.
@@ -650,23 +652,45 @@ fn drain(pipe: &mut std::fs::File) {
     while matches!(pipe.read(&mut buf), Ok(n) if n > 0) {}
 }
 
-async fn copy_stdin<R, W>(mut from: R, mut to: W, close: Arc<Notify>)
+/// After a counted close of stdin, how long the rest may take to arrive
+/// without a byte coming before stdin is closed anyway.
+const STDIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Where an input copy ends (see [`ProcessIo::close_stdin`]).
+type InputEnd = Arc<watch::Sender<Option<Option<u64>>>>;
+
+/// Copies input from the stream into the process until the stream ends or
+/// `end` says so: at once, or once its count of bytes was copied.
+async fn copy_stdin<R, W>(mut from: R, mut to: W, end: InputEnd)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut end = end.subscribe();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut copied: u64 = 0;
     loop {
+        let until = *end.borrow_and_update();
+        match until {
+            Some(None) => break,
+            Some(Some(n)) if copied >= n => break,
+            _ => {}
+        }
         let n = tokio::select! {
             r = from.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             },
-            _ = close.notified() => break,
+            _ = end.changed() => continue,
+            _ = tokio::time::sleep(STDIN_GRACE), if until.is_some() => {
+                tracing::warn!(copied, expected = ?until, "stdin closed without the rest of its input");
+                break;
+            }
         };
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
+        copied += n as u64;
     }
 }
 
@@ -696,10 +720,10 @@ impl Attachment {
         let copy = self.copy.take();
         match self.kind {
             StreamKind::STDIN => {
-                let close = Arc::clone(&io.close_stdin);
+                let end = Arc::clone(&io.stdin_end);
                 tokio::spawn(async move {
                     if let Ok(pipe) = FdStream::new(fd) {
-                        copy_stdin(conn, pipe, close).await;
+                        copy_stdin(conn, pipe, end).await;
                     }
                 });
             }
@@ -717,7 +741,7 @@ impl Attachment {
                 // entirely. A half-closed connection is not enough: the
                 // hybrid vsock backend does not pass a one-way shutdown on, so
                 // the shim would never see the output end.
-                let output_ended = Arc::new(Notify::new());
+                let output_ended: InputEnd = Arc::new(watch::channel(None).0);
                 let input_stop = Arc::clone(&output_ended);
                 let input = tokio::spawn(async move {
                     if let Ok(master) = FdStream::new(write_fd) {
@@ -731,7 +755,7 @@ impl Attachment {
                     if let Some(c) = &copy {
                         c.done.store(true, Ordering::Release);
                     }
-                    output_ended.notify_one();
+                    output_ended.send_replace(Some(None));
                     // Both halves gone: the connection closes.
                     let _ = input.await;
                     io.output_done();

@@ -14,6 +14,10 @@ use std::{
     os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 use veil_common::{Classify, Kind};
@@ -83,7 +87,6 @@ impl StdioPaths {
 }
 
 type Sink = Pin<Box<dyn AsyncWrite + Send>>;
-type Source = Pin<Box<dyn AsyncRead + Send>>;
 
 /// Opens an output destination: a FIFO (kept open for reading too, so the
 /// open never blocks and never fails for a missing reader) or a file.
@@ -125,7 +128,7 @@ fn output_path(uri: &str) -> Result<PathBuf, StdioError> {
 
 /// Opens the stdin FIFO for reading, waiting (in a blocking thread) for its
 /// writer; that wait is what makes EOF mean "containerd closed stdin".
-async fn open_stdin(path: PathBuf) -> Result<Source, StdioError> {
+async fn open_stdin(path: PathBuf) -> Result<pipe::Receiver, StdioError> {
     let p = path.clone();
     let file = tokio::task::spawn_blocking(move || {
         std::fs::OpenOptions::new()
@@ -143,7 +146,7 @@ async fn open_stdin(path: PathBuf) -> Result<Source, StdioError> {
         source,
     })?;
     let rx = pipe::Receiver::from_file(file).map_err(|source| StdioError::Open { path, source })?;
-    Ok(Box::pin(rx))
+    Ok(rx)
 }
 
 /// Wakes a stdin open blocked waiting for a writer (used at teardown).
@@ -246,11 +249,67 @@ where
     }
 }
 
+/// The stdin copy: FIFO → the agent's stream.
+struct Input {
+    task: JoinHandle<()>,
+    path: PathBuf,
+    /// Asks the copy to take what is left in the FIFO and stop.
+    finish: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Bytes written to the stream.
+    written: Arc<AtomicU64>,
+    /// The copy is over (EOF, finished, or its stream failed).
+    done: Arc<AtomicBool>,
+    /// A terminal's input (its count is not the process's stdin).
+    terminal: bool,
+}
+
+/// How long [`Relay::end_stdin`] waits for the copy to pass on what the
+/// FIFO held (the process may not be reading its stdin).
+const STDIN_FINISH: Duration = Duration::from_secs(5);
+
+/// Copies `input` into `to` until EOF or `finish`; after `finish`, takes
+/// only what the FIFO holds already (containerd wrote all it had before it
+/// asked to close stdin), never waiting for more.
+async fn copy_input<W>(
+    mut input: pipe::Receiver,
+    to: &mut W,
+    mut finish: tokio::sync::oneshot::Receiver<()>,
+    written: &AtomicU64,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut finishing = false;
+    loop {
+        let n = if finishing {
+            match input.try_read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            }
+        } else {
+            tokio::select! {
+                r = input.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                _ = &mut finish => {
+                    finishing = true;
+                    continue;
+                }
+            }
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        written.fetch_add(n as u64, Ordering::AcqRel);
+    }
+}
+
 /// The copy tasks of one process's stdio.
 #[derive(Default)]
 pub struct Relay {
     outputs: Vec<Output>,
-    stdin: Option<(JoinHandle<()>, PathBuf)>,
+    stdin: Option<Input>,
 }
 
 impl Relay {
@@ -275,16 +334,28 @@ impl Relay {
             if !paths.stdin.is_empty() {
                 let path = PathBuf::from(&paths.stdin);
                 let p = path.clone();
+                let (finish, finishing) = tokio::sync::oneshot::channel();
+                let written = Arc::new(AtomicU64::new(0));
+                let done = Arc::new(AtomicBool::new(false));
+                let (count, over) = (Arc::clone(&written), Arc::clone(&done));
                 let task = tokio::spawn(async move {
-                    if let Ok(mut input) = open_stdin(p).await {
-                        let _ = tokio::io::copy(&mut input, &mut w).await;
+                    if let Ok(input) = open_stdin(p).await {
+                        copy_input(input, &mut w, finishing, &count).await;
                     }
+                    over.store(true, Ordering::Release);
                     // Keep the terminal's write side open (closing it would
                     // shut the connection down): the output is still flowing.
                     let _keep = w;
                     std::future::pending::<()>().await
                 });
-                relay.stdin = Some((task, path));
+                relay.stdin = Some(Input {
+                    task,
+                    path,
+                    finish: Some(finish),
+                    written,
+                    done,
+                    terminal: true,
+                });
             }
             return Ok(relay);
         }
@@ -307,14 +378,28 @@ impl Relay {
                 .await?;
             let path = PathBuf::from(&paths.stdin);
             let p = path.clone();
+            let (finish, finishing) = tokio::sync::oneshot::channel();
+            let written = Arc::new(AtomicU64::new(0));
+            let done = Arc::new(AtomicBool::new(false));
+            let (count, over) = (Arc::clone(&written), Arc::clone(&done));
             let task = tokio::spawn(async move {
-                if let Ok(mut input) = open_stdin(p).await {
-                    let _ = tokio::io::copy(&mut input, &mut stream).await;
+                if let Ok(input) = open_stdin(p).await {
+                    copy_input(input, &mut stream, finishing, &count).await;
                 }
-                // EOF: the agent closes the process's stdin.
-                let _ = stream.shutdown().await;
+                let _ = stream.flush().await;
+                over.store(true, Ordering::Release);
+                // Keep the stream open until the agent was told the count
+                // (closing it now could cut what is still on its way).
+                std::future::pending::<()>().await
             });
-            relay.stdin = Some((task, path));
+            relay.stdin = Some(Input {
+                task,
+                path,
+                finish: Some(finish),
+                written,
+                done,
+                terminal: false,
+            });
         }
         Ok(relay)
     }
@@ -338,11 +423,38 @@ impl Relay {
         complete
     }
 
-    /// Stops copying stdin (CloseIO, or the process is gone).
+    /// Ends the process's stdin as containerd's CloseIO asks: what the FIFO
+    /// holds is passed on, then the copy stops. Returns the bytes the stdin
+    /// stream carried in all, for the agent to close stdin after them
+    /// (`None`: no stdin stream, or a terminal's).
+    pub async fn end_stdin(&mut self) -> Option<u64> {
+        let input = self.stdin.as_mut()?;
+        if let Some(finish) = input.finish.take() {
+            let _ = finish.send(());
+        }
+        unblock_stdin_open(&input.path);
+        let deadline = tokio::time::Instant::now() + STDIN_FINISH;
+        while !input.done.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !input.done.load(Ordering::Acquire) {
+            // The process is not reading its stdin: stop here, so the count
+            // is what the stream carried.
+            tracing::warn!(
+                "stdin not taken within {STDIN_FINISH:?} of its close: the rest is dropped"
+            );
+            input.task.abort();
+        }
+        // Otherwise the copy stays parked holding the stream open, so
+        // nothing on its way is cut; it ends with the relay.
+        (!input.terminal).then(|| input.written.load(Ordering::Acquire))
+    }
+
+    /// Stops copying stdin at once (the process is gone).
     pub fn close_stdin(&mut self) {
-        if let Some((task, path)) = self.stdin.take() {
-            unblock_stdin_open(&path);
-            task.abort();
+        if let Some(input) = self.stdin.take() {
+            unblock_stdin_open(&input.path);
+            input.task.abort();
         }
     }
 }

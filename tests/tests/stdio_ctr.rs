@@ -1,7 +1,7 @@
 //! stdio of veil containers through containerd's FIFOs, with `ctr` as the
 //! client, on a private containerd the test starts:
 //!
-//! - 100 MiB out of a container's stdout and 100 MiB into its stdin arrive
+//! - 100 MiB into a container's stdin and 100 MiB out of its stdout arrive
 //!   intact (SHA-256);
 //! - an exec writing 1 MiB returns it whole; an exec whose shell leaves a
 //!   background child holding stdout returns when the shell exits;
@@ -123,19 +123,31 @@ fn stdout_100m(c: &Containerd, rt: &str) -> Result<()> {
 
 fn stdin_100m(c: &Containerd, rt: &str) -> Result<()> {
     let n = 100 * MIB;
-    let mut child = run(c, rt, &["--rm", "-i"], "in-100m", &["sha256sum"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = run(
+        c,
+        rt,
+        &["--rm"],
+        "in-100m",
+        &["sh", "-c", "dd bs=65536 2>/tmp/e | sha256sum; cat /tmp/e"],
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
     let mut input = child.stdin.take().context("ctr stdin")?;
     let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     let mut want = Sha256::new();
     let t = Instant::now();
-    for _ in 0..n / MIB {
-        input
-            .write_all(&chunk)
-            .context("writing to the container's stdin")?;
+    for i in 0..n / MIB {
+        if let Err(e) = input.write_all(&chunk) {
+            drop(input);
+            let out = child.wait_with_output()?;
+            bail!(
+                "writing MiB {i} of stdin after {:?}: {e}; ctr: {}",
+                t.elapsed(),
+                output_text(&out)
+            );
+        }
         want.update(&chunk);
     }
     drop(input);
@@ -285,8 +297,8 @@ fn stdio_through_ctr_is_complete_and_never_holds_an_exit() -> Result<()> {
         "yes-attached",
         "yes-detached",
     ];
-    let result = stdout_100m(&c, &rt)
-        .and_then(|_| stdin_100m(&c, &rt))
+    let result = stdin_100m(&c, &rt)
+        .and_then(|_| stdout_100m(&c, &rt))
         .and_then(|_| execs(&c, &rt))
         .and_then(|_| yes_attached(&c, &rt))
         .and_then(|_| yes_detached(&c, &rt));

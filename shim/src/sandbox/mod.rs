@@ -24,9 +24,9 @@ use std::{
 use protobuf::MessageField;
 use veil_common::{Classify, Kind};
 use veil_protocol::agent::{
-    ContainerRequest, ContainerStats, CreateContainerRequest, DestroySandboxRequest,
-    ExecProcessRequest, ProcessRequest, ResizeTerminalRequest, Rootfs, ShutdownRequest,
-    SignalProcessRequest, UpdateContainerRequest,
+    CloseStdinRequest, ContainerRequest, ContainerStats, CreateContainerRequest,
+    DestroySandboxRequest, ExecProcessRequest, ProcessRequest, ResizeTerminalRequest, Rootfs,
+    ShutdownRequest, SignalProcessRequest, UpdateContainerRequest,
 };
 
 pub use boot::{cmdline, launch_info, BootError, BootParams, BASE_CMDLINE};
@@ -654,13 +654,15 @@ impl Pod for Sandbox {
         let relay = self
             .relay(container, exec)
             .ok_or_else(|| SandboxError::NoRelay(format!("{container}/{exec}")))?;
-        relay.lock().await.close_stdin();
+        let sent = relay.lock().await.end_stdin().await;
+        let mut req = CloseStdinRequest::new();
+        req.container_id = container.to_string();
+        req.exec_id = exec.to_string();
+        req.counted = sent.is_some();
+        req.stdin_bytes = sent.unwrap_or(0);
         self.answer(agent::rpc(
             "CloseStdin",
-            self.agent
-                .containers
-                .close_stdin(agent::ctx(), &preq(container, exec))
-                .await,
+            self.agent.containers.close_stdin(agent::ctx(), &req).await,
         ))?;
         Ok(())
     }
