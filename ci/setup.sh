@@ -29,6 +29,8 @@ packages=(
   iptables
   # virtiofsd (from crates.io, below) links libcap-ng and libseccomp
   libcap-ng-dev
+  # the benchmarks' PNG plots label their axes with DejaVu Sans
+  fonts-dejavu-core
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -8,6 +8,13 @@
 //! - stdin: `ctr run` (stdin attached: containerd 1.6's ctr has no `-i`) with `sha256sum`; the bench writes 100 MiB, closes,
 //!   and times from the first byte written to the digest line.
 //!
+//! - floor: the same producer and consumer inside one running veil
+//!   container (`ctr task exec`, nothing through stdio): what the guest's
+//!   CPU allows under this accelerator, so that the transport's share of
+//!   the cost can be told from the emulated CPU's.
+//!
+//! Results: `benches/results/stdio.{json,png}`.
+//!
 //! Run: `cargo bench -p veil-benches --bench stdio` (VEIL_BENCH_RUNS=N,
 //! default 5; VEIL_BENCH_MIB=N, default 100; needs root and
 //! `ci/build-artefacts.sh`).
@@ -133,6 +140,17 @@ fn stdin_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<
     Ok(n as f64 / MIB as f64 / took.as_secs_f64().max(1e-9))
 }
 
+/// MiB/s of `pipeline` (which moves `n` bytes) run entirely inside the
+/// running container `id`, timed around the exec.
+fn floor_once(c: &Containerd, id: &str, exec: &str, pipeline: &str, n: usize) -> Result<f64> {
+    let start = Instant::now();
+    c.ctr_ok(
+        NS,
+        &["task", "exec", "--exec-id", exec, id, "sh", "-c", pipeline],
+    )?;
+    Ok(n as f64 / MIB as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
 fn median(v: &[f64]) -> f64 {
     let d: Vec<Duration> = v.iter().map(|x| Duration::from_secs_f64(*x)).collect();
     summarize(&d).median.as_secs_f64()
@@ -145,25 +163,104 @@ fn main() -> Result<()> {
     c.import(NS, &oci::busybox_archive(work.path())?)?;
     let rt = c.runtime_config("veil");
     let (n_runs, n) = (runs(5), mib() * MIB);
-    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+    // The floor's container, started once and removed at the end.
+    let floor_id = "veil-floor";
+    let started = run_cmd(&c, Some(&rt), &["-d"], floor_id)
+        .args(["sleep", "100000"])
+        .output()?;
+    if !started.status.success() {
+        bail!(
+            "starting the floor container: {}",
+            String::from_utf8_lossy(&started.stderr)
+        );
+    }
+    let result = measure(&c, &rt, floor_id, n_runs, n);
+    let removed = c.kill_and_remove(NS, floor_id);
+    let rows = result?;
+    removed?;
+    println!(
+        "stdio through containerd's FIFOs, {} MiB each way, {n_runs} runs, medians, byte-exact:",
+        n / MIB
+    );
+    for (name, v) in &rows {
+        println!("  {name:<30} {:>8.1} MiB/s", median(v));
+    }
+    let m = |i: usize| median(&rows[i].1);
+    println!(
+        "  veil/runc: stdout {:.1} %, stdin {:.1} %; veil/in-guest floor: stdout {:.0} %, stdin {:.0} %",
+        100.0 * m(1) / m(0),
+        100.0 * m(4) / m(3),
+        100.0 * m(1) / m(2),
+        100.0 * m(4) / m(5),
+    );
+    let json = serde_json::json!({
+        "bench": "stdio",
+        "mib": n / MIB,
+        "runs": n_runs,
+        "unit": "MiB/s",
+        "accel": veil_benches::accel_name(),
+        "series": rows.iter().map(|(name, v)| serde_json::json!({
+            "name": name, "median": median(v), "samples": v,
+        })).collect::<Vec<_>>(),
+    });
+    let j = veil_benches::plot::write_json("stdio", &json)?;
+    let bars: Vec<(String, f64)> = rows
+        .iter()
+        .map(|(name, v)| (name.to_string(), median(v)))
+        .collect();
+    let png = veil_benches::plot::bars(
+        "stdio",
+        &format!(
+            "stdio through containerd's FIFOs, {} MiB, medians of {n_runs}",
+            n / MIB
+        ),
+        "MiB/s",
+        &bars,
+    )?;
+    println!("results: {} {}", j.display(), png.display());
+    Ok(())
+}
+
+type Rows = Vec<(&'static str, Vec<f64>)>;
+
+fn measure(c: &Containerd, rt: &str, floor_id: &str, n_runs: usize, n: usize) -> Result<Rows> {
+    let mut rows: Rows = vec![
         ("runc stdout", Vec::new()),
         ("veil stdout", Vec::new()),
+        ("veil stdout floor (in guest)", Vec::new()),
         ("runc stdin", Vec::new()),
         ("veil stdin", Vec::new()),
+        ("veil stdin floor (in guest)", Vec::new()),
     ];
+    let out_pipeline = format!("yes {LINE} | head -c {n} > /dev/null");
+    let in_pipeline = format!("head -c {n} /dev/zero | sha256sum > /dev/null");
     for i in 0..n_runs {
         rows[0]
             .1
-            .push(stdout_once(&c, None, &format!("runc-out-{i}"), n)?);
+            .push(stdout_once(c, None, &format!("runc-out-{i}"), n)?);
         rows[1]
             .1
-            .push(stdout_once(&c, Some(&rt), &format!("veil-out-{i}"), n)?);
-        rows[2]
-            .1
-            .push(stdin_once(&c, None, &format!("runc-in-{i}"), n)?);
+            .push(stdout_once(c, Some(rt), &format!("veil-out-{i}"), n)?);
+        rows[2].1.push(floor_once(
+            c,
+            floor_id,
+            &format!("fo-{i}"),
+            &out_pipeline,
+            n,
+        )?);
         rows[3]
             .1
-            .push(stdin_once(&c, Some(&rt), &format!("veil-in-{i}"), n)?);
+            .push(stdin_once(c, None, &format!("runc-in-{i}"), n)?);
+        rows[4]
+            .1
+            .push(stdin_once(c, Some(rt), &format!("veil-in-{i}"), n)?);
+        rows[5].1.push(floor_once(
+            c,
+            floor_id,
+            &format!("fi-{i}"),
+            &in_pipeline,
+            n,
+        )?);
         eprintln!(
             "run {}/{n_runs}: {}",
             i + 1,
@@ -173,17 +270,5 @@ fn main() -> Result<()> {
                 .join(", ")
         );
     }
-    println!(
-        "stdio through containerd's FIFOs, {} MiB each way, {n_runs} runs, medians, byte-exact:",
-        n / MIB
-    );
-    for (name, v) in &rows {
-        println!("  {name:<12} {:>8.1} MiB/s", median(v));
-    }
-    println!(
-        "  veil/runc: stdout {:.0} %, stdin {:.0} %",
-        100.0 * median(&rows[1].1) / median(&rows[0].1),
-        100.0 * median(&rows[3].1) / median(&rows[2].1)
-    );
-    Ok(())
+    Ok(rows)
 }

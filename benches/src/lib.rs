@@ -3,6 +3,8 @@
 //! Every benchmark measures its baseline in the same run, so that results are
 //! comparable on whatever machine they run on, and reports medians.
 
+pub mod plot;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -74,6 +76,15 @@ pub fn report(name: &str, s: &Summary) {
         ms(s.max),
         s.n
     );
+}
+
+/// The accelerator a pod's VM gets here with `accel = "auto"` (what the
+/// shim's canary decides), for the results' record.
+pub fn accel_name() -> String {
+    format!(
+        "{:?}",
+        veil_shim::vmm::accel::resolve(veil_shim::vmm::AccelChoice::Auto)
+    )
 }
 
 /// Number of runs: `VEIL_BENCH_RUNS` or `default`.
