@@ -7,6 +7,16 @@
 //! outside guest RAM: the shim, QEMU (without its guest-RAM memfd) and the
 //! vsock backend.
 //!
+//! Teardown is split the same way, from the shim's `veil-teardown` line:
+//! the container's exit → TaskExit published → containerd's Delete →
+//! container removed in the guest → image detached → Delete answered →
+//! `ctr run --rm` returned (the bench's own clock), and after that the
+//! shim's Shutdown → agent stopped → VM stopped → backend stopped → state
+//! removed.
+//!
+//! Results: `benches/results/pod_start.{json,png}` (the PNG stacks the
+//! phases next to the floor and runc).
+//!
 //! Run: `cargo bench -p veil-benches --bench pod_start` (VEIL_BENCH_RUNS=N,
 //! default 10; needs root and `ci/build-artefacts.sh`).
 
@@ -17,8 +27,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use veil_benches::plot;
 use veil_benches::{floor_once, ms, report, runs, summarize, Summary};
-use veil_shim::phases::parse_line;
+use veil_shim::phases::{now_ns, parse_line, parse_tagged, TEARDOWN_TAG};
 use veil_test_support::{containerd::Containerd, oci, Artefacts};
 
 const NS: &str = "veil-bench";
@@ -34,7 +45,9 @@ fn check(out: &Output, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn ctr_run(c: &Containerd, veil: Option<&str>, id: &str) -> Result<Duration> {
+/// Runs `ctr run --rm … echo hi`; its duration and when it returned (ns
+/// since the epoch, the clock of the shim's marks).
+fn ctr_run(c: &Containerd, veil: Option<&str>, id: &str) -> Result<(Duration, u128)> {
     let mut cmd = c.ctr(NS);
     cmd.args(["run", "--rm"]);
     if let Some(rt) = veil {
@@ -49,8 +62,74 @@ fn ctr_run(c: &Containerd, veil: Option<&str>, id: &str) -> Result<Duration> {
     let t = Instant::now();
     let out = cmd.output()?;
     let took = t.elapsed();
+    let returned = now_ns();
     check(&out, id)?;
-    Ok(took)
+    Ok((took, returned))
+}
+
+/// The shim's teardown marks for pod `id`, once logged (after the shim
+/// stopped the pod, which is after `ctr` returned).
+fn teardown_of(c: &Containerd, id: &str) -> Result<HashMap<String, u128>> {
+    let needle = format!("sandbox={id} ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = c
+            .log_text()
+            .lines()
+            .rfind(|l| l.contains(TEARDOWN_TAG) && l.contains(&needle))
+            .and_then(|l| parse_tagged(TEARDOWN_TAG, l));
+        if let Some(m) = found {
+            return Ok(m.into_iter().collect());
+        }
+        if Instant::now() > deadline {
+            bail!("no {TEARDOWN_TAG} line for {id}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Teardown phases as (name, from mark, to mark); `returned` is when `ctr`
+/// returned. Consecutive, so they stack.
+const TEARDOWN: &[(&str, &str, &str)] = &[
+    ("exit → TaskExit published", "exited", "exit_published"),
+    ("→ containerd's Delete", "exit_published", "delete"),
+    (
+        "Delete: container removed in the guest",
+        "delete",
+        "removed",
+    ),
+    ("Delete: image detached", "removed", "image_detached"),
+    ("Delete answered", "image_detached", "deleted"),
+    ("→ ctr run --rm returned", "deleted", "returned"),
+];
+
+/// After `ctr` returned: the shim stopping the pod.
+const AFTER: &[(&str, &str, &str)] = &[
+    ("Delete answered → Shutdown", "deleted", "shutdown"),
+    ("Shutdown → agent stopped", "shutdown", "agent_stopped"),
+    ("→ VM stopped", "agent_stopped", "vm_stopped"),
+    ("→ backend stopped", "vm_stopped", "backend_stopped"),
+    ("→ state removed", "backend_stopped", "state_removed"),
+    ("exit → ctr run --rm returned", "exited", "returned"),
+    ("exit → state removed", "exited", "state_removed"),
+];
+
+/// The start marks stacked in the plot: the shim's marks from Create on
+/// (without `container_created`, which the container start phase spans).
+fn start_segments() -> Vec<&'static str> {
+    veil_shim::phases::MARKS
+        .iter()
+        .copied()
+        .skip_while(|m| *m != "create")
+        .filter(|m| *m != "container_created")
+        .collect()
+}
+
+fn span(marks: &HashMap<String, u128>, from: &str, to: &str) -> Option<Duration> {
+    let (a, b) = (marks.get(from)?, marks.get(to)?);
+    Some(Duration::from_nanos(
+        u64::try_from(b.saturating_sub(*a)).unwrap_or(0),
+    ))
 }
 
 /// The phase marks the shim logged for container `id`.
@@ -191,11 +270,13 @@ fn main() -> Result<()> {
 
     let (mut floor, mut runc, mut veil) = (Vec::new(), Vec::new(), Vec::new());
     let mut phase_samples: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut segment_samples: HashMap<String, Vec<Duration>> = HashMap::new();
     for i in 0..n {
         floor.push(floor_once(&a)?);
-        runc.push(ctr_run(&c, None, &format!("runc-{i}"))?);
+        runc.push(ctr_run(&c, None, &format!("runc-{i}"))?.0);
         let id = format!("veil-{i}");
-        veil.push(ctr_run(&c, Some(&rt), &id)?);
+        let (took, returned) = ctr_run(&c, Some(&rt), &id)?;
+        veil.push(took);
         // The shim's log reaches containerd's log asynchronously.
         let deadline = Instant::now() + Duration::from_secs(5);
         let marks = loop {
@@ -211,6 +292,22 @@ fn main() -> Result<()> {
             let a = from.iter().find_map(|m| marks.get(*m));
             if let (Some(a), Some(b)) = (a, marks.get(*to)) {
                 let d = Duration::from_nanos(u64::try_from(b.saturating_sub(*a)).unwrap_or(0));
+                phase_samples.entry(name).or_default().push(d);
+            }
+        }
+        let present: Vec<&str> = start_segments()
+            .into_iter()
+            .filter(|m| marks.contains_key(*m))
+            .collect();
+        for w in present.windows(2) {
+            if let Some(d) = span(&marks, w[0], w[1]) {
+                segment_samples.entry(w[1].to_string()).or_default().push(d);
+            }
+        }
+        let mut down = teardown_of(&c, &id)?;
+        down.insert("returned".into(), returned);
+        for (name, from, to) in TEARDOWN.iter().chain(AFTER) {
+            if let Some(d) = span(&down, from, to) {
                 phase_samples.entry(name).or_default().push(d);
             }
         }
@@ -248,6 +345,105 @@ fn main() -> Result<()> {
         "veil over runc, whole ctr run (medians): +{}",
         ms(v.median.saturating_sub(r.median))
     );
+    println!("veil teardown (medians of the shim's marks; `returned` is ctr's return):");
+    let med = |name: &str| {
+        phase_samples
+            .get(name)
+            .filter(|s| !s.is_empty())
+            .map(|s| summarize(s))
+    };
+    for (name, _, _) in TEARDOWN.iter().chain(AFTER) {
+        if let Some(sum) = med(name) {
+            report(&format!("  {name}"), &sum);
+        }
+    }
+    let ratio = |d: Duration| d.as_secs_f64() / f.median.as_secs_f64().max(1e-9);
+    if let (Some(p), Some(t)) = (pod_start, med("exit → ctr run --rm returned")) {
+        println!(
+            "against the floor (medians): pod start {:.2}x, teardown (exit → ctr returned) {:.2}x",
+            ratio(p.median),
+            ratio(t.median)
+        );
+    }
+    write_results(&f, &r, &v, &phase_samples, &segment_samples, n)?;
     footprint(&c, &rt)?;
+    Ok(())
+}
+
+fn msf(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `benches/results/pod_start.json` and the stacked-phases PNG.
+fn write_results(
+    f: &Summary,
+    r: &Summary,
+    v: &Summary,
+    phases: &HashMap<&str, Vec<Duration>>,
+    segments: &HashMap<String, Vec<Duration>>,
+    n: usize,
+) -> Result<()> {
+    let medians = |m: &HashMap<&str, Vec<Duration>>| -> serde_json::Map<String, serde_json::Value> {
+        m.iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| (k.to_string(), msf(summarize(s).median).into()))
+            .collect()
+    };
+    let seg_median = |m: &str| {
+        segments
+            .get(m)
+            .filter(|s| !s.is_empty())
+            .map(|s| msf(summarize(s).median))
+    };
+    let mut start: Vec<(String, f64)> = Vec::new();
+    for m in start_segments().iter().skip(1) {
+        if let Some(v) = seg_median(m) {
+            start.push((format!("→ {m}"), v));
+        }
+    }
+    let mut whole = start.clone();
+    for (name, _, _) in TEARDOWN {
+        if let Some(s) = phases.get(name).filter(|s| !s.is_empty()) {
+            whole.push((name.to_string(), msf(summarize(s).median)));
+        }
+    }
+    let json = serde_json::json!({
+        "bench": "pod_start",
+        "runs": n,
+        "unit": "ms",
+        "accel": veil_benches::accel_name(),
+        "floor_median": msf(f.median),
+        "runc_ctr_run_median": msf(r.median),
+        "veil_ctr_run_median": msf(v.median),
+        "phase_medians": medians(phases),
+        "start_segments": start.iter().map(|(k, v)| serde_json::json!({"name": k, "median": v})).collect::<Vec<_>>(),
+    });
+    let j = plot::write_json("pod_start", &json)?;
+    let rows = vec![
+        (
+            "floor: QEMU spawn → /init prints".to_string(),
+            vec![("floor boot".to_string(), msf(f.median))],
+        ),
+        ("veil: task Create → container started".to_string(), start),
+        (
+            "runc: ctr run --rm … echo hi".to_string(),
+            vec![("runc ctr run".to_string(), msf(r.median))],
+        ),
+        ("veil: ctr run --rm (phases from Create)".to_string(), whole),
+        (
+            "veil: ctr run --rm … echo hi".to_string(),
+            vec![("veil ctr run".to_string(), msf(v.median))],
+        ),
+    ];
+    let png = plot::stacked(
+        "pod_start",
+        &format!(
+            "pod start and teardown, medians of {n} (accel {})",
+            veil_benches::accel_name()
+        ),
+        "ms",
+        &rows,
+    )?;
+    println!("results: {} {}", j.display(), png.display());
     Ok(())
 }

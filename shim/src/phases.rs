@@ -15,6 +15,17 @@
 //! built or reused, hot-added, mounted by the agent), `container_created`,
 //! `container_started`. Marks that did not happen for this container (a
 //! second container of a pod has no VM boot) are absent.
+//!
+//! A pod's teardown is logged the same way, once, as the shim stops the pod:
+//! `veil-teardown` with [`TEARDOWN_MARKS`]: `exited` (the sandbox
+//! container's process exit became known), `exit_published` (its TaskExit
+//! went to containerd), `delete` (containerd's Delete of it), `removed`
+//! (the agent removed the container), `network_released`,
+//! `image_detached`, `deleted` (Delete answered), `shutdown` (containerd's
+//! Shutdown let the shim exit), `agent_stopped` (the guest destroyed the
+//! sandbox and was told to power off), `vm_stopped` (QEMU gone),
+//! `backend_stopped` (vsock backend and virtiofsd gone), `state_removed`
+//! (network, images and `/run/veil/<id>` released).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,6 +51,27 @@ pub const MARKS: &[&str] = &[
     "container_started",
 ];
 
+/// The teardown marks, in order.
+pub const TEARDOWN_MARKS: &[&str] = &[
+    "exited",
+    "exit_published",
+    "delete",
+    "removed",
+    "network_released",
+    "image_detached",
+    "deleted",
+    "shutdown",
+    "agent_stopped",
+    "vm_stopped",
+    "backend_stopped",
+    "state_removed",
+];
+
+/// The tag of a start line.
+pub const START_TAG: &str = "veil-phases";
+/// The tag of a teardown line.
+pub const TEARDOWN_TAG: &str = "veil-teardown";
+
 /// Nanoseconds since the epoch, now.
 pub fn now_ns() -> u128 {
     SystemTime::now()
@@ -48,13 +80,44 @@ pub fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
-/// Marks recorded for one container's start.
-#[derive(Debug, Default)]
+/// Marks recorded for one container's start (the default) or one pod's
+/// teardown ([`Phases::teardown`]).
+#[derive(Debug)]
 pub struct Phases {
+    tag: &'static str,
+    order: &'static [&'static str],
     marks: Lock<Vec<(&'static str, u128)>>,
 }
 
+impl Default for Phases {
+    fn default() -> Self {
+        Phases {
+            tag: START_TAG,
+            order: MARKS,
+            marks: Lock::default(),
+        }
+    }
+}
+
 impl Phases {
+    /// Marks for a pod's teardown.
+    pub fn teardown() -> Self {
+        Phases {
+            tag: TEARDOWN_TAG,
+            order: TEARDOWN_MARKS,
+            marks: Lock::default(),
+        }
+    }
+
+    /// Records `name` now unless it was recorded already (the first time
+    /// something happened counts).
+    pub fn mark_once(&self, name: &'static str) {
+        let mut m = self.marks.lock();
+        if !m.iter().any(|(n, _)| *n == name) {
+            m.push((name, now_ns()));
+        }
+    }
+
     /// Records `name` now.
     pub fn mark(&self, name: &'static str) {
         self.mark_at(name, now_ns());
@@ -67,18 +130,18 @@ impl Phases {
         m.push((name, ns));
     }
 
-    /// The marks recorded so far, in [`MARKS`] order.
+    /// The marks recorded so far, in their list's order.
     pub fn marks(&self) -> Vec<(&'static str, u128)> {
         let marks = self.marks.lock().clone();
-        MARKS
+        self.order
             .iter()
             .filter_map(|name| marks.iter().find(|(n, _)| n == name).copied())
             .collect()
     }
 
-    /// The `veil-phases` line.
+    /// The `veil-phases` (or `veil-teardown`) line.
     pub fn line(&self, sandbox: &str, container: &str) -> String {
-        let mut s = format!("veil-phases sandbox={sandbox} container={container}");
+        let mut s = format!("{} sandbox={sandbox} container={container}", self.tag);
         for (name, t) in self.marks() {
             s.push_str(&format!(" {name}={t}"));
         }
@@ -88,7 +151,14 @@ impl Phases {
 
 /// Parses a `veil-phases` line back into `(name, ns)` pairs (benchmarks).
 pub fn parse_line(line: &str) -> Option<Vec<(String, u128)>> {
-    let rest = &line[line.find("veil-phases ")? + "veil-phases ".len()..];
+    parse_tagged(START_TAG, line)
+}
+
+/// Parses a line tagged `tag` (`veil-phases`, `veil-teardown`) back into
+/// `(name, ns)` pairs.
+pub fn parse_tagged(tag: &str, line: &str) -> Option<Vec<(String, u128)>> {
+    let start = line.find(tag)? + tag.len();
+    let rest = line.get(start..)?.strip_prefix(' ')?;
     Some(
         rest.split_whitespace()
             .filter_map(|kv| kv.split_once('='))
@@ -115,5 +185,24 @@ mod tests {
         let parsed = parse_line(&format!("time=x level=info msg={line}")).unwrap();
         assert_eq!(parsed[0], ("create".to_string(), 10));
         assert_eq!(parsed.len(), 3, "sandbox and container are not numbers");
+    }
+
+    #[test]
+    fn teardown_marks_keep_the_first_time_and_their_own_tag() {
+        let t = Phases::teardown();
+        t.mark_at("vm_stopped", 50);
+        t.mark_at("exited", 10);
+        t.mark_once("exited");
+        let line = t.line("pod", "pod");
+        assert_eq!(
+            line,
+            "veil-teardown sandbox=pod container=pod exited=10 vm_stopped=50"
+        );
+        let parsed = parse_tagged(TEARDOWN_TAG, &line).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert!(
+            parse_line(&line).is_none(),
+            "a teardown line is not a start line"
+        );
     }
 }

@@ -241,8 +241,9 @@ pub trait Pod: Send + Sync {
     async fn next_event(&self) -> Option<PodEvent>;
 
     /// Stops the pod: the VM, its host processes, its files and its image
-    /// references. Idempotent; works when the VM is already gone.
-    async fn shutdown(&self);
+    /// references. Idempotent; works when the VM is already gone. Records
+    /// its steps in `marks` (a teardown [`Phases`]).
+    async fn shutdown(&self, marks: &Phases);
 }
 
 #[cfg(test)]

@@ -715,7 +715,7 @@ impl Pod for Sandbox {
         }
     }
 
-    async fn shutdown(&self) {
+    async fn shutdown(&self, marks: &Phases) {
         for s in &self.services {
             s.abort();
         }
@@ -737,6 +737,7 @@ impl Pod for Sandbox {
                 .shutdown(short(), &ShutdownRequest::new())
                 .await;
         }
+        marks.mark_once("agent_stopped");
         let vm = self.vm.lock().take();
         if let Some(mut vm) = vm {
             let exited = tokio::task::spawn_blocking(move || {
@@ -748,16 +749,19 @@ impl Pod for Sandbox {
             .unwrap_or(false);
             tracing::debug!(exited, "VM stopped");
         }
+        marks.mark_once("vm_stopped");
         if let Some(mut b) = self.backend.lock().take() {
             b.stop();
         }
         if let Some(mut f) = self.virtiofs.lock().take() {
             f.stop();
         }
+        marks.mark_once("backend_stopped");
         self.release_network();
         self.relays.lock().clear();
         self.images.release_all().await;
         self.dir.cleanup();
+        marks.mark_once("state_removed");
     }
 }
 

@@ -348,8 +348,9 @@ impl Pod for FakePod {
         self.events_rx.lock().await.recv().await
     }
 
-    async fn shutdown(&self) {
+    async fn shutdown(&self, marks: &Phases) {
         self.calls.lock().push("shutdown".into());
+        marks.mark("vm_stopped");
         self.shut.store(true, Ordering::SeqCst);
         let mut procs = self.procs.lock();
         for p in procs.values_mut() {

@@ -135,6 +135,8 @@ pub struct TaskService {
     containers: Lock<HashMap<String, Arc<Container>>>,
     shutdown: watch::Sender<bool>,
     serving_ns: AtomicU64,
+    /// The pod's teardown marks (logged when the pod stops).
+    teardown: Arc<Phases>,
 }
 
 fn ts(t: SystemTime) -> MessageField<Timestamp> {
@@ -165,6 +167,7 @@ impl TaskService {
             containers: Lock::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             serving_ns: AtomicU64::new(0),
+            teardown: Arc::new(Phases::teardown()),
         }
     }
 
@@ -361,7 +364,7 @@ impl TaskService {
                 // A pod whose sandbox container failed has nothing to run.
                 if sandbox_id == req.id && self.containers.lock().is_empty() {
                     if let Some(p) = self.pod.lock().await.take() {
-                        p.shutdown().await;
+                        p.shutdown(&Phases::teardown()).await;
                     }
                 }
                 return Err(e.into());
@@ -437,8 +440,13 @@ impl TaskService {
     /// Waits for the process in the pod, then records and reports its exit.
     fn spawn_waiter(&self, pod: Arc<dyn Pod>, container: String, p: Arc<Process>) {
         let events = Arc::clone(&self.ctx.events);
+        let teardown = Arc::clone(&self.teardown);
         tokio::spawn(async move {
             let exit = pod.wait(&container, &p.exec_id).await;
+            let pod_init = container == pod.id() && p.exec_id.is_empty();
+            if pod_init {
+                teardown.mark_once("exited");
+            }
             if p.exit(exit) {
                 events.publish(TaskEvent::Exit {
                     id: container,
@@ -447,6 +455,9 @@ impl TaskService {
                     status: exit.status,
                     at: exit.at,
                 });
+                if pod_init {
+                    teardown.mark_once("exit_published");
+                }
             }
         });
     }
@@ -467,14 +478,24 @@ impl TaskService {
         });
         let pod = self.pod().await?;
         if req.exec_id.is_empty() {
+            let sandbox = req.id == pod.id();
+            let mark = |name| {
+                if sandbox {
+                    self.teardown.mark_once(name);
+                }
+            };
+            mark("delete");
             pod.remove_container(&req.id).await?;
-            if req.id == pod.id() {
+            mark("removed");
+            if sandbox {
                 // The sandbox container goes: containerd runs CNI's DEL next.
                 pod.release_network();
+                mark("network_released");
             }
             if let Err(e) = pod.detach_image(&c.image).await {
                 tracing::warn!(container = %req.id, error = %veil_common::error_chain(&e), "cannot detach the container's image");
             }
+            mark("image_detached");
             self.containers.lock().remove(&req.id);
             self.ctx.events.publish(TaskEvent::Delete {
                 id: req.id.clone(),
@@ -482,6 +503,7 @@ impl TaskService {
                 status: exit.status,
                 at: exit.at,
             });
+            mark("deleted");
         } else {
             pod.delete_process(&req.id, &req.exec_id).await?;
             c.remove_exec(&req.exec_id);
@@ -706,6 +728,7 @@ impl TaskService {
         if !self.containers.lock().is_empty() {
             return Ok(Empty::new());
         }
+        self.teardown.mark_once("shutdown");
         self.shutdown.send_replace(true);
         Ok(Empty::new())
     }
@@ -714,7 +737,8 @@ impl TaskService {
     pub async fn stop_pod(&self) {
         let pod = self.pod.lock().await.take();
         if let Some(p) = pod {
-            p.shutdown().await;
+            p.shutdown(&self.teardown).await;
+            tracing::info!("{}", self.teardown.line(p.id(), p.id()));
         }
     }
 
