@@ -30,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use veil_benches::plot;
 use veil_benches::{floor_once, ms, report, runs, summarize, Summary};
 use veil_shim::phases::{now_ns, parse_line, parse_tagged, TEARDOWN_TAG};
-use veil_test_support::{containerd::Containerd, oci, Artefacts};
+use veil_test_support::{containerd::Containerd, oci};
 
 const NS: &str = "veil-bench";
 fn check(out: &Output, what: &str) -> Result<()> {
@@ -48,17 +48,8 @@ fn check(out: &Output, what: &str) -> Result<()> {
 /// Runs `ctr run --rm … echo hi`; its duration and when it returned (ns
 /// since the epoch, the clock of the shim's marks).
 fn ctr_run(c: &Containerd, veil: Option<&str>, id: &str) -> Result<(Duration, u128)> {
-    let mut cmd = c.ctr(NS);
-    cmd.args(["run", "--rm"]);
-    if let Some(rt) = veil {
-        cmd.args([
-            "--runtime",
-            "io.containerd.veil.v2",
-            "--runtime-config-path",
-            rt,
-        ]);
-    }
-    cmd.args([oci::BUSYBOX_IMAGE, id, "echo", "hi"]);
+    let mut cmd = veil_benches::ctr_run(c, NS, veil, &["--rm"], id);
+    cmd.args(["echo", "hi"]);
     let t = Instant::now();
     let out = cmd.output()?;
     let took = t.elapsed();
@@ -257,11 +248,7 @@ fn footprint(c: &Containerd, rt: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let a = Artefacts::locate()?;
-    let c = Containerd::start(&a)?;
-    let work = tempfile::tempdir()?;
-    c.import(NS, &oci::busybox_archive(work.path())?)?;
-    let rt = c.runtime_config("veil");
+    let (a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
     let n = runs(10);
 
     // Warm-up: page cache, image unpacked, first-use costs.

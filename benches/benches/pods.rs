@@ -29,10 +29,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use veil_benches::plot;
-use veil_test_support::{
-    containerd::{processes, Containerd},
-    oci, Artefacts,
-};
+use veil_test_support::containerd::{processes, Containerd};
 
 const NS: &str = "veil-bench";
 
@@ -42,17 +39,8 @@ fn env_or(name: &str, default: &str) -> String {
 
 /// `ctr run -d … sleep` for `id`; how long until `ctr` returned.
 fn start(c: &Containerd, rt: Option<&str>, id: &str) -> Result<Duration> {
-    let mut cmd = c.ctr(NS);
-    cmd.args(["run", "-d"]);
-    if let Some(rt) = rt {
-        cmd.args([
-            "--runtime",
-            "io.containerd.veil.v2",
-            "--runtime-config-path",
-            rt,
-        ]);
-    }
-    cmd.args([oci::BUSYBOX_IMAGE, id, "sleep", "100000"]);
+    let mut cmd = veil_benches::ctr_run(c, NS, rt, &["-d"], id);
+    cmd.args(["sleep", "100000"]);
     let t = Instant::now();
     let out = cmd.output()?;
     if !out.status.success() {
@@ -204,11 +192,7 @@ fn sequential(c: &Containerd, rt: Option<&str>, tag: &str, n: usize) -> Result<V
 }
 
 fn main() -> Result<()> {
-    let a = Artefacts::locate()?;
-    let c = Containerd::start(&a)?;
-    let work = tempfile::tempdir()?;
-    c.import(NS, &oci::busybox_archive(work.path())?)?;
-    let rt = c.runtime_config("veil");
+    let (_a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
     let batches: Vec<usize> = env_or("VEIL_BENCH_PARALLEL", "10,20")
         .split(',')
         .filter_map(|v| v.trim().parse().ok())

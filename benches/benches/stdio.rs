@@ -28,7 +28,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use veil_benches::{runs, summarize};
-use veil_test_support::{containerd::Containerd, oci, Artefacts};
+use veil_test_support::containerd::Containerd;
 
 const NS: &str = "veil-bench";
 const MIB: usize = 1024 * 1024;
@@ -41,20 +41,10 @@ fn mib() -> usize {
         .unwrap_or(100)
 }
 
-fn run_cmd(c: &Containerd, veil: Option<&str>, extra: &[&str], id: &str) -> std::process::Command {
-    let mut cmd = c.ctr(NS);
-    cmd.args(["run", "--rm"]);
-    cmd.args(extra);
-    if let Some(rt) = veil {
-        cmd.args([
-            "--runtime",
-            "io.containerd.veil.v2",
-            "--runtime-config-path",
-            rt,
-        ]);
-    }
-    cmd.args([oci::BUSYBOX_IMAGE, id]);
-    cmd
+/// `ctr run --rm … ID` (runc when `veil` is `None`); the caller adds the
+/// command.
+fn run_cmd(c: &Containerd, veil: Option<&str>, id: &str) -> std::process::Command {
+    veil_benches::ctr_run(c, NS, veil, &["--rm"], id)
 }
 
 /// What `yes LINE | head -c N` prints.
@@ -72,7 +62,7 @@ fn expected_stdout(n: usize) -> [u8; 32] {
 
 /// MiB/s out of the container's stdout.
 fn stdout_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<f64> {
-    let mut child = run_cmd(c, veil, &[], id)
+    let mut child = run_cmd(c, veil, id)
         .args(["sh", "-c", &format!("yes {LINE} | head -c {n}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -108,7 +98,7 @@ fn stdout_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result
 
 /// MiB/s into the container's stdin.
 fn stdin_once(c: &Containerd, veil: Option<&str>, id: &str, n: usize) -> Result<f64> {
-    let mut child = run_cmd(c, veil, &[], id)
+    let mut child = run_cmd(c, veil, id)
         .args(["sha256sum"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -157,15 +147,11 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let a = Artefacts::locate()?;
-    let c = Containerd::start(&a)?;
-    let work = tempfile::tempdir()?;
-    c.import(NS, &oci::busybox_archive(work.path())?)?;
-    let rt = c.runtime_config("veil");
+    let (_a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
     let (n_runs, n) = (runs(5), mib() * MIB);
     // The floor's container, started once and removed at the end.
     let floor_id = "veil-floor";
-    let started = run_cmd(&c, Some(&rt), &["-d"], floor_id)
+    let started = veil_benches::ctr_run(&c, NS, Some(&rt), &["-d"], floor_id)
         .args(["sleep", "100000"])
         .output()?;
     if !started.status.success() {

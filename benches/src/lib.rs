@@ -5,10 +5,13 @@
 
 pub mod plot;
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Result};
-use veil_test_support::{Artefacts, TestVm, VmOptions};
+use veil_test_support::{containerd::Containerd, oci, Artefacts, TestVm, VmOptions};
 
 /// What the floor initrd's `/init` prints (`rootfs/floor-init.c`).
 pub const FLOOR_MARK: &str = "veil-floor: init reached";
@@ -85,6 +88,37 @@ pub fn accel_name() -> String {
         "{:?}",
         veil_shim::vmm::accel::resolve(veil_shim::vmm::AccelChoice::Auto)
     )
+}
+
+/// A private containerd with the busybox test image imported into `ns`,
+/// for the benches that go through containerd: the artefacts, containerd,
+/// the directory the image was built in (kept while it runs) and the
+/// `--runtime-config-path` of the `veil` handler.
+pub fn bench_containerd(ns: &str) -> Result<(Artefacts, Containerd, tempfile::TempDir, String)> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(ns, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    Ok((a, c, work, rt))
+}
+
+/// `ctr run EXTRA… IMAGE ID` of the busybox image in `ns`, under the veil
+/// runtime with config `rt`, or runc when `rt` is `None`; the caller adds
+/// the command.
+pub fn ctr_run(c: &Containerd, ns: &str, rt: Option<&str>, extra: &[&str], id: &str) -> Command {
+    let mut cmd = c.ctr(ns);
+    cmd.arg("run").args(extra);
+    if let Some(rt) = rt {
+        cmd.args([
+            "--runtime",
+            "io.containerd.veil.v2",
+            "--runtime-config-path",
+            rt,
+        ]);
+    }
+    cmd.args([oci::BUSYBOX_IMAGE, id]);
+    cmd
 }
 
 /// Number of runs: `VEIL_BENCH_RUNS` or `default`.
