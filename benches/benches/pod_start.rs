@@ -28,8 +28,9 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use veil_benches::plot;
+use veil_benches::ShimReports;
 use veil_benches::{floor_once, ms, report, runs, summarize, Summary};
-use veil_shim::phases::{now_ns, parse_line, parse_tagged, TEARDOWN_TAG};
+use veil_shim::phases::{now_ns, parse_line};
 use veil_test_support::{containerd::Containerd, oci};
 
 const NS: &str = "veil-bench";
@@ -58,25 +59,18 @@ fn ctr_run(c: &Containerd, veil: Option<&str>, id: &str) -> Result<(Duration, u1
     Ok((took, returned))
 }
 
-/// The shim's teardown marks for pod `id`, once logged (after the shim
-/// stopped the pod, which is after `ctr` returned).
-fn teardown_of(c: &Containerd, id: &str) -> Result<HashMap<String, u128>> {
-    let needle = format!("sandbox={id} ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = c
-            .log_text()
-            .lines()
-            .rfind(|l| l.contains(TEARDOWN_TAG) && l.contains(&needle))
-            .and_then(|l| parse_tagged(TEARDOWN_TAG, l));
-        if let Some(m) = found {
-            return Ok(m.into_iter().collect());
-        }
-        if Instant::now() > deadline {
-            bail!("no {TEARDOWN_TAG} line for {id}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The shim's teardown marks for pod `id` (its `teardown` report, written
+/// once the shim stopped the pod, which is after `ctr` returned).
+fn teardown_of(reports: &ShimReports, id: &str) -> Result<HashMap<String, u128>> {
+    let v = reports.take(id, "teardown", Duration::from_secs(15))?;
+    reports.discard(id);
+    let marks = v["phases"]
+        .as_object()
+        .with_context(|| format!("teardown report of {id} has no phases: {v}"))?;
+    Ok(marks
+        .iter()
+        .filter_map(|(k, t)| t.as_u64().map(|t| (k.clone(), u128::from(t))))
+        .collect())
 }
 
 /// Teardown phases as (name, from mark, to mark); `returned` is when `ctr`
@@ -249,11 +243,13 @@ fn footprint(c: &Containerd, rt: &str) -> Result<()> {
 
 fn main() -> Result<()> {
     let (a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
+    let reports = ShimReports::open(&c)?;
     let n = runs(10);
 
     // Warm-up: page cache, image unpacked, first-use costs.
     ctr_run(&c, None, "warm-runc")?;
     ctr_run(&c, Some(&rt), "warm-veil")?;
+    reports.discard("warm-veil");
 
     let (mut floor, mut runc, mut veil) = (Vec::new(), Vec::new(), Vec::new());
     let mut phase_samples: HashMap<&str, Vec<Duration>> = HashMap::new();
@@ -291,7 +287,7 @@ fn main() -> Result<()> {
                 segment_samples.entry(w[1].to_string()).or_default().push(d);
             }
         }
-        let mut down = teardown_of(&c, &id)?;
+        let mut down = teardown_of(&reports, &id)?;
         down.insert("returned".into(), returned);
         for (name, from, to) in TEARDOWN.iter().chain(AFTER) {
             if let Some(d) = span(&down, from, to) {

@@ -121,6 +121,62 @@ pub fn ctr_run(c: &Containerd, ns: &str, rt: Option<&str>, extra: &[&str], id: &
     cmd
 }
 
+/// The shims' report files (`veil_shim::report`), which they write only
+/// while `<state_dir>/metrics` exists: created here if the node has none
+/// (and removed again with whatever is left in it when dropped).
+pub struct ShimReports {
+    dir: std::path::PathBuf,
+    created: bool,
+}
+
+impl ShimReports {
+    /// Reports of the shims that `c` starts.
+    pub fn open(c: &Containerd) -> Result<Self> {
+        let dir = c
+            .veil_settings()?
+            .state_dir
+            .join(veil_shim::report::METRICS_DIR);
+        let created = !dir.is_dir();
+        std::fs::create_dir_all(&dir)?;
+        Ok(ShimReports { dir, created })
+    }
+
+    /// Pod `pod`'s `kind` report (`start`, `teardown`, `attest`), waiting up
+    /// to `wait` for it; taken (removed) once read.
+    pub fn take(&self, pod: &str, kind: &str, wait: Duration) -> Result<serde_json::Value> {
+        let path = self.dir.join(format!("{pod}.{kind}.json"));
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let _ = std::fs::remove_file(&path);
+                return Ok(serde_json::from_str(&text)?);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no {kind} report from the shim of {pod} in {}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes pod `pod`'s reports of every kind.
+    pub fn discard(&self, pod: &str) {
+        for kind in ["start", "teardown", "attest"] {
+            let _ = std::fs::remove_file(self.dir.join(format!("{pod}.{kind}.json")));
+        }
+    }
+}
+
+impl Drop for ShimReports {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// Number of runs: `VEIL_BENCH_RUNS` or `default`.
 pub fn runs(default: usize) -> usize {
     std::env::var("VEIL_BENCH_RUNS")

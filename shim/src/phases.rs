@@ -25,7 +25,10 @@
 //! Shutdown let the shim exit), `agent_stopped` (the guest destroyed the
 //! sandbox and was told to power off), `vm_stopped` (QEMU gone),
 //! `backend_stopped` (vsock backend and virtiofsd gone), `state_removed`
-//! (network, images and `/run/veil/<id>` released).
+//! (network, images and `/run/veil/<id>` released). containerd stops
+//! reading a shim's log once it asked the shim to shut down, so the line
+//! often never reaches containerd's log; the same marks also go to the
+//! node's metrics as a `teardown` report (`crate::report::torn_down`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -101,11 +101,20 @@ pub fn attestation(outcome: &str, reason: &str) {
     );
 }
 
-/// The first container's start phases: `(name, unix ns)` pairs.
-pub fn started(phases: &[(&str, u128)]) {
-    let map: serde_json::Map<String, serde_json::Value> = phases
+fn marks_json(marks: &[(&str, u128)]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = marks
         .iter()
         .map(|(n, t)| (n.to_string(), serde_json::Value::from(*t as u64)))
         .collect();
-    event("start", serde_json::json!({ "phases": map }));
+    serde_json::json!({ "phases": map })
+}
+
+/// The first container's start phases: `(name, unix ns)` pairs.
+pub fn started(phases: &[(&str, u128)]) {
+    event("start", marks_json(phases));
+}
+
+/// The pod's teardown marks (`phases::TEARDOWN_MARKS`), once it stopped.
+pub fn torn_down(marks: &[(&str, u128)]) {
+    event("teardown", marks_json(marks));
 }

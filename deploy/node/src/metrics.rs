@@ -37,12 +37,41 @@ const MAX_REPORT: u64 = 64 * 1024;
 const MAX_EVENTS: usize = 4096;
 /// The start phases in order (as the shim marks them).
 const PHASES: &[&str] = veil_shim::phases::MARKS;
+/// The teardown marks in order.
+const TEARDOWN: &[&str] = veil_shim::phases::TEARDOWN_MARKS;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Observes each step between consecutive `order` marks present in
+/// `phases` (unix ns), and `total` from `span.0` to `span.1`.
+fn observe(
+    family: &Family<Labels, Histogram, fn() -> Histogram>,
+    order: &[&str],
+    span: (&str, &str),
+    handler: &str,
+    phases: &serde_json::Value,
+) {
+    let marks: Vec<(&str, u64)> = order
+        .iter()
+        .filter_map(|p| phases[*p].as_u64().map(|t| (*p, t)))
+        .collect();
+    for w in marks.windows(2) {
+        let secs = w[1].1.saturating_sub(w[0].1) as f64 / 1e9;
+        family
+            .get_or_create(&labels(&[("handler", handler), ("phase", w[1].0)]))
+            .observe(secs);
+    }
+    let at = |p: &str| marks.iter().find(|(n, _)| *n == p).map(|(_, t)| *t);
+    if let (Some(a), Some(b)) = (at(span.0), at(span.1)) {
+        family
+            .get_or_create(&labels(&[("handler", handler), ("phase", "total")]))
+            .observe(b.saturating_sub(a) as f64 / 1e9);
+    }
 }
 
 fn start_histogram() -> Histogram {
@@ -58,6 +87,7 @@ pub struct Metrics {
     vmm_cpu: Family<Labels, FloatGauge>,
     rss: Family<Labels, Gauge>,
     phases: Family<Labels, Histogram, fn() -> Histogram>,
+    teardown: Family<Labels, Histogram, fn() -> Histogram>,
     attestations: Family<Labels, Counter>,
     bad_reports: Counter,
 }
@@ -95,6 +125,13 @@ impl Metrics {
             "Time of each pod start phase since the one before it; phase total: task create to container started",
             phases.clone(),
         );
+        let teardown: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(start_histogram);
+        registry.register(
+            "pod_teardown_phase_seconds",
+            "Time of each pod teardown step since the one before it; phase total: the pod's exit to its state removed",
+            teardown.clone(),
+        );
         let attestations = Family::<Labels, Counter>::default();
         registry.register(
             "attestations",
@@ -115,6 +152,7 @@ impl Metrics {
             vmm_cpu,
             rss,
             phases,
+            teardown,
             attestations,
             bad_reports,
         })
@@ -160,6 +198,14 @@ impl Metrics {
                     .inc();
             } else if name.ends_with(".start.json") {
                 self.observe_start(&s("handler"), &v["phases"]);
+            } else if name.ends_with(".teardown.json") {
+                observe(
+                    &self.teardown,
+                    TEARDOWN,
+                    ("exited", "state_removed"),
+                    &s("handler"),
+                    &v["phases"],
+                );
             } else {
                 self.bad_reports.inc();
             }
@@ -167,22 +213,13 @@ impl Metrics {
     }
 
     fn observe_start(&self, handler: &str, phases: &serde_json::Value) {
-        let marks: Vec<(&str, u64)> = PHASES
-            .iter()
-            .filter_map(|p| phases[*p].as_u64().map(|t| (*p, t)))
-            .collect();
-        for w in marks.windows(2) {
-            let secs = w[1].1.saturating_sub(w[0].1) as f64 / 1e9;
-            self.phases
-                .get_or_create(&labels(&[("handler", handler), ("phase", w[1].0)]))
-                .observe(secs);
-        }
-        let at = |p: &str| marks.iter().find(|(n, _)| *n == p).map(|(_, t)| *t);
-        if let (Some(a), Some(b)) = (at("create"), at("container_started")) {
-            self.phases
-                .get_or_create(&labels(&[("handler", handler), ("phase", "total")]))
-                .observe(b.saturating_sub(a) as f64 / 1e9);
-        }
+        observe(
+            &self.phases,
+            PHASES,
+            ("create", "container_started"),
+            handler,
+            phases,
+        );
     }
 
     fn running(&self) {
@@ -370,6 +407,11 @@ mod tests {
             r#"{"pod":"p1","handler":"veil-sim","phases":{"create":1000000000,"vmm_spawned":1100000000,"container_started":3000000000}}"#,
         )
         .unwrap();
+        std::fs::write(
+            ev.join("p0.teardown.json"),
+            r#"{"pod":"p0","handler":"veil","phases":{"exited":1000000000,"deleted":1200000000,"vm_stopped":1500000000,"state_removed":1600000000}}"#,
+        )
+        .unwrap();
         std::fs::write(ev.join("junk.attest.json"), "{").unwrap();
         let pod = dir.path().join("p1");
         std::fs::create_dir(&pod).unwrap();
@@ -402,6 +444,18 @@ mod tests {
         assert!(
             text.contains(
                 r#"veil_pod_start_phase_seconds_count{handler="veil-sim",phase="total"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"veil_pod_teardown_phase_seconds_sum{handler="veil",phase="total"} 0.6"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"veil_pod_teardown_phase_seconds_count{handler="veil",phase="vm_stopped"} 1"#
             ),
             "{text}"
         );

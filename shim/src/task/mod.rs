@@ -739,6 +739,7 @@ impl TaskService {
         if let Some(p) = pod {
             p.shutdown(&self.teardown).await;
             tracing::info!("{}", self.teardown.line(p.id(), p.id()));
+            crate::report::torn_down(&self.teardown.marks());
         }
     }
 
