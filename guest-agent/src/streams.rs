@@ -74,7 +74,7 @@ async fn port_forward(mut conn: Connection, port: u32) {
             return;
         }
     };
-    let mut target = match target {
+    let target = match target {
         Ok(t) => t,
         Err(e) => {
             reply.code = crate::status::code_number(crate::status::Kind::Unavailable);
@@ -86,9 +86,38 @@ async fn port_forward(mut conn: Connection, port: u32) {
     if write_frame(&mut conn, &reply).await.is_err() {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut conn, &mut target).await {
-        tracing::debug!(error = %e, port, "port-forward connection ended");
+    relay(conn, target, port).await;
+}
+
+/// Copies between the host's connection and the pod's `target` socket.
+/// When the target's output ends, what it wrote is sent and the connection
+/// is closed entirely: the hybrid vsock backend does not pass a one-way
+/// shutdown on, only a full close reaches the host as the end of the
+/// stream (and so the port-forward client as EOF). Whatever the client
+/// still sends after that is not delivered.
+async fn relay(conn: Connection, target: tokio::net::TcpStream, port: u32) {
+    use tokio::io::AsyncWriteExt;
+    let (mut conn_r, mut conn_w) = tokio::io::split(conn);
+    let (mut target_r, mut target_w) = target.into_split();
+    let input = tokio::spawn(async move {
+        let r = tokio::io::copy(&mut conn_r, &mut target_w).await;
+        // The client's end of input (a full close on hybrid vsock, a
+        // half-close in host mode) becomes the target's.
+        let _ = target_w.shutdown().await;
+        (r, conn_r)
+    });
+    match tokio::io::copy(&mut target_r, &mut conn_w).await {
+        Ok(_) => {
+            let _ = conn_w.flush().await;
+        }
+        Err(e) => tracing::debug!(error = %e, port, "port-forward output ended"),
     }
+    // Both halves dropped: the connection closes.
+    input.abort();
+    if let Ok((Err(e), _)) = input.await {
+        tracing::debug!(error = %e, port, "port-forward input ended");
+    }
+    drop(conn_w);
 }
 
 async fn handle(mut conn: Connection, pod: Arc<Pod>, gate: Arc<Gate>) {

@@ -7,7 +7,8 @@
 //! image archives built offline ([`oci`]), a private containerd with the
 //! veil runtime registered ([`containerd`]) and a CRI client to it ([`cri`]), node-install fixtures ([`node`]), a key broker with a simulated
 //! TEE for attestation tests ([`kbs`]) and the confidential-storage helpers
-//! ([`storage`]), network namespaces made by the test ([`netns`]).
+//! ([`storage`]), network namespaces made by the test ([`netns`]) and a CNI bridge
+//! network with containerd inside one ([`podnet`]).
 //!
 //! Tests that need something missing (kernel, QEMU, vhost-device-vsock) fail
 //! with a message naming it; nothing is skipped silently.
@@ -20,6 +21,7 @@ pub mod kbs;
 pub mod netns;
 pub mod node;
 pub mod oci;
+pub mod podnet;
 pub mod rootfs;
 pub mod storage;
 pub mod vm;
