@@ -35,7 +35,10 @@ use crate::{
     sandbox::VmLauncher,
     spec::HostSpec,
     state::PodDir,
-    task::{server::TaskServer, ServiceContext, TaskService},
+    task::{
+        server::{SandboxServer, TaskServer},
+        ServiceContext, TaskService,
+    },
 };
 
 /// Where containerd (1.6 and 2.x) expects shim sockets.
@@ -222,7 +225,8 @@ pub fn init_logging(args: &Args) {
     };
 }
 
-/// Serves the task API on the inherited listener until `Shutdown` (or SIGTERM).
+/// Serves the task API and the sandbox API on the inherited listener until
+/// `Shutdown`/`ShutdownSandbox` (or SIGTERM).
 pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     let ttrpc_address =
         std::env::var("TTRPC_ADDRESS").map_err(|_| BootstrapError::Env("TTRPC_ADDRESS"))?;
@@ -250,10 +254,14 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     .map_err(|e| io_err("set close-on-exec on", Path::new("fd 3"))(e.into()))?;
     let task =
         containerd_shim_protos::shim_async::create_task(Arc::new(TaskServer(service.clone())));
+    let sandbox = containerd_shim_protos::sandbox_async::create_sandbox(Arc::new(SandboxServer(
+        service.clone(),
+    )));
     let mut server = ttrpc::asynchronous::Server::new()
         .add_listener(listener.into_raw_fd())?
         .set_domain_unix()
-        .register_service(task);
+        .register_service(task)
+        .register_service(sandbox);
     server.start().await?;
     service.set_serving(phases::now_ns());
     tracing::info!(id = %args.id, pid = std::process::id(), "shim serving");

@@ -31,6 +31,9 @@ pub const VEIL_CONFIG: &str = "/etc/veil/config.toml";
 pub const OPT: &str = "/opt/veil";
 /// The install record.
 pub const RECORD: &str = "/opt/veil/install.json";
+/// The artefacts' version marker in the image (`/veil/VERSION`, written by
+/// `deploy/installer/build-image.sh`), copied to `/opt/veil/VERSION`.
+pub const VERSION_FILE: &str = "VERSION";
 
 /// Errors installing or uninstalling.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,10 @@ pub struct Options {
 pub struct Record {
     /// veil-node's version.
     pub version: String,
+    /// The installed artefacts' version (the image's `VERSION` file);
+    /// `None` when the image had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artefacts: Option<String>,
     /// The handlers registered with containerd.
     pub handlers: Vec<String>,
     /// Whether containerd's config file existed before veil.
@@ -117,6 +124,9 @@ pub struct Outcome {
     pub restarted: bool,
     /// The handlers now enabled.
     pub handlers: Vec<String>,
+    /// The artefacts' version this run installed, and the one it replaced
+    /// (`None`: no marker, or nothing was installed before).
+    pub artefacts: (Option<String>, Option<String>),
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -278,7 +288,15 @@ pub fn install(host: &Host, report: &Report, opts: &Options) -> Result<Outcome, 
         ..Default::default()
     };
     let record = read_record(host)?;
+    let marker = opts.from.join(VERSION_FILE);
+    let artefacts = read_opt(&marker)?.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    out.artefacts = (
+        artefacts.clone(),
+        record.as_ref().and_then(|r| r.artefacts.clone()),
+    );
 
+    // Every file by a rename: a running shim, QEMU or backend keeps the inode
+    // it started from, new pods start from the new files.
     let mut copied = Vec::new();
     copy_tree(&opts.from, &host.at(OPT), Path::new(""), &mut copied)?;
     out.changed.extend(
@@ -347,6 +365,7 @@ pub fn install(host: &Host, report: &Report, opts: &Options) -> Result<Outcome, 
 
     let rec = Record {
         version: env!("CARGO_PKG_VERSION").to_string(),
+        artefacts,
         handlers,
         containerd_config_existed: existed,
         veil_config_sha256,
