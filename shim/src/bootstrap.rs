@@ -274,8 +274,13 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
         _ = term.recv() => tracing::info!("SIGTERM: stopping the pod VM"),
     }
     service.stop_pod().await;
-    // The Shutdown reply went out before the teardown; bound the server's
-    // own shutdown, which waits for containerd's connections.
+    // The reply to Shutdown/ShutdownSandbox is written by the connection's
+    // own task: give it a moment before the server closes the connections
+    // (a sandbox that was stopped already has no teardown to wait for, and
+    // the server's shutdown would cut the reply off).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Bound the server's own shutdown, which waits for containerd's
+    // connections.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     let _ = std::fs::remove_file(socket_path(&args.socket));
     tracing::info!("shim exiting");
