@@ -282,11 +282,18 @@ impl Containerd {
     /// with the artefacts' shim off its PATH: whoever registers the runtimes
     /// in that file (`veil-node install`) decides which shim runs.
     /// [`Self::restart`] makes it read the file again.
-    pub fn start_node(a: &Artefacts, config_file: &Path) -> Result<Self> {
-        Self::start_inner(a, &Options::default(), Some(config_file))
+    /// `path` is the node's PATH for containerd (where containerd 1.6 looks
+    /// the shim up), before the system's.
+    pub fn start_node(a: &Artefacts, config_file: &Path, path: &[PathBuf]) -> Result<Self> {
+        Self::start_inner(a, &Options::default(), Some((config_file, path)))
     }
 
-    fn start_inner(a: &Artefacts, opts: &Options, config_file: Option<&Path>) -> Result<Self> {
+    fn start_inner(
+        a: &Artefacts,
+        opts: &Options,
+        node: Option<(&Path, &[PathBuf])>,
+    ) -> Result<Self> {
+        let config_file = node.map(|(f, _)| f);
         if !nix::unistd::Uid::effective().is_root() {
             bail!("containerd tests need root");
         }
@@ -313,8 +320,10 @@ impl Containerd {
         let log = dir.path().join("containerd.log");
         let system_path =
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-        let path = if config_file.is_some() {
-            system_path
+        let path = if let Some((_, dirs)) = node {
+            let mut p: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            p.push(system_path);
+            p.join(":")
         } else {
             let shim_dir = a
                 .require_shim()?

@@ -188,7 +188,9 @@ fn shim_of(c: &Containerd, pod: &str) -> Result<u32> {
     }
 }
 
-/// Runs a `veil-sim` pod with a `sleep` container; the pod and container ids.
+/// Runs a `veil` pod with a `sleep` container (ExecSync needs no policy;
+/// `veil-sim` pods refuse exec unless their policy lists it); the pod and
+/// container ids.
 async fn sleeper_pod(
     cri: &mut RuntimeServiceClient<Channel>,
     logs: &Path,
@@ -202,7 +204,7 @@ async fn sleeper_pod(
         name,
         &dir.display().to_string(),
     );
-    let pod = veil_tests::cri::run_pod(cri, "veil-sim", &cfg).await?;
+    let pod = veil_tests::cri::run_pod(cri, "veil", &cfg).await?;
     let id = veil_tests::cri::create_container(
         cri,
         &pod,
@@ -240,7 +242,7 @@ async fn upgrade_while_a_pod_runs_keeps_it_and_new_pods_use_the_new_files() -> R
     let node = NodeRoot::new(&a, None)?;
     let cfg = node.path("etc/containerd/config.toml");
     // The node's containerd, reading the node's config file (no veil in it).
-    let mut c = Containerd::start_node(&a, &cfg)?;
+    let mut c = Containerd::start_node(&a, &cfg, &[node.path("usr/local/bin")])?;
     let before = std::fs::read(&cfg)?;
     std::fs::write(node.from.join("VERSION"), "test-1\n")?;
     let v2 = node.path("image-v2/veil");
