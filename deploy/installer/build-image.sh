@@ -3,7 +3,9 @@
 # `ctr images import` or a registry push with any OCI tool), no daemon.
 # One layer: veil-node with the shared libraries it links, and the artefacts
 # under /veil (bin/: shim, vhost-device-vsock, virtiofsd; share/: kernel,
-# initrd). Entrypoint: `veil-node`; the DaemonSet passes `run ...`.
+# initrd) and /veil/VERSION, the artefacts' version (VEIL_ARTEFACTS_VERSION,
+# default the tag of REF), which install copies to /opt/veil/VERSION and
+# records. Entrypoint: `veil-node`; the DaemonSet passes `run ...`.
 #
 # usage: deploy/installer/build-image.sh OUT.tar [REF]   (after ci/build-artefacts.sh)
 set -euo pipefail
@@ -27,6 +29,7 @@ cp "$(get VEIL_VHOST_DEVICE_VSOCK)" "$root/veil/bin/vhost-device-vsock"
 cp "$(get VEIL_VIRTIOFSD)" "$root/veil/bin/virtiofsd"
 cp "$(get VEIL_KERNEL)" "$root/veil/share/vmlinux"
 cp "$(get VEIL_INITRD)" "$root/veil/share/veil-initrd.cpio"
+echo "${VEIL_ARTEFACTS_VERSION:-${ref##*:}}" > "$root/veil/VERSION"
 # The libraries veil-node links (and the loader), at their own paths.
 for lib in $(ldd "$node_bin" | grep -o '/[^ ]*'); do
   mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"

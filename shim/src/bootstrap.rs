@@ -35,7 +35,10 @@ use crate::{
     sandbox::VmLauncher,
     spec::HostSpec,
     state::PodDir,
-    task::{server::TaskServer, ServiceContext, TaskService},
+    task::{
+        server::{SandboxServer, TaskServer},
+        ServiceContext, TaskService,
+    },
 };
 
 /// Where containerd (1.6 and 2.x) expects shim sockets.
@@ -222,7 +225,8 @@ pub fn init_logging(args: &Args) {
     };
 }
 
-/// Serves the task API on the inherited listener until `Shutdown` (or SIGTERM).
+/// Serves the task API and the sandbox API on the inherited listener until
+/// `Shutdown`/`ShutdownSandbox` (or SIGTERM).
 pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     let ttrpc_address =
         std::env::var("TTRPC_ADDRESS").map_err(|_| BootstrapError::Env("TTRPC_ADDRESS"))?;
@@ -250,10 +254,14 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
     .map_err(|e| io_err("set close-on-exec on", Path::new("fd 3"))(e.into()))?;
     let task =
         containerd_shim_protos::shim_async::create_task(Arc::new(TaskServer(service.clone())));
+    let sandbox = containerd_shim_protos::sandbox_async::create_sandbox(Arc::new(SandboxServer(
+        service.clone(),
+    )));
     let mut server = ttrpc::asynchronous::Server::new()
         .add_listener(listener.into_raw_fd())?
         .set_domain_unix()
-        .register_service(task);
+        .register_service(task)
+        .register_service(sandbox);
     server.start().await?;
     service.set_serving(phases::now_ns());
     tracing::info!(id = %args.id, pid = std::process::id(), "shim serving");
@@ -266,8 +274,13 @@ pub async fn serve(args: &Args) -> Result<(), BootstrapError> {
         _ = term.recv() => tracing::info!("SIGTERM: stopping the pod VM"),
     }
     service.stop_pod().await;
-    // The Shutdown reply went out before the teardown; bound the server's
-    // own shutdown, which waits for containerd's connections.
+    // The reply to Shutdown/ShutdownSandbox is written by the connection's
+    // own task: give it a moment before the server closes the connections
+    // (a sandbox that was stopped already has no teardown to wait for, and
+    // the server's shutdown would cut the reply off).
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Bound the server's own shutdown, which waits for containerd's
+    // connections.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await;
     let _ = std::fs::remove_file(socket_path(&args.socket));
     tracing::info!("shim exiting");

@@ -4,7 +4,8 @@
 //! containerd writes the runtime's options (a protobuf `Any`, possibly empty)
 //! to the shim's stdin and reads a protobuf `containerd.types.RuntimeInfo`
 //! from its stdout: the runtime's name, version, the options echoed back and
-//! the OCI runtime features (`features.Features` JSON under its typeurl).
+//! the OCI runtime features (`features.Features` JSON under its typeurl),
+//! and in its annotations the sandbox API calls the shim serves.
 //! containerd 1.6 never asks.
 
 use containerd_shim_protos::{
@@ -29,6 +30,18 @@ fn features_json() -> String {
         "mountOptions": ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec", "relatime"],
     })
     .to_string()
+}
+
+/// The `RuntimeInfo` annotation that names the sandbox API calls the shim
+/// serves (for `sandboxer = "shim"`), as `SERVICE: Call,Call,...`.
+pub const SANDBOX_API_ANNOTATION: &str = "io.veil.sandbox-api";
+
+/// The value of [`SANDBOX_API_ANNOTATION`].
+pub fn sandbox_api_calls() -> String {
+    format!(
+        "containerd.runtime.sandbox.v1.Sandbox: {}",
+        crate::task::sandbox_api::SUPPORTED_CALLS.join(",")
+    )
 }
 
 /// Errors of the `-info` exchange.
@@ -63,6 +76,7 @@ pub fn runtime_info(stdin: &[u8]) -> Result<Vec<u8>, HandshakeError> {
             value: features_json().into_bytes(),
             ..Default::default()
         }),
+        annotations: [(SANDBOX_API_ANNOTATION.to_string(), sandbox_api_calls())].into(),
         ..Default::default()
     };
     info.write_to_bytes().map_err(HandshakeError::Encode)
@@ -95,6 +109,10 @@ mod tests {
         assert_eq!(info.features.type_url, FEATURES_TYPE_URL);
         let f: serde_json::Value = serde_json::from_slice(&info.features.value).unwrap();
         assert_eq!(f["ociVersionMin"], "1.0.0");
+        assert_eq!(
+            info.annotations[SANDBOX_API_ANNOTATION],
+            "containerd.runtime.sandbox.v1.Sandbox: CreateSandbox,StartSandbox,Platform,StopSandbox,WaitSandbox,SandboxStatus,PingSandbox,ShutdownSandbox"
+        );
     }
 
     #[test]

@@ -87,8 +87,11 @@ pub struct LaunchRequest<'a> {
     /// The sandbox container's spec.
     pub spec: &'a HostSpec,
     /// The sandbox container's layers, to build its image while the VM
-    /// boots.
+    /// boots (`None` under the sandbox API: no sandbox container).
     pub first_image: Option<Layers>,
+    /// The pod's network namespace (the spec's, or the sandbox API's
+    /// `netns_path`); `None`: the pod has no network.
+    pub netns: Option<PathBuf>,
 }
 
 /// An image attached to a pod: the handle to give back.

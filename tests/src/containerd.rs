@@ -37,9 +37,18 @@ pub struct Options {
     pub cni_conflist: Option<String>,
 }
 
+/// How the private containerd is (re)started.
+struct Launch {
+    bin: PathBuf,
+    netns: Option<PathBuf>,
+    config: PathBuf,
+    path: String,
+}
+
 /// A running private containerd.
 pub struct Containerd {
     child: Child,
+    launch: Launch,
     /// containerd's gRPC socket.
     pub socket: PathBuf,
     /// The veil config the handlers use (`ConfigPath`, without `#handler`).
@@ -138,7 +147,7 @@ pub fn veil_config_with(a: &Artefacts, image_dir: &Path, extra: &[(&str, &str)])
     )
 }
 
-fn containerd_config(dir: &Path, veil_config: &Path) -> String {
+fn containerd_config(dir: &Path, veil_config: &Path, veil_runtimes: bool) -> String {
     let d = |s: &str| toml_str(&dir.join(s));
     let runtime = |name: &str| {
         format!(
@@ -193,8 +202,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         debug = d("debug.sock"),
         opt = d("opt"),
         pause = crate::oci::PAUSE_IMAGE,
-        veil = runtime("veil"),
-        veil_sim = runtime("veil-sim"),
+        veil = if veil_runtimes {
+            runtime("veil")
+        } else {
+            String::new()
+        },
+        veil_sim = if veil_runtimes {
+            runtime("veil-sim")
+        } else {
+            String::new()
+        },
         cni_bin = d("cni/bin"),
         cni_conf = d("cni/conf"),
     )
@@ -227,6 +244,27 @@ pub fn processes() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The host processes of pod `pod` (QEMU, vhost-device-vsock, virtiofsd):
+/// their command lines name its directory under the veil state dir.
+pub fn pod_processes(pod: &str) -> Vec<(u32, String)> {
+    let dir = format!("{VEIL_STATE_DIR}/{pod}/");
+    processes()
+        .into_iter()
+        .filter(|(_, c)| c.contains(&dir))
+        .collect()
+}
+
+/// The entries of an image cache directory (its lock file aside).
+pub fn cache_entries(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect()
+}
+
 impl Containerd {
     /// Starts containerd with a fresh root and state, the shim from the
     /// artefacts on its PATH, and waits for it to answer.
@@ -236,6 +274,26 @@ impl Containerd {
 
     /// [`Self::start`] with `opts`.
     pub fn start_with(a: &Artefacts, opts: &Options) -> Result<Self> {
+        Self::start_inner(a, opts, None)
+    }
+
+    /// A containerd whose config is the file `config_file` (a node's
+    /// `/etc/containerd/config.toml`), written without the veil runtimes,
+    /// with the artefacts' shim off its PATH: whoever registers the runtimes
+    /// in that file (`veil-node install`) decides which shim runs.
+    /// [`Self::restart`] makes it read the file again.
+    /// `path` is the node's PATH for containerd (where containerd 1.6 looks
+    /// the shim up), before the system's.
+    pub fn start_node(a: &Artefacts, config_file: &Path, path: &[PathBuf]) -> Result<Self> {
+        Self::start_inner(a, &Options::default(), Some((config_file, path)))
+    }
+
+    fn start_inner(
+        a: &Artefacts,
+        opts: &Options,
+        node: Option<(&Path, &[PathBuf])>,
+    ) -> Result<Self> {
+        let config_file = node.map(|(f, _)| f);
         if !nix::unistd::Uid::effective().is_root() {
             bail!("containerd tests need root");
         }
@@ -247,42 +305,44 @@ impl Containerd {
         let image_dir = dir.path().join("veil-images");
         let veil_config = dir.path().join("veil.toml");
         fs::write(&veil_config, veil_config_text(a, &image_dir))?;
-        let config = dir.path().join("config.toml");
-        fs::write(&config, containerd_config(dir.path(), &veil_config))?;
+        let config = match config_file {
+            Some(f) => f.to_path_buf(),
+            None => dir.path().join("config.toml"),
+        };
+        if let Some(parent) = config.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(
+            &config,
+            containerd_config(dir.path(), &veil_config, config_file.is_none()),
+        )?;
         install_cni(dir.path(), opts.cni_conflist.as_deref())?;
         let log = dir.path().join("containerd.log");
-        let out = fs::File::create(&log)?;
-        let shim_dir = a
-            .require_shim()?
-            .parent()
-            .context("shim path has no parent")?
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
-        );
-        let pods_before = list_pods();
-        let mut cmd = match &opts.netns {
-            // nsenter execs containerd: the child's PID is containerd's.
-            Some(ns) => {
-                let mut c = Command::new(which("nsenter").context("nsenter not found")?);
-                c.arg(format!("--net={}", ns.display())).arg(bin);
-                c
-            }
-            None => Command::new(bin),
+        let system_path =
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let path = if let Some((_, dirs)) = node {
+            let mut p: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+            p.push(system_path);
+            p.join(":")
+        } else {
+            let shim_dir = a
+                .require_shim()?
+                .parent()
+                .context("shim path has no parent")?
+                .to_path_buf();
+            format!("{}:{system_path}", shim_dir.display())
         };
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting containerd")?;
-        let c = Containerd {
+        let pods_before = list_pods();
+        let launch = Launch {
+            bin,
+            netns: opts.netns.clone(),
+            config,
+            path,
+        };
+        let child = spawn(&launch, &log)?;
+        let mut c = Containerd {
             child,
+            launch,
             socket: dir.path().join("containerd.sock"),
             veil_config,
             scratch_dir: scratch_dir_of(&image_dir),
@@ -291,17 +351,45 @@ impl Containerd {
             pods_before,
             dir,
         };
+        c.wait_ready()?;
+        Ok(c)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if c.socket.exists() && c.ctr("default").arg("version").output()?.status.success() {
-                break;
+            if self.socket.exists()
+                && self
+                    .ctr("default")
+                    .arg("version")
+                    .output()?
+                    .status
+                    .success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("containerd exited ({status}); log:\n{}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("containerd did not start; log:\n{}", c.log_text());
+                bail!("containerd did not start; log:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(c)
+    }
+
+    /// Restarts containerd as a node's service manager would (SIGTERM, wait,
+    /// start again with the same config file, now re-read); its shims keep
+    /// running and the new containerd reconnects to them.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop_child();
+        self.child = spawn(&self.launch, &self.log)?;
+        self.wait_ready()
+    }
+
+    /// containerd's config file.
+    pub fn config_file(&self) -> &Path {
+        &self.launch.config
     }
 
     /// containerd's PID.
@@ -444,11 +532,9 @@ impl Containerd {
             .map(|(pid, c)| format!("shim process {pid}: {c}"))
             .collect();
         for pod in pods {
-            let dir = format!("{VEIL_STATE_DIR}/{pod}/");
             left.extend(
-                processes()
+                pod_processes(pod)
                     .into_iter()
-                    .filter(|(_, c)| c.contains(&dir))
                     .map(|(pid, c)| format!("process {pid}: {c}")),
             );
             if Path::new(VEIL_STATE_DIR).join(pod).exists() {
@@ -472,13 +558,8 @@ impl Containerd {
                 left.push(format!("scratch disk {}", f.display()));
             }
         }
-        if let Ok(rd) = fs::read_dir(&self.image_dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n != ".lock" {
-                    left.push(format!("image cache entry {n}"));
-                }
-            }
+        for n in cache_entries(&self.image_dir) {
+            left.push(format!("image cache entry {n}"));
         }
         left
     }
@@ -502,6 +583,28 @@ impl Containerd {
     fn stop_child(&mut self) {
         crate::stop_child(&mut self.child, Duration::from_secs(10));
     }
+}
+
+/// Starts containerd as `l` says, its output appended to `log`.
+fn spawn(l: &Launch, log: &Path) -> Result<Child> {
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = match &l.netns {
+        // nsenter execs containerd: the child's PID is containerd's.
+        Some(ns) => {
+            let mut c = Command::new(which("nsenter").context("nsenter not found")?);
+            c.arg(format!("--net={}", ns.display())).arg(&l.bin);
+            c
+        }
+        None => Command::new(&l.bin),
+    };
+    cmd.arg("--config")
+        .arg(&l.config)
+        .env("PATH", &l.path)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting containerd")
 }
 
 fn veil_config_text(a: &Artefacts, image_dir: &Path) -> String {

@@ -2,11 +2,22 @@
 //! install registers the handlers this machine can run in a config
 //! containerd reads, a second install changes nothing, uninstall gives
 //! containerd's config back byte for byte and removes what install added;
-//! `check` reports this machine's KVM and TEE state with its exit code.
+//! `check` reports this machine's KVM and TEE state with its exit code;
+//! an upgrade to a second version while a `veil-sim` pod runs from the
+//! installed files leaves that pod running and exec-able (its shim keeps
+//! the binary it started from, also across a containerd restart), new pods
+//! use the new files, and uninstall still restores containerd's config.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
-use veil_tests::{containerd::output_text, node::NodeRoot, Artefacts};
+use anyhow::{bail, ensure, Context, Result};
+use k8s_cri::v1::{runtime_service_client::RuntimeServiceClient, ContainerState};
+use tonic::transport::Channel;
+use veil_tests::{
+    containerd::{cache_entries, output_text, pod_processes, Containerd},
+    node::{image_tree, NodeRoot},
+    Artefacts,
+};
 
 /// An operator's containerd config: comments, no trailing newline.
 const OPERATOR_CONFIG: &str = "version = 2\n# the operator's own settings\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"runc\"";
@@ -132,4 +143,229 @@ fn check_reports_this_machine() {
     }
     let sim = text.lines().find(|l| l.starts_with("veil-sim ")).unwrap();
     assert!(sim.contains(" yes "), "{sim}");
+}
+
+/// The artefacts' second version: the same files but a shim that differs
+/// (a marker appended after the ELF's last byte: it runs the same), and
+/// another `VERSION`.
+const V2_MARKER: &[u8] = b"\0veil-node upgrade test: version 2\0";
+
+/// The inode of what `/proc/PID/exe` runs, and whether that file was
+/// replaced or removed since.
+fn exe_of(pid: u32) -> Result<(u64, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = format!("/proc/{pid}/exe");
+    let ino = std::fs::metadata(&exe)
+        .with_context(|| format!("stat {exe}"))?
+        .ino();
+    let link = std::fs::read_link(&exe)?;
+    Ok((ino, link.display().to_string().ends_with(" (deleted)")))
+}
+
+fn ino(p: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(p)
+        .with_context(|| format!("stat {}", p.display()))?
+        .ino())
+}
+
+/// The one shim process of `c` that serves pod `pod` (its socket address
+/// derives from the pod id; the cmdline holds `-id <container>` of the first
+/// container, which CRI makes the pod id too).
+fn shim_of(c: &Containerd, pod: &str) -> Result<u32> {
+    let found: Vec<u32> = c
+        .shim_processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(&format!("-id {pod} ")))
+        .map(|(pid, _)| pid)
+        .collect();
+    match found.as_slice() {
+        [pid] => Ok(*pid),
+        _ => bail!(
+            "expected one shim for pod {pod}, found {found:?} among {:?}",
+            c.shim_processes()
+        ),
+    }
+}
+
+/// Runs a `veil` pod with a `sleep` container (ExecSync needs no policy;
+/// `veil-sim` pods refuse exec unless their policy lists it); the pod and
+/// container ids.
+async fn sleeper_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    logs: &Path,
+    name: &str,
+) -> Result<(String, String)> {
+    let dir = logs.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let cfg = veil_tests::cri::pod_config(
+        name,
+        &format!("uid-{name}"),
+        name,
+        &dir.display().to_string(),
+    );
+    let pod = veil_tests::cri::run_pod(cri, "veil", &cfg).await?;
+    let id = veil_tests::cri::create_container(
+        cri,
+        &pod,
+        &cfg,
+        veil_tests::cri::busybox_container("sleeper", &["sleep", "1000"]),
+    )
+    .await?;
+    veil_tests::cri::start_container(cri, &id).await?;
+    Ok((pod, id))
+}
+
+/// The container is RUNNING and ExecSync in it answers.
+async fn running_and_execs(
+    cri: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    word: &str,
+) -> Result<()> {
+    let st = veil_tests::cri::container_status(cri, id).await?;
+    ensure!(
+        st.state == ContainerState::ContainerRunning as i32,
+        "container {id} is not running: {st:?}"
+    );
+    let (out, err, code) = veil_tests::cri::exec(cri, id, &format!("echo {word}")).await?;
+    ensure!(
+        (out.as_str(), code) == (format!("{word}\n").as_str(), 0),
+        "exec in {id}: stdout {out:?} stderr {err:?} exit {code}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_while_a_pod_runs_keeps_it_and_new_pods_use_the_new_files() -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let a = Artefacts::locate()?;
+    let node = NodeRoot::new(&a, None)?;
+    let cfg = node.path("etc/containerd/config.toml");
+    // The node's containerd, reading the node's config file (no veil in it).
+    let mut c = Containerd::start_node(&a, &cfg, &[node.path("usr/local/bin")])?;
+    let before = std::fs::read(&cfg)?;
+    std::fs::write(node.from.join("VERSION"), "test-1\n")?;
+    let v2 = node.path("image-v2/veil");
+    image_tree(&a, &v2)?;
+    std::fs::write(v2.join("VERSION"), "test-2\n")?;
+    let shim_v2 = v2.join("bin/containerd-shim-veil-v2");
+    let mut bytes = std::fs::read(&shim_v2)?;
+    bytes.extend_from_slice(V2_MARKER);
+    std::fs::write(&shim_v2, &bytes)?;
+    let installed_shim = node.path("opt/veil/bin/containerd-shim-veil-v2");
+
+    // Version 1, and containerd restarted as the node's service manager
+    // would (the installer's restart command only records that it ran).
+    let out = node.veil_node(&["install", "--from", &node.from.display().to_string()])?;
+    ensure!(out.status.success(), "{}", output_text(&out));
+    ensure!(node.restarts() == 1, "{}", output_text(&out));
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("artefacts test-1\n"),
+        "{}",
+        output_text(&out)
+    );
+    c.restart()?;
+    let after_v1 = std::fs::read_to_string(&cfg)?;
+
+    let work = tempfile::tempdir()?;
+    veil_tests::cri::import_pod_images(&c, work.path())?;
+    let mut cri = veil_tests::cri::client(&c).await?;
+    let (pod1, ctr1) = sleeper_pod(&mut cri, work.path(), "before-upgrade").await?;
+    running_and_execs(&mut cri, &ctr1, "v1").await?;
+    // The pod runs from the installed files only.
+    let shim1 = shim_of(&c, &pod1)?;
+    let (shim1_ino, replaced) = exe_of(shim1)?;
+    ensure!(
+        shim1_ino == ino(&installed_shim)? && !replaced,
+        "pod 1's shim does not run the installed shim"
+    );
+    let vmm1 = pod_processes(&pod1);
+    let kernel = node.path("opt/veil/share/vmlinux").display().to_string();
+    ensure!(
+        vmm1.iter()
+            .any(|(_, cmd)| cmd.contains("qemu") && cmd.contains(&kernel)),
+        "no QEMU of pod 1 booting the installed kernel: {vmm1:?}"
+    );
+
+    // Version 2 while the pod runs.
+    let out = node.veil_node(&["install", "--from", &v2.display().to_string()])?;
+    ensure!(out.status.success(), "{}", output_text(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("upgraded artefacts test-1 -> test-2\n"),
+        "{text}"
+    );
+    ensure!(
+        text.contains(&format!("wrote {}\n", installed_shim.display())),
+        "{text}"
+    );
+    // The installed tree is version 2.
+    ensure!(
+        std::fs::read(&installed_shim)? == bytes,
+        "installed shim is not v2"
+    );
+    ensure!(std::fs::read_to_string(node.path("opt/veil/VERSION"))? == "test-2\n");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.path("opt/veil/install.json"))?)?;
+    ensure!(record["artefacts"] == "test-2", "record: {record}");
+    // containerd's config: the same single block, so no restart.
+    let after_v2 = std::fs::read_to_string(&cfg)?;
+    ensure!(
+        after_v2 == after_v1,
+        "the upgrade changed containerd's config:\n{after_v2}"
+    );
+    ensure!(
+        after_v2.matches("# >>> veil:").count() == 1 && after_v2.as_bytes().starts_with(&before),
+        "containerd's config is not the operator's plus one block:\n{after_v2}"
+    );
+    ensure!(node.restarts() == 1, "containerd restarted by the upgrade");
+
+    // The running pod: its shim still runs the old file (renamed away, inode
+    // kept), its QEMU and backend are the same processes, it serves.
+    let (ino_now, replaced) = exe_of(shim1)?;
+    ensure!(
+        ino_now == shim1_ino && replaced && ino_now != ino(&installed_shim)?,
+        "pod 1's shim lost its binary: inode {ino_now} (was {shim1_ino}), replaced {replaced}"
+    );
+    ensure!(
+        pod_processes(&pod1) == vmm1,
+        "pod 1's host processes changed"
+    );
+    running_and_execs(&mut cri, &ctr1, "after-upgrade").await?;
+
+    // An upgrade whose config block changed restarts containerd: the pod
+    // survives that too (the new containerd reconnects to the old shim).
+    c.restart()?;
+    let mut cri = veil_tests::cri::client(&c).await?;
+    running_and_execs(&mut cri, &ctr1, "after-restart").await?;
+    ensure!(shim_of(&c, &pod1)? == shim1, "pod 1's shim was replaced");
+
+    // A new pod runs the new shim.
+    let (pod2, ctr2) = sleeper_pod(&mut cri, work.path(), "after-upgrade").await?;
+    running_and_execs(&mut cri, &ctr2, "v2").await?;
+    let (shim2_ino, replaced) = exe_of(shim_of(&c, &pod2)?)?;
+    ensure!(
+        shim2_ino == ino(&installed_shim)? && !replaced,
+        "pod 2 does not run the installed v2 shim"
+    );
+    ensure!(!pod_processes(&pod2).is_empty(), "pod 2 has no VM");
+
+    for pod in [&pod1, &pod2] {
+        veil_tests::cri::remove_pod(&mut cri, pod).await?;
+    }
+    c.wait_clean(&[pod1.as_str(), pod2.as_str()])?;
+    let images = cache_entries(&node.path("var/lib/veil/images"));
+    ensure!(images.is_empty(), "image cache left: {images:?}");
+
+    let out = node.veil_node(&["uninstall"])?;
+    ensure!(out.status.success(), "{}", output_text(&out));
+    ensure!(node.restarts() == 2);
+    ensure!(
+        std::fs::read(&cfg)? == before,
+        "containerd's config not restored byte for byte"
+    );
+    ensure!(!node.path("opt/veil").exists() && !node.path("etc/veil").exists());
+    c.restart()?;
+    eprintln!("upgrade test took {:.1?}", t0.elapsed());
+    Ok(())
 }

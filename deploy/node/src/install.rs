@@ -31,6 +31,16 @@ pub const VEIL_CONFIG: &str = "/etc/veil/config.toml";
 pub const OPT: &str = "/opt/veil";
 /// The install record.
 pub const RECORD: &str = "/opt/veil/install.json";
+/// Where containerd 1.6 finds the shim: its CRI plugin ignores
+/// `runtime_path` and looks `containerd-shim-veil-v2` up on its PATH, so
+/// install links it here (to the installed shim; a new pod's exec follows
+/// the link to the current file, a running shim keeps its own).
+pub const SHIM_LINK: &str = "/usr/local/bin/containerd-shim-veil-v2";
+/// The installed shim.
+pub const SHIM: &str = "/opt/veil/bin/containerd-shim-veil-v2";
+/// The artefacts' version marker in the image (`/veil/VERSION`, written by
+/// `deploy/installer/build-image.sh`), copied to `/opt/veil/VERSION`.
+pub const VERSION_FILE: &str = "VERSION";
 
 /// Errors installing or uninstalling.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +109,13 @@ pub struct Options {
 pub struct Record {
     /// veil-node's version.
     pub version: String,
+    /// The installed artefacts' version (the image's `VERSION` file);
+    /// `None` when the image had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artefacts: Option<String>,
+    /// Whether install made [`SHIM_LINK`] (uninstall removes it then).
+    #[serde(default)]
+    pub shim_link: bool,
     /// The handlers registered with containerd.
     pub handlers: Vec<String>,
     /// Whether containerd's config file existed before veil.
@@ -117,6 +134,9 @@ pub struct Outcome {
     pub restarted: bool,
     /// The handlers now enabled.
     pub handlers: Vec<String>,
+    /// The artefacts' version this run installed, and the one it replaced
+    /// (`None`: no marker, or nothing was installed before).
+    pub artefacts: (Option<String>, Option<String>),
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -247,6 +267,30 @@ fn restart(host: &Host, cmd: Option<&str>) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// Links [`SHIM_LINK`] to the installed shim unless something else is
+/// there (then containerd 1.6 runs that, which install says); whether the
+/// link is veil-node's.
+fn link_shim(host: &Host, out: &mut Outcome) -> Result<bool, InstallError> {
+    let link = host.at(SHIM_LINK);
+    let target = host.seen(SHIM);
+    match fs::read_link(&link) {
+        Ok(t) if t == target => return Ok(true),
+        Ok(_) | Err(_) if link.symlink_metadata().is_ok() => {
+            eprintln!(
+                "veil-node: {} exists and is not veil-node's link: left as it is (containerd 1.6 runs it)",
+                host.seen(SHIM_LINK).display()
+            );
+            return Ok(false);
+        }
+        _ => {}
+    }
+    let dir = link.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).map_err(io("create", dir))?;
+    std::os::unix::fs::symlink(&target, &link).map_err(io("link", &link))?;
+    out.changed.push(host.seen(SHIM_LINK).display().to_string());
+    Ok(true)
+}
+
 /// The handlers of `opts` that this node and these artefacts can run.
 pub fn enabled(report: &Report, opts: &Options) -> Vec<String> {
     let wanted: Vec<&str> = opts.handlers.iter().map(String::as_str).collect();
@@ -278,7 +322,15 @@ pub fn install(host: &Host, report: &Report, opts: &Options) -> Result<Outcome, 
         ..Default::default()
     };
     let record = read_record(host)?;
+    let marker = opts.from.join(VERSION_FILE);
+    let artefacts = read_opt(&marker)?.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    out.artefacts = (
+        artefacts.clone(),
+        record.as_ref().and_then(|r| r.artefacts.clone()),
+    );
 
+    // Every file by a rename: a running shim, QEMU or backend keeps the inode
+    // it started from, new pods start from the new files.
     let mut copied = Vec::new();
     copy_tree(&opts.from, &host.at(OPT), Path::new(""), &mut copied)?;
     out.changed.extend(
@@ -286,6 +338,8 @@ pub fn install(host: &Host, report: &Report, opts: &Options) -> Result<Outcome, 
             .iter()
             .map(|r| host.seen(OPT).join(r).display().to_string()),
     );
+
+    let shim_link = link_shim(host, &mut out)?;
 
     // veil's config: ours while nobody edited it.
     let vpath = host.at(VEIL_CONFIG);
@@ -347,6 +401,8 @@ pub fn install(host: &Host, report: &Report, opts: &Options) -> Result<Outcome, 
 
     let rec = Record {
         version: env!("CARGO_PKG_VERSION").to_string(),
+        artefacts,
+        shim_link,
         handlers,
         containerd_config_existed: existed,
         veil_config_sha256,
@@ -400,6 +456,13 @@ pub fn uninstall(host: &Host, restart_cmd: Option<&str>) -> Result<Outcome, Inst
                 let _ = fs::remove_dir(dir);
             }
         }
+    }
+    let link = host.at(SHIM_LINK);
+    if record.as_ref().is_some_and(|r| r.shim_link)
+        && fs::read_link(&link).is_ok_and(|t| t == host.seen(SHIM))
+    {
+        fs::remove_file(&link).map_err(io("remove", &link))?;
+        out.changed.push(host.seen(SHIM_LINK).display().to_string());
     }
     let opt = host.at(OPT);
     if opt.exists() {

@@ -150,6 +150,11 @@ fn do_install(host: &Host, cli: &Cli, a: &InstallArgs) -> Result<(), ExitCode> {
     if out.restarted {
         println!("restarted containerd");
     }
+    match &out.artefacts {
+        (Some(now), Some(was)) if now != was => println!("upgraded artefacts {was} -> {now}"),
+        (Some(now), _) => println!("artefacts {now}"),
+        (None, _) => {}
+    }
     println!("enabled handlers: {}", out.handlers.join(" "));
     label(&out.handlers)
 }

@@ -129,7 +129,7 @@ impl Launcher for VmLauncher {
                         .unwrap_or_default()
                         .as_bytes()
                         .to_vec(),
-                    netns: req.spec.network_namespace(),
+                    netns: req.netns.clone(),
                 },
                 phases,
             ),

@@ -360,12 +360,18 @@ impl Pod for FakePod {
     }
 }
 
+/// What a launch was asked for: pod id, whether it had a first image, its
+/// network namespace, its hostname.
+pub type LaunchSeen = (String, bool, Option<PathBuf>, String);
+
 /// Launches the one fake pod.
 pub struct FakeLauncher {
     pub pod: Arc<FakePod>,
     pub launches: AtomicUsize,
     /// The kind the next launch fails with.
     pub fail: Lock<Option<Kind>>,
+    /// What the last launch was asked for.
+    pub last: Lock<Option<LaunchSeen>>,
 }
 
 impl FakeLauncher {
@@ -374,6 +380,7 @@ impl FakeLauncher {
             pod: FakePod::new(),
             launches: AtomicUsize::new(0),
             fail: Lock::new(None),
+            last: Lock::new(None),
         })
     }
 }
@@ -386,6 +393,12 @@ impl Launcher for FakeLauncher {
         phases: &Phases,
     ) -> Result<Arc<dyn Pod>, PodError> {
         self.launches.fetch_add(1, Ordering::SeqCst);
+        *self.last.lock() = Some((
+            req.sandbox_id.to_string(),
+            req.first_image.is_some(),
+            req.netns.clone(),
+            req.hostname.clone(),
+        ));
         if let Some(kind) = self.fail.lock().take() {
             return Err(fail(kind, "launch failed as asked"));
         }

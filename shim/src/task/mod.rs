@@ -6,13 +6,17 @@
 //! drives the pod through the [`Pod`] seam. It needs no ttrpc context and no
 //! VM: the unit tests drive it against a fake pod. [`server::TaskServer`] is
 //! the thin ttrpc adapter. Errors are [`TaskError`]s, each of which knows its
-//! kind.
+//! kind. The same service answers containerd's sandbox API
+//! ([`sandbox_api`]), which boots the pod VM without a sandbox container.
 
 pub mod process;
+pub mod sandbox_api;
 pub mod server;
 
 #[cfg(test)]
 mod fake;
+#[cfg(test)]
+mod sandbox_api_tests;
 #[cfg(test)]
 mod tests;
 
@@ -133,6 +137,8 @@ pub struct TaskService {
     /// second Create waits while the first boots the VM.
     pod: tokio::sync::Mutex<Option<Arc<dyn Pod>>>,
     containers: Lock<HashMap<String, Arc<Container>>>,
+    /// The sandbox containerd's sandbox API created, if it did.
+    sandbox: Lock<Option<Arc<sandbox_api::SandboxRecord>>>,
     shutdown: watch::Sender<bool>,
     serving_ns: AtomicU64,
     /// The pod's teardown marks (logged when the pod stops).
@@ -165,6 +171,7 @@ impl TaskService {
             launcher,
             pod: tokio::sync::Mutex::new(None),
             containers: Lock::new(HashMap::new()),
+            sandbox: Lock::new(None),
             shutdown: watch::channel(false).0,
             serving_ns: AtomicU64::new(0),
             teardown: Arc::new(Phases::teardown()),
@@ -238,6 +245,11 @@ impl TaskService {
                     p.id()
                 )))
             }
+            None if self.sandbox.lock().is_some() => {
+                return Err(TaskError::FailedPrecondition(format!(
+                    "pod {sandbox_id} has no VM: StartSandbox has not run (or the sandbox was stopped)"
+                )))
+            }
             None if sandbox_id != req.id => {
                 return Err(TaskError::FailedPrecondition(format!(
                     "pod {sandbox_id} has no VM: its sandbox container must be created first"
@@ -267,6 +279,7 @@ impl TaskService {
                         .collect(),
                     spec,
                     first_image: Some(layers.clone()),
+                    netns: spec.network_namespace(),
                 },
                 phases,
             )
@@ -722,10 +735,16 @@ impl TaskService {
 
     /// Task `Shutdown`: once the pod has no containers left, lets the shim
     /// exit (which stops the pod first, see [`Self::stop_pod`]); otherwise a
-    /// no-op. It answers at once: containerd gives Shutdown a few seconds,
-    /// and a slow VM teardown must not turn into a failed shutdown.
+    /// no-op. A sandbox of the sandbox API that has not been stopped keeps
+    /// the shim too (containerd shuts the task service down after each
+    /// container; the sandbox ends with `ShutdownSandbox`). It answers at
+    /// once: containerd gives Shutdown a few seconds, and a slow VM
+    /// teardown must not turn into a failed shutdown.
     pub async fn shutdown(&self, _req: api::ShutdownRequest) -> Result<Empty, TaskError> {
         if !self.containers.lock().is_empty() {
+            return Ok(Empty::new());
+        }
+        if self.sandbox.lock().as_ref().is_some_and(|s| s.live()) {
             return Ok(Empty::new());
         }
         self.teardown.mark_once("shutdown");
@@ -733,13 +752,18 @@ impl TaskService {
         Ok(Empty::new())
     }
 
-    /// Stops the pod, if any (also on SIGTERM).
+    /// Stops the pod, if any (also on SIGTERM); a sandbox of the sandbox
+    /// API is stopped with it.
     pub async fn stop_pod(&self) {
         let pod = self.pod.lock().await.take();
         if let Some(p) = pod {
             p.shutdown(&self.teardown).await;
             tracing::info!("{}", self.teardown.line(p.id(), p.id()));
             crate::report::torn_down(&self.teardown.marks());
+        }
+        let sandbox = self.sandbox.lock().clone();
+        if let Some(s) = sandbox {
+            s.stop_now(255);
         }
     }
 

@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
-use containerd_shim_protos::api::{self, Empty};
+use containerd_shim_protos::{
+    api::{self, Empty},
+    sandbox_api as sb,
+};
 
 use super::TaskService;
 
@@ -66,4 +69,40 @@ relay! {
     stats: api::StatsRequest => api::StatsResponse,
     connect: api::ConnectRequest => api::ConnectResponse,
     shutdown: api::ShutdownRequest => Empty,
+}
+
+/// The task service as containerd's ttrpc sandbox API
+/// (`containerd.runtime.sandbox.v1.Sandbox`), on the same server.
+pub struct SandboxServer(pub Arc<TaskService>);
+
+macro_rules! relay_sandbox {
+    ($( $name:ident : $req:ty => $resp:ty ),* $(,)?) => {
+        #[async_trait::async_trait]
+        impl containerd_shim_protos::sandbox_async::Sandbox for SandboxServer {
+            $(
+                async fn $name(
+                    &self,
+                    _ctx: &ttrpc::asynchronous::TtrpcContext,
+                    req: $req,
+                ) -> ttrpc::Result<$resp> {
+                    tracing::debug!(method = stringify!($name), "sandbox request");
+                    self.0.$name(req).await.map_err(|e| {
+                        tracing::warn!(method = stringify!($name), error = %veil_common::error_chain(&e), "sandbox request failed");
+                        veil_protocol::status::to_ttrpc(&e)
+                    })
+                }
+            )*
+        }
+    };
+}
+
+relay_sandbox! {
+    create_sandbox: sb::CreateSandboxRequest => sb::CreateSandboxResponse,
+    start_sandbox: sb::StartSandboxRequest => sb::StartSandboxResponse,
+    platform: sb::PlatformRequest => sb::PlatformResponse,
+    stop_sandbox: sb::StopSandboxRequest => sb::StopSandboxResponse,
+    wait_sandbox: sb::WaitSandboxRequest => sb::WaitSandboxResponse,
+    sandbox_status: sb::SandboxStatusRequest => sb::SandboxStatusResponse,
+    ping_sandbox: sb::PingRequest => sb::PingResponse,
+    shutdown_sandbox: sb::ShutdownSandboxRequest => sb::ShutdownSandboxResponse,
 }

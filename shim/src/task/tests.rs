@@ -14,15 +14,15 @@ use super::{
 };
 use crate::events::{RecordingSink, TaskEvent};
 
-struct Fixture {
-    svc: TaskService,
-    pod: Arc<FakePod>,
-    launcher: Arc<FakeLauncher>,
+pub(super) struct Fixture {
+    pub(super) svc: TaskService,
+    pub(super) pod: Arc<FakePod>,
+    pub(super) launcher: Arc<FakeLauncher>,
     events: Arc<RecordingSink>,
-    dir: tempfile::TempDir,
+    pub(super) dir: tempfile::TempDir,
 }
 
-fn fixture() -> Fixture {
+pub(super) fn fixture() -> Fixture {
     let launcher = FakeLauncher::new();
     let events = Arc::new(RecordingSink::default());
     let svc = TaskService::new(
@@ -59,7 +59,7 @@ impl Fixture {
         b.display().to_string()
     }
 
-    fn create_req(&self, id: &str, pod: Option<&str>) -> api::CreateTaskRequest {
+    pub(super) fn create_req(&self, id: &str, pod: Option<&str>) -> api::CreateTaskRequest {
         let bundle = self.bundle(id, pod);
         api::CreateTaskRequest {
             id: id.into(),
@@ -79,7 +79,7 @@ impl Fixture {
         self.svc.create(self.create_req(id, pod)).await.unwrap().pid
     }
 
-    async fn start(&self, id: &str, exec: &str) -> u32 {
+    pub(super) async fn start(&self, id: &str, exec: &str) -> u32 {
         self.svc
             .start(api::StartRequest {
                 id: id.into(),
@@ -118,7 +118,7 @@ impl Fixture {
             .map(|_| ())
     }
 
-    async fn wait(&self, id: &str, exec: &str) -> u32 {
+    pub(super) async fn wait(&self, id: &str, exec: &str) -> u32 {
         tokio::time::timeout(
             Duration::from_secs(10),
             self.svc.wait(api::WaitRequest {
@@ -143,7 +143,7 @@ impl Fixture {
             .await
     }
 
-    async fn status(&self, id: &str, exec: &str) -> api::Status {
+    pub(super) async fn status(&self, id: &str, exec: &str) -> api::Status {
         self.svc
             .state(api::StateRequest {
                 id: id.into(),
