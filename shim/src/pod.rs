@@ -9,7 +9,7 @@
 //!
 //! The pod owns what lives on its side: the images attached to the VM and
 //! their references in the image store (taken by [`Pod::attach_image`],
-//! given back by [`Pod::detach_image`] or the pod's shutdown, nowhere else),
+//! given back by [`Pod::detach_image`], [`Pod::release_image`] or the pod's shutdown, nowhere else),
 //! the stdio relays of its processes, and the phase marks of its boot.
 
 use std::{fmt, path::PathBuf, sync::Arc, time::SystemTime};
@@ -184,6 +184,14 @@ pub trait Pod: Send + Sync {
     /// Gives back one use of an attached image; the last use detaches it
     /// and releases the reference.
     async fn detach_image(&self, image: &AttachedImage) -> Result<(), PodError>;
+
+    /// Gives back one use of an attached image as the pod ends (its sandbox
+    /// container is deleted): the host's reference only. The guest's copy
+    /// goes with the VM, so the hot-unplug (about a second under TCG) is
+    /// not waited for.
+    async fn release_image(&self, image: &AttachedImage) -> Result<(), PodError> {
+        self.detach_image(image).await
+    }
 
     /// Creates a container (its init process waits to be started) with its
     /// stdio wired; returns the init's PID.

@@ -401,6 +401,11 @@ impl Pod for Sandbox {
         self.torn_down(self.images.detach(image, &self.qmp, &self.agent).await)
     }
 
+    async fn release_image(&self, image: &AttachedImage) -> Result<(), PodError> {
+        self.images.forget(image).await;
+        Ok(())
+    }
+
     async fn create_container(
         &self,
         c: NewContainer<'_>,

@@ -137,6 +137,19 @@ impl FakePod {
     }
 
     /// How many processes the fake tracks.
+    /// One use of `image` given back, recorded as `call`.
+    fn give_back(&self, call: &str, image: &AttachedImage) -> Result<(), PodError> {
+        self.calls.lock().push(format!("{call} {}", image.key));
+        let mut images = self.images.lock();
+        if let Some(n) = images.get_mut(&image.key) {
+            *n -= 1;
+            if *n == 0 {
+                images.remove(&image.key);
+            }
+        }
+        Ok(())
+    }
+
     pub fn process_count(&self) -> usize {
         self.procs.lock().len()
     }
@@ -200,17 +213,11 @@ impl Pod for FakePod {
     }
 
     async fn detach_image(&self, image: &AttachedImage) -> Result<(), PodError> {
-        self.calls
-            .lock()
-            .push(format!("detach_image {}", image.key));
-        let mut images = self.images.lock();
-        if let Some(n) = images.get_mut(&image.key) {
-            *n -= 1;
-            if *n == 0 {
-                images.remove(&image.key);
-            }
-        }
-        Ok(())
+        self.give_back("detach_image", image)
+    }
+
+    async fn release_image(&self, image: &AttachedImage) -> Result<(), PodError> {
+        self.give_back("release_image", image)
     }
 
     async fn create_container(

@@ -505,7 +505,12 @@ impl TaskService {
                 pod.release_network();
                 mark("network_released");
             }
-            if let Err(e) = pod.detach_image(&c.image).await {
+            let released = if sandbox {
+                pod.release_image(&c.image).await
+            } else {
+                pod.detach_image(&c.image).await
+            };
+            if let Err(e) = released {
                 tracing::warn!(container = %req.id, error = %veil_common::error_chain(&e), "cannot detach the container's image");
             }
             mark("image_detached");

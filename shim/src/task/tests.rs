@@ -204,6 +204,12 @@ async fn create_start_exec_kill_wait_delete() {
         f.pod.images.lock().is_empty(),
         "the image went with the container"
     );
+    let calls = f.pod.calls.lock().clone();
+    assert!(
+        calls.iter().any(|c| c.starts_with("release_image"))
+            && !calls.iter().any(|c| c.starts_with("detach_image")),
+        "the sandbox container's image is released without a guest detach: {calls:?}"
+    );
     assert_eq!(f.pod.process_count(), 0);
 
     let exit = f.svc.exit_signal();
