@@ -22,7 +22,7 @@ use plotters::{
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// One colour per series or phase, in order.
-const PALETTE: [RGBColor; 8] = [
+const PALETTE: [RGBColor; 16] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -31,12 +31,22 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 187, 120),
+    RGBColor(152, 223, 138),
+    RGBColor(255, 152, 150),
+    RGBColor(197, 176, 213),
+    RGBColor(196, 156, 148),
 ];
 
 /// A chart of horizontal rows over an `f64` value axis.
 type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 const ROW_PX: u32 = 46;
+const LEGEND_PX: u32 = 22;
+const LEGEND_COLUMNS: usize = 3;
 const WIDTH: u32 = 1100;
 
 /// The results directory: `$VEIL_BENCH_OUT` or `benches/results`.
@@ -100,6 +110,7 @@ fn horizontal<F>(
     unit: &str,
     rows: usize,
     max: f64,
+    legend: &[(&str, RGBColor)],
     draw: F,
 ) -> Result<PathBuf>
 where
@@ -107,11 +118,39 @@ where
 {
     font()?;
     let path = png_path(name)?;
-    let height = 120 + ROW_PX * rows.max(1) as u32;
+    let chart_px = 120 + ROW_PX * rows.max(1) as u32;
+    let key_rows = legend.len().div_ceil(LEGEND_COLUMNS) as u32;
+    let key_px = if legend.is_empty() {
+        0
+    } else {
+        16 + LEGEND_PX * key_rows
+    };
+    let height = chart_px + key_px;
     {
         let root = BitMapBackend::new(&path, (WIDTH, height)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = chart_on(&root, title, rows, max)?;
+        let (plot_area, key_area) = if legend.is_empty() {
+            (root.clone(), None)
+        } else {
+            let (top, bottom) = root.split_vertically(chart_px);
+            (top, Some(bottom))
+        };
+        if let Some(key) = key_area {
+            let column_px = (WIDTH - 40) / LEGEND_COLUMNS as u32;
+            for (k, (label, colour)) in legend.iter().enumerate() {
+                let x = 20 + (column_px * (k % LEGEND_COLUMNS) as u32) as i32;
+                let y = 8 + (LEGEND_PX * (k / LEGEND_COLUMNS) as u32) as i32;
+                key.draw(&Rectangle::new([(x, y), (x + 16, y + 14)], colour.filled()))
+                    .map_err(plot_err)?;
+                key.draw(&Text::new(
+                    label.to_string(),
+                    (x + 22, y),
+                    ("sans-serif", 14),
+                ))
+                .map_err(plot_err)?;
+            }
+        }
+        let mut chart = chart_on(&plot_area, title, rows, max)?;
         chart
             .configure_mesh()
             .disable_y_mesh()
@@ -133,7 +172,7 @@ fn chart_on<'a>(
     max: f64,
 ) -> Result<Chart<'a>> {
     // Room to the right of the longest bar for its label.
-    let x_max = if max > 0.0 { max * 1.45 } else { 1.0 };
+    let x_max = if max > 0.0 { max * 1.6 } else { 1.0 };
     ChartBuilder::on(root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -152,7 +191,7 @@ fn row_span(i: usize, rows: usize) -> (f64, f64) {
 pub fn bars(name: &str, title: &str, unit: &str, rows: &[(String, f64)]) -> Result<PathBuf> {
     let max = rows.iter().map(|r| r.1).fold(0.0, f64::max);
     let n = rows.len();
-    horizontal(name, title, unit, n, max, |chart| {
+    horizontal(name, title, unit, n, max, &[], |chart| {
         for (i, (label, v)) in rows.iter().enumerate() {
             let (lo, hi) = row_span(i, n);
             let colour = PALETTE[i % PALETTE.len()];
@@ -190,7 +229,12 @@ pub fn stacked(
             }
         }
     }
-    horizontal(name, title, unit, n, max, |chart| {
+    let legend: Vec<(&str, RGBColor)> = phases
+        .iter()
+        .enumerate()
+        .map(|(k, p)| (*p, PALETTE[k % PALETTE.len()]))
+        .collect();
+    horizontal(name, title, unit, n, max, &legend, |chart| {
         for (k, phase) in phases.iter().enumerate() {
             let colour = PALETTE[k % PALETTE.len()];
             let mut rects = Vec::new();
@@ -204,13 +248,7 @@ pub fn stacked(
                     x += v;
                 }
             }
-            chart
-                .draw_series(rects)
-                .map_err(plot_err)?
-                .label(*phase)
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled())
-                });
+            chart.draw_series(rects).map_err(plot_err)?;
         }
         for (i, (label, segs)) in rows.iter().enumerate() {
             let (lo, hi) = row_span(i, n);
@@ -223,14 +261,6 @@ pub fn stacked(
                 )])
                 .map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(plot_err)?;
         Ok(())
     })
 }
@@ -248,7 +278,7 @@ pub fn distribution(
         .flat_map(|s| s.1.iter().copied())
         .fold(0.0, f64::max);
     let n = series.len();
-    horizontal(name, title, unit, n, max, |chart| {
+    horizontal(name, title, unit, n, max, &[], |chart| {
         for (i, (label, samples)) in series.iter().enumerate() {
             let (lo, hi) = row_span(i, n);
             let mid = (lo + hi) / 2.0;
