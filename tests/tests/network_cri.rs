@@ -343,11 +343,12 @@ async fn scenario(n: &mut PodNet) -> Result<Vec<String>> {
         again_ip == ip,
         "the next pod got {again_ip}, not the released {ip}"
     );
-    // KNOWN ISSUE (docs/network.md): the test namespace keeps the removed
-    // pod's MAC for this address (the entry stays in DELAY; neither CNI's
-    // nor the guest's gratuitous ARP replaces it), so the reused address is
-    // unreachable for longer than this test waits. The stale entry is
-    // dropped here so the new pod's own reachability is what is checked.
+    // The test namespace still holds the removed pod's MAC for this
+    // address (REACHABLE, then DELAY and PROBE: up to ~50 s): no pod,
+    // veil or runc, announces its MAC when it comes up, and the bridge
+    // keeps its carrier (other pods are on it), so nothing flushes the
+    // entry. runc pods show the same (docs/network.md, "A reused pod IP").
+    // The stale entry is dropped so the new pod's reachability is checked.
     let _ = n.ns.ip(&format!("neigh del {again_ip} dev veilbr0"));
     if let Err(e) = n.get_from_ns(&again_ip, "hello-again").await {
         let h = std::path::Path::new(&again_ns);
