@@ -74,6 +74,10 @@ pub enum InstallError {
     /// A host command failed.
     #[error("restarting containerd")]
     Restart(#[source] HostError),
+    /// The host could not remove a directory the installer sees as its own
+    /// mount point.
+    #[error("removing {0} on the host")]
+    HostRemove(PathBuf, #[source] HostError),
     /// Neither systemd nor a restart command.
     #[error(
         "containerd must be restarted but the host has no systemd and no --restart-cmd was given"
@@ -451,9 +455,9 @@ pub fn uninstall(host: &Host, restart_cmd: Option<&str>) -> Result<Outcome, Inst
             fs::remove_file(&vpath).map_err(io("remove", &vpath))?;
             out.changed
                 .push(host.seen(VEIL_CONFIG).display().to_string());
-            if let Some(dir) = vpath.parent() {
+            if vpath.parent().is_some() {
                 // Only if empty: the operator's files stay.
-                let _ = fs::remove_dir(dir);
+                let _ = remove_dir_here_or_on_host(host, "/etc/veil", false);
             }
         }
     }
@@ -466,8 +470,34 @@ pub fn uninstall(host: &Host, restart_cmd: Option<&str>) -> Result<Outcome, Inst
     }
     let opt = host.at(OPT);
     if opt.exists() {
-        fs::remove_dir_all(&opt).map_err(io("remove", &opt))?;
+        remove_dir_here_or_on_host(host, OPT, true)?;
         out.changed.push(host.seen(OPT).display().to_string());
     }
     Ok(out)
+}
+
+/// Removes the host directory `path` (with its contents if `all`). In the
+/// DaemonSet `/opt/veil` and `/etc/veil` are volumes mounted at
+/// `/host/opt/veil` and `/host/etc/veil`: this mount namespace cannot remove
+/// its own mount point (EBUSY), so once the directory is empty the host's
+/// mount namespace removes it (`rmdir` there; the installer's mount of it
+/// goes with it).
+fn remove_dir_here_or_on_host(host: &Host, path: &str, all: bool) -> Result<(), InstallError> {
+    let here = host.at(path);
+    let r = if all {
+        fs::remove_dir_all(&here)
+    } else {
+        fs::remove_dir(&here)
+    };
+    match r {
+        Err(e)
+            if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) && host.host_mount_ns =>
+        {
+            let seen = host.seen(path);
+            host.run(&["rmdir", "--", &seen.display().to_string()])
+                .map(|_| ())
+                .map_err(|e| InstallError::HostRemove(seen, e))
+        }
+        r => r.map_err(io("remove", &here)),
+    }
 }
