@@ -24,6 +24,7 @@ pub mod container;
 pub mod disk;
 pub mod engine;
 pub mod events;
+pub mod garp;
 pub mod guest;
 pub mod health;
 pub mod init;

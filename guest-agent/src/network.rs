@@ -443,6 +443,8 @@ async fn apply_with(h: &Handle, plan: &Plan) -> Result<(), NetworkError> {
         }
         // A gratuitous ARP when it comes up: peers that cached the MAC of
         // the address's previous owner (a released pod IP) learn this one.
+        // The kernel's (arp_notify) is lost when carrier comes after the
+        // link is up; the agent's own follows once it has carrier.
         let path = format!("/proc/sys/net/ipv4/conf/{}/arp_notify", i.name);
         std::fs::write(&path, "1").map_err(|source| NetworkError::Sysctl { path, source })?;
         set(
@@ -451,6 +453,15 @@ async fn apply_with(h: &Handle, plan: &Plan) -> Result<(), NetworkError> {
             LinkUnspec::new_with_index(*idx).up().build(),
         )
         .await?;
+        let v4 = i
+            .addresses
+            .iter()
+            .filter_map(|(ip, _)| match ip {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        crate::garp::announce(i.name.clone(), *idx, i.mac, v4);
     }
     for r in &plan.routes {
         let dev = &plan.interfaces[r.device];

@@ -230,7 +230,13 @@ impl PodNet {
     /// HTTP GET of `/` at `ip`:[`WEB_PORT`] from the test namespace until
     /// the body holds `want` (30 s).
     pub async fn get_from_ns(&self, ip: &str, want: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.get_from_ns_within(ip, want, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Self::get_from_ns`], giving up after `wait`.
+    pub async fn get_from_ns_within(&self, ip: &str, want: &str, wait: Duration) -> Result<()> {
+        let deadline = Instant::now() + wait;
         loop {
             let r = web_addr(ip).and_then(|a| in_netns(&self.ns.path(), move || http_get(a, "/")));
             match r {

@@ -344,13 +344,12 @@ async fn scenario(n: &mut PodNet) -> Result<Vec<String>> {
         "the next pod got {again_ip}, not the released {ip}"
     );
     // The test namespace still holds the removed pod's MAC for this
-    // address (REACHABLE, then DELAY and PROBE: up to ~50 s): no pod,
-    // veil or runc, announces its MAC when it comes up, and the bridge
-    // keeps its carrier (other pods are on it), so nothing flushes the
-    // entry. runc pods show the same (docs/network.md, "A reused pod IP").
-    // The stale entry is dropped so the new pod's reachability is checked.
-    let _ = n.ns.ip(&format!("neigh del {again_ip} dev veilbr0"));
-    if let Err(e) = n.get_from_ns(&again_ip, "hello-again").await {
+    // address (REACHABLE, then DELAY and PROBE: up to ~50 s; runc pods
+    // announce nothing, so a reused runc pod IP waits that long). The veil
+    // agent announces each address once its NIC has carrier (gratuitous
+    // ARP), so the new pod answers at once.
+    let reach = Duration::from_secs(5);
+    if let Err(e) = n.get_from_ns_within(&again_ip, "hello-again", reach).await {
         let h = std::path::Path::new(&again_ns);
         let diag = [
             run_in(h, &["ip", "-s", "link"]).unwrap_or_default(),
