@@ -95,12 +95,6 @@ fn sandbox_phases(net: &PodNet, pod: &str) -> Result<HashMap<String, f64>> {
         .collect())
 }
 
-fn median_f(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    plot::median(&s).unwrap_or(f64::NAN)
-}
-
 async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
     let mut veil = Samples::default();
     let mut runc = Samples::default();
@@ -136,9 +130,9 @@ async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
             "round {}/{rounds}: veil {} / {:.0} MiB/s, runc {} / {:.0} MiB/s",
             i + 1,
             ms(summarize(&veil.rtt[veil.rtt.len() - GETS..]).median),
-            median_f(&veil.mibs[veil.mibs.len() - DOWNLOADS..]),
+            plot::median_of(&veil.mibs[veil.mibs.len() - DOWNLOADS..]),
             ms(summarize(&runc.rtt[runc.rtt.len() - GETS..]).median),
-            median_f(&runc.mibs[runc.mibs.len() - DOWNLOADS..]),
+            plot::median_of(&runc.mibs[runc.mibs.len() - DOWNLOADS..]),
         );
         for (pod, _) in pods {
             net.remove(&pod).await?;
@@ -156,8 +150,8 @@ async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
     );
     row(
         &format!("TCP download, {BIG_MIB} MiB (n={})", veil.mibs.len()),
-        format!("{:.0} MiB/s", median_f(&veil.mibs)),
-        format!("{:.0} MiB/s", median_f(&runc.mibs)),
+        format!("{:.0} MiB/s", plot::median_of(&veil.mibs)),
+        format!("{:.0} MiB/s", plot::median_of(&runc.mibs)),
     );
     row(
         &format!("pod start, RunPodSandbox → web started (n={rounds})"),
@@ -168,8 +162,8 @@ async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
     let mut marks = serde_json::Map::new();
     for m in MARKS {
         if let Some(v) = phases.get(*m) {
-            println!("  {m:<20} {:>8.0} ms", median_f(v));
-            marks.insert(m.to_string(), median_f(v).into());
+            println!("  {m:<20} {:>8.0} ms", plot::median_of(v));
+            marks.insert(m.to_string(), plot::median_of(v).into());
         }
     }
     let msf = |d: &[std::time::Duration]| summarize(d).median.as_secs_f64() * 1000.0;
@@ -178,7 +172,7 @@ async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
         "rounds": rounds,
         "accel": veil_benches::accel_name(),
         "http_rtt_ms": {"veil": msf(&veil.rtt), "runc": msf(&runc.rtt)},
-        "download_mib_s": {"veil": median_f(&veil.mibs), "runc": median_f(&runc.mibs)},
+        "download_mib_s": {"veil": plot::median_of(&veil.mibs), "runc": plot::median_of(&runc.mibs)},
         "pod_start_ms": {"veil": msf(&veil.start), "runc": msf(&runc.start)},
         "veil_phase_marks_ms": marks,
     });
@@ -203,8 +197,8 @@ async fn bench(net: &mut PodNet, rounds: usize) -> Result<Vec<String>> {
         ),
         "MiB/s",
         &[
-            ("veil pod".into(), median_f(&veil.mibs)),
-            ("runc pod".into(), median_f(&runc.mibs)),
+            ("veil pod".into(), plot::median_of(&veil.mibs)),
+            ("runc pod".into(), plot::median_of(&runc.mibs)),
         ],
     )?;
     println!(

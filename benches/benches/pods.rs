@@ -129,12 +129,6 @@ fn footprint(ids: &[String]) -> Result<BTreeMap<&'static str, Vec<(u64, u64)>>> 
     Ok(out)
 }
 
-fn median_u(v: &[u64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().map(|x| *x as f64).collect();
-    s.sort_by(f64::total_cmp);
-    plot::median(&s).unwrap_or(f64::NAN)
-}
-
 /// Starts `n` pods at once; their start times (ms), sorted, and the
 /// failures. Every pod that was created is removed before this returns.
 fn parallel(c: &Containerd, rt: &str, n: usize) -> Result<(Vec<f64>, Vec<String>, Vec<String>)> {
@@ -261,8 +255,8 @@ fn main() -> Result<()> {
             batches[0]
         );
         for (name, v) in fp {
-            let pss = median_u(&v.iter().map(|x| x.0).collect::<Vec<_>>());
-            let rss = median_u(&v.iter().map(|x| x.1).collect::<Vec<_>>());
+            let pss = plot::median_of(&v.iter().map(|x| x.0 as f64).collect::<Vec<_>>());
+            let rss = plot::median_of(&v.iter().map(|x| x.1 as f64).collect::<Vec<_>>());
             println!("  {name:<28} PSS {pss:>8.0}   RSS {rss:>8.0}");
             fp_json.insert(
                 name.to_string(),

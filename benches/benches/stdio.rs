@@ -22,12 +22,12 @@
 use std::{
     io::{Read, Write},
     process::Stdio,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use veil_benches::{runs, summarize};
+use veil_benches::{plot::median_of, runs};
 use veil_test_support::containerd::Containerd;
 
 const NS: &str = "veil-bench";
@@ -141,11 +141,6 @@ fn floor_once(c: &Containerd, id: &str, exec: &str, pipeline: &str, n: usize) ->
     Ok(n as f64 / MIB as f64 / start.elapsed().as_secs_f64().max(1e-9))
 }
 
-fn median(v: &[f64]) -> f64 {
-    let d: Vec<Duration> = v.iter().map(|x| Duration::from_secs_f64(*x)).collect();
-    summarize(&d).median.as_secs_f64()
-}
-
 fn main() -> Result<()> {
     let (_a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
     let (n_runs, n) = (runs(5), mib() * MIB);
@@ -169,9 +164,9 @@ fn main() -> Result<()> {
         n / MIB
     );
     for (name, v) in &rows {
-        println!("  {name:<30} {:>8.1} MiB/s", median(v));
+        println!("  {name:<30} {:>8.1} MiB/s", median_of(v));
     }
-    let m = |i: usize| median(&rows[i].1);
+    let m = |i: usize| median_of(&rows[i].1);
     println!(
         "  veil/runc: stdout {:.1} %, stdin {:.1} %; veil/in-guest floor: stdout {:.0} %, stdin {:.0} %",
         100.0 * m(1) / m(0),
@@ -186,13 +181,13 @@ fn main() -> Result<()> {
         "unit": "MiB/s",
         "accel": veil_benches::accel_name(),
         "series": rows.iter().map(|(name, v)| serde_json::json!({
-            "name": name, "median": median(v), "samples": v,
+            "name": name, "median": median_of(v), "samples": v,
         })).collect::<Vec<_>>(),
     });
     let j = veil_benches::plot::write_json("stdio", &json)?;
     let bars: Vec<(String, f64)> = rows
         .iter()
-        .map(|(name, v)| (name.to_string(), median(v)))
+        .map(|(name, v)| (name.to_string(), median_of(v)))
         .collect();
     let png = veil_benches::plot::bars(
         "stdio",

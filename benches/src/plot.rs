@@ -310,6 +310,13 @@ pub fn distribution(
     })
 }
 
+/// The median of `v` in any order (NaN when empty).
+pub fn median_of(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    median(&s).unwrap_or(f64::NAN)
+}
+
 /// The median of sorted `v`, if any.
 pub fn median(v: &[f64]) -> Option<f64> {
     let n = v.len();
