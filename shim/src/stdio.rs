@@ -263,6 +263,38 @@ struct Input {
     terminal: bool,
 }
 
+impl Input {
+    /// Copies the FIFO at `path` into `to` (see [`copy_input`]). The copy
+    /// keeps `to` open once it is over, until the relay drops it: closing
+    /// the stream at once could cut what is still on its way before the
+    /// agent was told the count, and a terminal's connection would shut.
+    fn spawn<W>(path: PathBuf, mut to: W, terminal: bool) -> Input
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (finish, finishing) = tokio::sync::oneshot::channel();
+        let written = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let (count, over, p) = (Arc::clone(&written), Arc::clone(&done), path.clone());
+        let task = tokio::spawn(async move {
+            if let Ok(input) = open_stdin(p).await {
+                copy_input(input, &mut to, finishing, &count).await;
+            }
+            let _ = to.flush().await;
+            over.store(true, Ordering::Release);
+            std::future::pending::<()>().await
+        });
+        Input {
+            task,
+            path,
+            finish: Some(finish),
+            written,
+            done,
+            terminal,
+        }
+    }
+}
+
 /// How long [`Relay::end_stdin`] waits for the copy to pass on what the
 /// FIFO held (the process may not be reading its stdin).
 const STDIN_FINISH: Duration = Duration::from_secs(5);
@@ -326,36 +358,15 @@ impl Relay {
             let stream = agent
                 .open_stream(container, exec, StreamKind::TERMINAL)
                 .await?;
-            let (r, mut w) = tokio::io::split(stream);
+            let (r, w) = tokio::io::split(stream);
             if !paths.stdout.is_empty() {
                 let out = open_output(&paths.stdout)?;
                 relay.outputs.push(spawn_output(r, out, false));
             }
             if !paths.stdin.is_empty() {
-                let path = PathBuf::from(&paths.stdin);
-                let p = path.clone();
-                let (finish, finishing) = tokio::sync::oneshot::channel();
-                let written = Arc::new(AtomicU64::new(0));
-                let done = Arc::new(AtomicBool::new(false));
-                let (count, over) = (Arc::clone(&written), Arc::clone(&done));
-                let task = tokio::spawn(async move {
-                    if let Ok(input) = open_stdin(p).await {
-                        copy_input(input, &mut w, finishing, &count).await;
-                    }
-                    over.store(true, Ordering::Release);
-                    // Keep the terminal's write side open (closing it would
-                    // shut the connection down): the output is still flowing.
-                    let _keep = w;
-                    std::future::pending::<()>().await
-                });
-                relay.stdin = Some(Input {
-                    task,
-                    path,
-                    finish: Some(finish),
-                    written,
-                    done,
-                    terminal: true,
-                });
+                // The terminal's write side stays open with the copy (closing
+                // it would shut the connection down): output still flows.
+                relay.stdin = Some(Input::spawn(PathBuf::from(&paths.stdin), w, true));
             }
             return Ok(relay);
         }
@@ -373,33 +384,10 @@ impl Relay {
                 .push(spawn_output(stream, out, kind == StreamKind::STDERR));
         }
         if !paths.stdin.is_empty() {
-            let mut stream = agent
+            let stream = agent
                 .open_stream(container, exec, StreamKind::STDIN)
                 .await?;
-            let path = PathBuf::from(&paths.stdin);
-            let p = path.clone();
-            let (finish, finishing) = tokio::sync::oneshot::channel();
-            let written = Arc::new(AtomicU64::new(0));
-            let done = Arc::new(AtomicBool::new(false));
-            let (count, over) = (Arc::clone(&written), Arc::clone(&done));
-            let task = tokio::spawn(async move {
-                if let Ok(input) = open_stdin(p).await {
-                    copy_input(input, &mut stream, finishing, &count).await;
-                }
-                let _ = stream.flush().await;
-                over.store(true, Ordering::Release);
-                // Keep the stream open until the agent was told the count
-                // (closing it now could cut what is still on its way).
-                std::future::pending::<()>().await
-            });
-            relay.stdin = Some(Input {
-                task,
-                path,
-                finish: Some(finish),
-                written,
-                done,
-                terminal: false,
-            });
+            relay.stdin = Some(Input::spawn(PathBuf::from(&paths.stdin), stream, false));
         }
         Ok(relay)
     }

@@ -762,14 +762,20 @@ impl TaskService {
     pub async fn stop_pod(&self) {
         let pod = self.pod.lock().await.take();
         if let Some(p) = pod {
-            p.shutdown(&self.teardown).await;
-            tracing::info!("{}", self.teardown.line(p.id(), p.id()));
-            crate::report::torn_down(&self.teardown.marks());
+            self.end_pod(&*p).await;
         }
         let sandbox = self.sandbox.lock().clone();
         if let Some(s) = sandbox {
             s.stop_now(255);
         }
+    }
+
+    /// Stops pod `p` and reports its teardown marks (log line and node
+    /// metrics).
+    async fn end_pod(&self, p: &dyn Pod) {
+        p.shutdown(&self.teardown).await;
+        tracing::info!("{}", self.teardown.line(p.id(), p.id()));
+        crate::report::torn_down(&self.teardown.marks());
     }
 
     /// Task `Checkpoint`.

@@ -302,8 +302,7 @@ impl TaskService {
                 let pod = self.pod.lock().await.take();
                 if let Some(p) = pod {
                     p.release_network();
-                    p.shutdown(&self.teardown).await;
-                    crate::report::torn_down(&self.teardown.marks());
+                    self.end_pod(&*p).await;
                 }
                 s.stopped(pid, 0);
                 tracing::info!(sandbox = %s.id, "sandbox stopped (sandbox API)");
