@@ -119,12 +119,12 @@ impl Process {
         let created = tokio::task::spawn_blocking(move || engine::create(&req, fds))
             .await
             .map_err(|e| EngineError::Io(std::io::Error::other(e)))?;
-        let created = match created {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(e);
-            }
-        };
+        let mut created = created?;
+        if let Some((master, slave)) = created.take_terminal() {
+            self.io
+                .adopt_terminal(master, &slave)
+                .map_err(|e| EngineError::Io(std::io::Error::other(e)))?;
+        }
         // Collect the helper's own exit so it does not linger as unclaimed.
         let helper = reaper.watch(created.helper_pid);
         tokio::spawn(async move {

@@ -170,7 +170,7 @@ pub struct ProcessIo {
     /// `Some(Some(n))` once `n` bytes came through the stream.
     stdin_end: Arc<watch::Sender<Option<Option<u64>>>>,
     /// For window resizes.
-    pty_master: Option<OwnedFd>,
+    pty_master: Mutex<Option<OwnedFd>>,
 }
 
 /// Makes the stdio for a new process: the fds it gets and the agent's side.
@@ -256,7 +256,7 @@ pub fn prepare_in(
             pending,
             settled_stuck: AtomicBool::new(false),
             stdin_end: Arc::new(watch::channel(None).0),
-            pty_master,
+            pty_master: Mutex::new(pty_master),
         }),
     ))
 }
@@ -277,7 +277,28 @@ impl ProcessIo {
 
     /// Whether this process has a terminal.
     pub fn has_terminal(&self) -> bool {
-        self.pty_master.is_some()
+        self.master().is_some()
+    }
+
+    fn master(&self) -> std::sync::MutexGuard<'_, Option<OwnedFd>> {
+        self.pty_master.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the terminal with the pty the process moved to (one made in
+    /// its container's devpts): `master` is the agent's end from now on,
+    /// `slave` a handle on the process's. Before any stream is attached.
+    pub fn adopt_terminal(&self, master: OwnedFd, slave: &OwnedFd) -> Result<(), StdioError> {
+        let mut s = self.lock();
+        if s.attached.contains(&StreamKind::TERMINAL) || s.terminal.is_none() {
+            return Err(StdioError::NoTerminal);
+        }
+        set_cloexec(&master)?;
+        *self.master() = Some(master.try_clone().map_err(StdioError::Create)?);
+        s.terminal = Some(master);
+        let mut theirs = self.theirs.lock().unwrap_or_else(|p| p.into_inner());
+        theirs.retain(|(k, _)| *k != StreamKind::TERMINAL);
+        theirs.extend(file_id(slave).map(|id| (StreamKind::TERMINAL, id)));
+        Ok(())
     }
 
     /// Reserves stream `kind` for a connection; [`Attachment::run`] starts
@@ -446,7 +467,8 @@ impl ProcessIo {
 
     /// Sets the terminal's window size.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), StdioError> {
-        let master = self.pty_master.as_ref().ok_or(StdioError::NoTerminal)?;
+        let master = self.master();
+        let master = master.as_ref().ok_or(StdioError::NoTerminal)?;
         let ws = Winsize {
             ws_row: rows,
             ws_col: cols,

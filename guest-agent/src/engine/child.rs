@@ -187,12 +187,37 @@ fn container_main(control: &OwnedFd, req: &SpawnRequest) -> Result<Never, String
         }
         Setup::Init(init) => {
             trace("container process: filesystem");
-            rootfs::setup(init)?;
+            let terminal = req
+                .process
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false);
+            if let Some(master) = rootfs::setup(init, terminal)? {
+                send_terminal(control, master)?;
+            }
             trace("container process: filesystem done");
             finish(control, req)
         }
         Setup::Exec => finish(control, req),
     }
+}
+
+/// Hands the container's own pty to the agent: the master, and a handle on
+/// the slave (now fd 0) so that it knows the process's end.
+fn send_terminal(control: &OwnedFd, master: OwnedFd) -> Result<(), String> {
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    let body = serde_json::to_vec(&ChildMessage::Terminal)
+        .map_err(|e| format!("encoding the terminal message: {e}"))?;
+    let fds = [master.as_raw_fd(), 0];
+    sendmsg::<()>(
+        control.as_raw_fd(),
+        &[std::io::IoSlice::new(&body)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("handing the terminal to the agent: {e}"))?;
+    Ok(())
 }
 
 /// The rest of every container process: report ready, wait for the start

@@ -43,7 +43,7 @@ use std::{
 };
 
 use nix::sys::socket::{
-    recv, send, setsockopt, socketpair, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
+    send, setsockopt, socketpair, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
 };
 
 pub use child::helper_main;
@@ -111,9 +111,17 @@ pub struct Created {
     /// PID of the helper (already exited or exiting; the caller reaps it).
     pub helper_pid: i32,
     control: OwnedFd,
+    /// The pty (master, slave) the process made in its own devpts and now
+    /// runs on, replacing the one the agent gave it.
+    terminal: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl Created {
+    /// The pty the process moved to, once: (master, a handle on the slave).
+    pub fn take_terminal(&mut self) -> Option<(OwnedFd, OwnedFd)> {
+        self.terminal.take()
+    }
+
     /// Lets the process `execve` its program; returns once it did (or failed).
     /// Blocking: call from a blocking context.
     pub fn start(self) -> Result<(), EngineError> {
@@ -190,12 +198,24 @@ pub fn create_with(
     // race, so take them in either order.
     let mut pid = None;
     let mut ready = false;
+    let mut terminal = None;
     loop {
-        let msg = read_message(&ours);
-        tracing::debug!(?msg, "engine helper message");
+        let (msg, mut fds) = match read_message_with_fds(&ours) {
+            Ok((m, fds)) => (Ok(m), fds),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        tracing::debug!(?msg, fds = fds.len(), "engine helper message");
         match msg {
             Ok(Some(ChildMessage::Pid(p))) => pid = Some(p),
             Ok(Some(ChildMessage::Ready)) => ready = true,
+            Ok(Some(ChildMessage::Terminal)) if fds.len() == 2 => {
+                let slave = fds.pop();
+                terminal = fds.pop().zip(slave);
+            }
+            Ok(Some(ChildMessage::Terminal)) => {
+                kill_quietly(pid);
+                return Err(EngineError::Vanished("its terminal"));
+            }
             Ok(Some(ChildMessage::Error(e))) => {
                 kill_quietly(pid);
                 return Err(EngineError::Child(e));
@@ -222,6 +242,7 @@ pub fn create_with(
                 pid,
                 helper_pid,
                 control: ours,
+                terminal,
             });
         }
     }
@@ -234,19 +255,44 @@ fn kill_quietly(pid: Option<i32>) {
 }
 
 fn read_message(fd: &OwnedFd) -> Result<Option<ChildMessage>, EngineError> {
+    Ok(read_message_with_fds(fd)?.0)
+}
+
+/// The next message and the descriptors that came with it (`SCM_RIGHTS`).
+fn read_message_with_fds(
+    fd: &OwnedFd,
+) -> Result<(Option<ChildMessage>, Vec<OwnedFd>), EngineError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
     let mut buf = vec![0u8; 64 * 1024];
-    let n = loop {
-        match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let (n, fds) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(EngineError::Io(e.into())),
-            Ok(n) => break n,
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(|e| EngineError::Io(e.into()))? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel just installed these descriptors
+                        // in this process for us; nothing else owns them.
+                        fds.extend(raw.into_iter().map(|r| unsafe { owned(r) }));
+                    }
+                }
+                break (msg.bytes, fds);
+            }
         }
     };
     if n == 0 {
-        return Ok(None);
+        return Ok((None, fds));
     }
     serde_json::from_slice(&buf[..n])
-        .map(Some)
+        .map(|m| (Some(m), fds))
         .map_err(|_| EngineError::Vanished("a well-formed message"))
 }
 

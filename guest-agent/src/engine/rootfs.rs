@@ -4,7 +4,10 @@
 
 use std::{
     fs,
-    os::unix::fs::symlink,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::symlink,
+    },
     path::{Component, Path, PathBuf},
 };
 
@@ -22,7 +25,10 @@ const DEFAULT_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", 
 /// Most symlinks followed when resolving a path inside the rootfs.
 const MAX_SYMLINKS: usize = 40;
 
-pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
+/// Sets up the container's filesystem. With `terminal`, the process's stdio
+/// moves to a new pty of the container's own devpts (as runc makes it), whose
+/// master is returned for the agent.
+pub(super) fn setup(init: &InitSetup, terminal: bool) -> Result<Option<OwnedFd>, String> {
     let flags = MsFlags::from_bits_truncate(init.root_propagation) | MsFlags::MS_REC;
     mount(None::<&str>, "/", None::<&str>, flags, None::<&str>)
         .map_err(|e| format!("setting / propagation: {e}"))?;
@@ -86,6 +92,7 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
         )
         .map_err(|e| format!("chown {}: {e}", d.path.display()))?;
     }
+    let master = if terminal { own_terminal(root)? } else { None };
     console(root)?;
 
     if let Some(h) = &init.hostname {
@@ -94,31 +101,18 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
 
     // Private again right before the pivot (see above).
     unshare_root()?;
-    chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
-    match pivot_root(".", ".") {
+    match pivot_to(root) {
         Ok(()) => {}
         // The current root is the initramfs (as for the agent in a VM), which
         // pivot_root cannot move. Make our root a bind mount of it instead
         // (same files, but a mount with a parent) and pivot from there.
-        Err(nix::errno::Errno::EINVAL) => {
+        Err(PivotError::Pivot(nix::errno::Errno::EINVAL)) => {
             leave_initramfs(root)?;
             unshare_root()?;
-            chdir(root).map_err(|e| format!("chdir rootfs: {e}"))?;
-            pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+            pivot_to(root).map_err(|e| e.to_string())?;
         }
-        Err(e) => return Err(format!("pivot_root: {e}")),
+        Err(e) => return Err(e.to_string()),
     }
-    // The old root is now stacked on "."; detach it.
-    mount(
-        None::<&str>,
-        ".",
-        None::<&str>,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| format!("making the old root a slave: {e}"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
-    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
     let own = MsFlags::from_bits_truncate(init.root_propagation) - MsFlags::MS_REC;
     mount(None::<&str>, "/", None::<&str>, own, None::<&str>)
         .map_err(|e| format!("setting / propagation after pivot_root: {e}"))?;
@@ -143,7 +137,74 @@ pub(super) fn setup(init: &InitSetup) -> Result<(), String> {
         )
         .map_err(|e| format!("making / read-only: {e}"))?;
     }
-    Ok(())
+    Ok(master)
+}
+
+/// Opens a pty on the devpts mounted at the container's `/dev/pts` and makes
+/// its slave fds 0-2 (replacing the agent's pty the process started on), so
+/// that `tty` and `ttyname` name a device the container can see. `None` when
+/// the container has no devpts there: the agent's pty stays.
+fn own_terminal(root: &Path) -> Result<Option<OwnedFd>, String> {
+    let ptmx = root.join("dev/pts/ptmx");
+    if fs::symlink_metadata(&ptmx).is_err() {
+        return Ok(None);
+    }
+    let (master, slave) = super::pty::open_in(&ptmx)
+        .map_err(|e| format!("terminal in the container's devpts: {e}"))?;
+    for fd in 0..=2 {
+        nix::unistd::dup2(slave.as_raw_fd(), fd)
+            .map_err(|e| format!("terminal in the container's devpts: dup2: {e}"))?;
+    }
+    Ok(Some(master))
+}
+
+/// How [`pivot_to`] failed.
+enum PivotError {
+    /// `pivot_root` itself.
+    Pivot(nix::errno::Errno),
+    /// A step around it.
+    Other(String),
+}
+
+impl std::fmt::Display for PivotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PivotError::Pivot(e) => write!(f, "pivot_root: {e}"),
+            PivotError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Makes `root` the root and detaches the old one. The old root is made a
+/// slave (so the detach does not reach the agent's mounts) through a handle
+/// on it taken before the pivot: after `pivot_root(".", ".")` the old root is
+/// stacked on the new one, and `.` still names the new root's own mount —
+/// changing the propagation of `.` would turn every mount of the container
+/// (its rshared volumes too) into a slave.
+fn pivot_to(root: &Path) -> Result<(), PivotError> {
+    let other = |what: &str, e: nix::errno::Errno| PivotError::Other(format!("{what}: {e}"));
+    let old_root = nix::fcntl::open(
+        "/",
+        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| other("opening the old root", e))?;
+    // SAFETY: `open` just returned this descriptor; nothing else owns it.
+    let old_root = unsafe { super::owned(old_root) };
+    chdir(root).map_err(|e| other("chdir rootfs", e))?;
+    pivot_root(".", ".").map_err(PivotError::Pivot)?;
+    nix::unistd::fchdir(old_root.as_raw_fd()).map_err(|e| other("chdir to the old root", e))?;
+    drop(old_root);
+    mount(
+        None::<&str>,
+        ".",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| other("making the old root a slave", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| other("detaching the old root", e))?;
+    chdir("/").map_err(|e| other("chdir /", e))
 }
 
 fn leave_initramfs(root: &Path) -> Result<(), String> {

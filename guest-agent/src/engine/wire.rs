@@ -162,6 +162,10 @@ pub enum ChildMessage {
     Pid(i32),
     /// Setup done, waiting for the start byte (from the container process).
     Ready,
+    /// The container process's terminal, made in its own devpts: the pty
+    /// master and a handle on the slave ride along as `SCM_RIGHTS`, in that
+    /// order. Sent before `Ready`, only by a first process with a terminal.
+    Terminal,
     /// Something failed; the whole error chain.
     Error(String),
     /// The program (or its working directory) cannot be found or run, found
