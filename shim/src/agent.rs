@@ -50,6 +50,35 @@ pub enum AgentError {
     /// The agent did not answer its health check in time.
     #[error("the agent did not become ready within {0:?}")]
     NotReady(Duration),
+    /// A guest port did not accept a connection within its deadline,
+    /// stretched for the node's load.
+    #[error("guest vsock port {port} did not accept a connection within {expired}")]
+    Slow {
+        /// Guest port.
+        port: u32,
+        /// How long, and under what load.
+        expired: crate::patience::Expired,
+    },
+}
+
+/// How long a stream connection to the agent may take on an idle node.
+const STREAM_CONNECT: Duration = Duration::from_secs(10);
+
+/// Connects to guest `port`, within `base` stretched for the node's load.
+pub async fn connect_port(
+    transport: &GuestTransport,
+    port: u32,
+    base: Duration,
+) -> Result<veil_protocol::vsock::Connection, AgentError> {
+    match crate::patience::wait(
+        base,
+        transport.connect(port, crate::patience::ceiling(base)),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(AgentError::Connect),
+        Err(expired) => Err(AgentError::Slow { port, expired }),
+    }
 }
 
 impl Classify for AgentError {
@@ -59,13 +88,15 @@ impl Classify for AgentError {
             AgentError::Rpc { source, .. } => source.kind,
             AgentError::Stream { source, .. } => source.kind(),
             AgentError::NotReady(_) => Kind::DeadlineExceeded,
+            AgentError::Slow { .. } => Kind::Unavailable,
         }
     }
 }
 
-/// Context for a short call.
+/// Context for a short call: 60 s on an idle node, stretched for the
+/// node's load when the call is made.
 pub fn ctx() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
+    ttrpc::context::with_timeout(crate::patience::scaled(Duration::from_secs(60)).as_nanos() as i64)
 }
 
 /// Context for a call that blocks as long as a process runs (no timeout).
@@ -154,11 +185,12 @@ impl Agent {
             kind,
             source,
         };
-        let mut conn = self
-            .transport
-            .connect(veil_protocol::STREAM_VSOCK_PORT, Duration::from_secs(10))
-            .await
-            .map_err(AgentError::Connect)?;
+        let mut conn = connect_port(
+            &self.transport,
+            veil_protocol::STREAM_VSOCK_PORT,
+            STREAM_CONNECT,
+        )
+        .await?;
         veil_protocol::stream::open(&mut conn, container, exec, kind)
             .await
             .map_err(wrap)?;

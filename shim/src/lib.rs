@@ -35,6 +35,7 @@ pub mod events;
 pub mod handshake;
 pub mod metrics;
 pub mod network;
+pub mod patience;
 pub mod phases;
 pub mod pod;
 pub mod process;

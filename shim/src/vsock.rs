@@ -148,7 +148,7 @@ impl HybridVsockBackend {
         ));
         let mut process = ManagedChild::spawn("vhost-device-vsock", cmd, &log, opts)
             .map_err(VsockError::Spawn)?;
-        let timeout = Duration::from_secs(10);
+        let timeout = crate::patience::scaled(Duration::from_secs(10));
         if !wait_listening(&mut process, &vhost_socket, timeout) {
             return Err(VsockError::BackendNotReady {
                 path: vhost_socket,

@@ -418,6 +418,20 @@ impl Containerd {
         c
     }
 
+    /// `ctr run` with the veil runtime and the handler config `rt` (see
+    /// [`Self::runtime_config`]); the caller adds options, image, id, args.
+    pub fn ctr_run(&self, namespace: &str, rt: &str) -> Command {
+        let mut c = self.ctr(namespace);
+        c.args([
+            "run",
+            "--runtime",
+            "io.containerd.veil.v2",
+            "--runtime-config-path",
+            rt,
+        ]);
+        c
+    }
+
     /// SIGKILLs container `id`'s task, deletes the task once it has exited
     /// (up to 30 s), then deletes the container, failing with ctr's output
     /// if that does not succeed (leftovers are for [`Self::wait_clean`]).

@@ -18,7 +18,6 @@ use veil_tests::{
 };
 
 const NS: &str = "veil-test";
-const RUNTIME: &str = "io.containerd.veil.v2";
 
 fn task_status(c: &Containerd, id: &str) -> Result<String> {
     c.task_status(NS, id)
@@ -58,16 +57,8 @@ fn host_process(c: &Containerd, id: &str, what: &str) -> Result<u32> {
 
 fn kill_and_remove(c: &Containerd, rt: &str, id: &str, victim: &str) -> Result<()> {
     let out = c
-        .ctr(NS)
-        .args([
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            rt,
-        ])
-        .args([oci::BUSYBOX_IMAGE, id, "sleep", "600"])
+        .ctr_run(NS, rt)
+        .args(["-d", oci::BUSYBOX_IMAGE, id, "sleep", "600"])
         .output()?;
     if !out.status.success() {
         bail!("ctr run -d {id}: {}", output_text(&out));

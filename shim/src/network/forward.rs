@@ -191,9 +191,12 @@ async fn relay(mut s: TcpStream, transport: GuestTransport) {
             return;
         }
     };
-    let mut conn = match transport
-        .connect(veil_protocol::STREAM_VSOCK_PORT, Duration::from_secs(10))
-        .await
+    let mut conn = match crate::agent::connect_port(
+        &transport,
+        veil_protocol::STREAM_VSOCK_PORT,
+        Duration::from_secs(10),
+    )
+    .await
     {
         Ok(c) => c,
         Err(e) => {

@@ -69,6 +69,15 @@ pub enum BootError {
     /// a refused device or a missing file), then the tail of the console.
     #[error("the VM exited during boot; QEMU said:\n{0}\nconsole:\n{1}")]
     Died(String, String),
+    /// The VM did not become ready within the boot deadline, stretched for
+    /// the node's load.
+    #[error("the pod VM was not ready after {expired}: {stage}")]
+    NotReady {
+        /// How long, and under what load.
+        expired: crate::patience::Expired,
+        /// How far it got.
+        stage: &'static str,
+    },
     /// The pod's attestation set-up (broker, simulated TEE keys).
     #[error("attestation set-up")]
     Attest(#[from] crate::attest::AttestSetupError),
@@ -97,6 +106,7 @@ impl Classify for BootError {
             BootError::Shared(e) => e.kind(),
             BootError::Network(e) => e.kind(),
             BootError::SharedDirs(_) => Kind::FailedPrecondition,
+            BootError::NotReady { .. } => Kind::DeadlineExceeded,
         }
     }
 }
@@ -411,21 +421,31 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     };
+    // The boot deadline stretches with the node's load (crate::patience);
+    // the waits inside it get its ceiling.
     let timeout = Duration::from_millis(h.boot_timeout_ms);
-    let connect = async {
+    let inner = crate::patience::ceiling(timeout);
+    let connect = crate::patience::wait(timeout, async {
         let mut call: Option<AgentReady> = None;
         if let Some(l) = ready.as_mut() {
-            call = Some(l.wait(timeout).await.map_err(BootError::Ready)?);
+            call = Some(l.wait(inner).await.map_err(BootError::Ready)?);
         }
-        let agent = Agent::connect(transport.clone(), timeout).await?;
+        let agent = Agent::connect(transport.clone(), inner).await?;
         Ok::<_, BootError>((agent, call))
-    };
+    });
     tokio::pin!(connect);
     tokio::pin!(watch_console);
     let mut console_seen = false;
     let connected = loop {
         tokio::select! {
-            a = &mut connect => break a,
+            a = &mut connect => break a.unwrap_or_else(|expired| Err(BootError::NotReady {
+                expired,
+                stage: if console_seen || console_says_serving() {
+                    "its kernel booted and the agent serves, but did not answer"
+                } else {
+                    "the agent had not started serving"
+                },
+            })),
             () = &mut watch_console, if !console_seen => console_seen = true,
         }
     };
@@ -445,7 +465,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         phases.mark("kernel_booted");
     }
     phases.mark("agent_ready");
-    let qmp = Qmp::connect(&qmp_path, Duration::from_secs(10)).await?;
+    let qmp = Qmp::connect(&qmp_path, crate::patience::scaled(Duration::from_secs(10))).await?;
 
     crate::attest::deliver_policy(&agent, h, &p.policy).await?;
     let mut req = CreateSandboxRequest::new();

@@ -143,7 +143,7 @@ impl VirtioFs {
             ]);
         let mut process =
             ManagedChild::spawn("virtiofsd", cmd, &log, opts).map_err(SharedError::Spawn)?;
-        let timeout = Duration::from_secs(10);
+        let timeout = crate::patience::scaled(Duration::from_secs(10));
         if !crate::vsock::wait_listening(&mut process, &socket, timeout) {
             return Err(SharedError::NotReady {
                 socket,

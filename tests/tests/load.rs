@@ -1,0 +1,126 @@
+//! On a saturated node a pod is slow, not failed. The test fills both CPUs
+//! with busy loops, then starts a `veil` pod whose boot deadline is shorter
+//! than the boot takes under that load: the pod must start anyway (its
+//! deadline stretches with the node's load, `shim/src/patience.rs`), and
+//! the test checks that it took longer than the unstretched deadline — so a
+//! fixed deadline would have failed it. A second pod, with a deadline no
+//! stretch can meet, must fail with an error that says how long it waited
+//! and under what load, and leave nothing.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use veil_tests::{
+    containerd::{output_text, Containerd},
+    oci, Artefacts,
+};
+
+const NS: &str = "veil-test";
+
+/// Busy loops, one process each, stopped by PID when dropped.
+struct Hogs(Vec<Child>);
+
+impl Hogs {
+    fn start(n: usize) -> Result<Self> {
+        let mut hogs = Hogs(Vec::new());
+        for _ in 0..n {
+            hogs.0.push(
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .context("starting a busy loop")?,
+            );
+        }
+        Ok(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_pod(c: &Containerd, rt: &str, id: &str) -> Result<(std::process::Output, Duration)> {
+    let t = Instant::now();
+    let out = c
+        .ctr_run(NS, rt)
+        .args(["-d", oci::BUSYBOX_IMAGE, id, "sleep", "600"])
+        .output()?;
+    Ok((out, t.elapsed()))
+}
+
+fn remove(c: &Containerd, id: &str) -> Result<()> {
+    c.kill_and_remove(NS, id)?;
+    c.wait_clean(&[id])
+}
+
+#[test]
+fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let cpus = std::thread::available_parallelism()?.get();
+    // Four busy loops per CPU: the VM gets a fifth of a CPU or so, and its
+    // boot takes several times its idle length.
+    let hogs = Hogs::start(4 * cpus)?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Shorter than a boot takes here on a loaded node (an idle TCG boot of
+    // our kernel takes about 2 s).
+    const BASE_MS: u64 = 3000;
+    c.configure(&a, &[("veil", &format!("boot_timeout_ms = {BASE_MS}"))])?;
+    let rt = c.runtime_config("veil");
+    let (out, took) = run_pod(&c, &rt, "load-slow")?;
+    eprintln!("loaded start: {took:?}: {}", output_text(&out));
+    if !out.status.success() {
+        let _ = remove(&c, "load-slow");
+        bail!(
+            "a pod on a loaded node failed instead of starting late: {}",
+            output_text(&out)
+        );
+    }
+    let status = c.task_status(NS, "load-slow")?;
+    remove(&c, "load-slow")?;
+    ensure!(status == "RUNNING", "the pod is {status:?}, not RUNNING");
+    ensure!(
+        took > Duration::from_millis(BASE_MS),
+        "the start took {took:?}, within the unstretched {BASE_MS} ms: the node was not loaded \
+         enough to show anything"
+    );
+
+    // No stretch (at most ×10) makes 50 ms enough for a boot.
+    c.configure(&a, &[("veil", "boot_timeout_ms = 50")])?;
+    let (out, took) = run_pod(&c, &rt, "load-fail")?;
+    drop(hogs);
+    let text = output_text(&out);
+    eprintln!("impossible deadline: {took:?}: {text}");
+    remove(&c, "load-fail")?;
+    ensure!(
+        !out.status.success(),
+        "a 50 ms boot deadline was met: {text}"
+    );
+    for want in [
+        "the pod VM was not ready after",
+        "deadline stretched",
+        "runnable, on",
+    ] {
+        ensure!(
+            text.contains(want),
+            "the error does not say {want:?}: {text}"
+        );
+    }
+    ensure!(
+        !text.contains("Status {"),
+        "a debug dump reached the user: {text}"
+    );
+    Ok(())
+}
