@@ -115,6 +115,67 @@ impl CgroupParent {
     }
 }
 
+/// The CPU weight of the agent's own cgroup (the maximum): against the
+/// containers' parent at the default 100, the agent gets the CPU whenever it
+/// wants it, however busy the pod is.
+pub const AGENT_CPU_WEIGHT: u32 = 10_000;
+
+/// What [`protect_agent`] set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentShare {
+    /// The agent's cgroup.
+    pub cgroup: PathBuf,
+    /// The most tasks the containers may have together, if limited.
+    pub container_tasks: Option<u64>,
+}
+
+/// The most tasks (processes and threads) the containers may have together,
+/// out of the `max` the kernel allows in all: the rest is kept for the agent
+/// (its threads, the helpers that start processes), so that a fork bomb in a
+/// pod without a PIDs limit cannot leave the agent unable to answer.
+pub fn container_task_limit(max: u64) -> u64 {
+    max.saturating_sub((max / 8).max(256))
+}
+
+/// Puts the agent (this process) into a cgroup of its own under `root`,
+/// `agent`, with [`AGENT_CPU_WEIGHT`], and limits the containers' `parent`
+/// to [`container_task_limit`] of the kernel's task limit. Only in a VM,
+/// where the agent is PID 1 and the cgroup tree is its own.
+pub fn protect_agent(root: &Path, parent: &Path) -> Result<AgentShare, CgroupError> {
+    let cgroup = root.join("agent");
+    fs::create_dir_all(&cgroup).map_err(io_err(&cgroup))?;
+    let enabled = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
+    let has = |c: &str| enabled.split_whitespace().any(|e| e == c);
+    if has("cpu") {
+        let w = cgroup.join("cpu.weight");
+        fs::write(&w, AGENT_CPU_WEIGHT.to_string()).map_err(io_err(&w))?;
+    }
+    let procs = cgroup.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string()).map_err(io_err(&procs))?;
+    let mut container_tasks = None;
+    if has("pids") {
+        let read = |p: &str| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
+        let max = [
+            read("/proc/sys/kernel/threads-max"),
+            read("/proc/sys/kernel/pid_max"),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(max) = max {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            let limit = container_task_limit(max);
+            let f = parent.join("pids.max");
+            fs::write(&f, limit.to_string()).map_err(io_err(&f))?;
+            container_tasks = Some(limit);
+        }
+    }
+    Ok(AgentShare {
+        cgroup,
+        container_tasks,
+    })
+}
+
 /// Enables for `dir`'s children every controller `dir` has (best effort).
 fn delegate(dir: &Path) {
     let Ok(avail) = fs::read_to_string(dir.join("cgroup.controllers")) else {
@@ -430,6 +491,14 @@ fn parse_io_stat(s: &str) -> Vec<IoDeviceStats> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_agent_keeps_an_eighth_of_the_task_limit_and_at_least_256() {
+        assert_eq!(container_task_limit(2048), 1792);
+        assert_eq!(container_task_limit(32768), 28672);
+        assert_eq!(container_task_limit(1000), 744);
+        assert_eq!(container_task_limit(100), 0);
+    }
+
     use super::*;
 
     #[test]

@@ -71,6 +71,7 @@ fn requests_containers_and_stdio() {
         PodError::Cgroup(CgroupError::NoController("memory")) => FailedPrecondition,
         PodError::Engine(EngineError::Child("x".into())) => Internal,
         PodError::Engine(EngineError::Program("x: not found".into())) => NotFound,
+        PodError::Engine(EngineError::Exhausted("cannot start another process".into())) => ResourceExhausted,
         PodError::Plan(PlanError::NoPodNamespace("pid")) => FailedPrecondition,
         PodError::Stdio(StdioError::NoTerminal) => FailedPrecondition,
         PodError::Io { what: "x".into(), source: io() } => Internal,

@@ -86,6 +86,26 @@ pub fn prepare(config: &mut config::Config) -> Result<(), AgentError> {
 /// Runs the agent until it is asked to stop or a fatal error happens.
 pub fn run(config: config::Config) -> Result<(), AgentError> {
     init::become_subreaper();
+    if config.init {
+        // Priority over the containers, and tasks kept for the agent.
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let parent = config
+            .cgroup_parent
+            .clone()
+            .unwrap_or_else(|| root.join("veil"));
+        match cgroup::protect_agent(root, &parent) {
+            Ok(share) => tracing::info!(
+                cgroup = %share.cgroup.display(),
+                cpu_weight = cgroup::AGENT_CPU_WEIGHT,
+                container_tasks = ?share.container_tasks,
+                "agent cgroup set up"
+            ),
+            Err(e) => tracing::warn!(
+                error = %error_chain(&e),
+                "the agent runs without priority over the containers"
+            ),
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

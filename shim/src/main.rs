@@ -55,7 +55,15 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(bootstrap::serve(&args)),
+                Ok(rt) => {
+                    let r = rt.block_on(bootstrap::serve(&args));
+                    // Once the pod is torn down, do not wait for blocking
+                    // threads: one may sit in a FIFO open or write that no
+                    // client will ever answer (an exec whose start failed,
+                    // a stream nobody reads), and the shim must exit.
+                    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+                    r
+                }
                 Err(e) => {
                     eprintln!("containerd-shim-veil-v2: cannot start the runtime: {e}");
                     return ExitCode::from(EXIT_FAILED);

@@ -57,8 +57,22 @@ fn run_pod(c: &Containerd, rt: &str, id: &str) -> Result<(std::process::Output, 
     Ok((out, t.elapsed()))
 }
 
+/// Kills and removes `id`, saying how long the task took to stop.
 fn remove(c: &Containerd, id: &str) -> Result<()> {
-    c.kill_and_remove(NS, id)?;
+    if !c.task_status(NS, id)?.is_empty() {
+        let t = Instant::now();
+        c.ctr_ok(NS, &["task", "kill", "-s", "KILL", id])?;
+        while c.task_status(NS, id)? != "STOPPED" {
+            ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "{id} did not stop within 120 s of SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{id}: stopped {:?} after SIGKILL", t.elapsed());
+        c.ctr_ok(NS, &["task", "delete", id])?;
+    }
+    c.ctr_ok(NS, &["container", "rm", id])?;
     c.wait_clean(&[id])
 }
 
@@ -123,4 +137,75 @@ fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
         "a debug dump reached the user: {text}"
     );
     Ok(())
+}
+
+/// A pod saturated from inside — busy loops and a fork bomb — still answers
+/// exec and control calls: the agent runs in a cgroup of its own with
+/// priority over the containers', and the containers together may not take
+/// the tasks the agent needs (guest-agent `cgroup::protect_agent`). Before,
+/// the exec took 155 s and failed with EAGAIN from the agent's own fork.
+#[test]
+fn the_agent_answers_exec_while_its_pod_forks_and_spins() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    let id = "load-fork";
+    // A fork bomb with no PIDs limit of its own, plus busy loops: it grows
+    // until the guest refuses more tasks, and keeps forking as its members
+    // fail and exit.
+    let script = "for i in $(seq 8); do (while :; do :; done) & done; \
+                  f(){ f & f & sleep 600; }; f";
+    let out = c
+        .ctr_run(NS, &rt)
+        .args(["-d", oci::BUSYBOX_IMAGE, id, "sh", "-c", script])
+        .output()?;
+    if !out.status.success() {
+        let _ = remove(&c, id);
+        bail!("ctr run {id}: {}", output_text(&out));
+    }
+    let result = (|| -> Result<()> {
+        // Let the bomb fill the VM.
+        std::thread::sleep(Duration::from_secs(10));
+        for i in 0..3 {
+            let t = Instant::now();
+            let out = c
+                .ctr(NS)
+                .args(["task", "exec", "--exec-id", &format!("e{i}"), id])
+                .args(["sh", "-c", "echo answered"])
+                .output()?;
+            let took = t.elapsed();
+            let text = output_text(&out);
+            eprintln!("exec {i} while saturated: {took:?}: {text}");
+            // The exec runs, or — the bomb holding every task the pod may
+            // have — is refused naming the limit, as runc's exec would fail
+            // to fork; never a timeout, never an unnamed EAGAIN.
+            if out.status.success() {
+                ensure!(text.contains("answered"), "exec {i}: {text}");
+            } else {
+                ensure!(
+                    text.contains("a task limit is reached (cgroup /sys/fs/cgroup/veil"),
+                    "exec {i} in the saturated pod: {text}"
+                );
+                ensure!(!text.contains("Status {"), "a debug dump: {text}");
+            }
+            let t = Instant::now();
+            let ps = c.ctr(NS).args(["task", "ps", id]).output()?;
+            eprintln!("ps {i} while saturated: {:?}", t.elapsed());
+            ensure!(ps.status.success(), "task ps: {}", output_text(&ps));
+        }
+        Ok(())
+    })();
+    let removed = remove(&c, id);
+    if removed.is_err() {
+        let log = c.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!(
+            "containerd log:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    result?;
+    removed
 }

@@ -127,10 +127,16 @@ fn run_helper(control: &OwnedFd) -> Result<(), String> {
             std::mem::size_of::<CloneArgs>(),
         )
     };
-    drop(cgroup_dir);
     if pid < 0 {
-        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            let why = task_limit(req.cgroup.as_deref(), cgroup_dir.as_ref());
+            report(control, &ChildMessage::Exhausted(why));
+            std::process::exit(1);
+        }
+        return Err(format!("clone: {e}"));
     }
+    drop(cgroup_dir);
     if pid == 0 {
         if let Some(fd) = &cgroup_ns {
             if let Err(e) = setns(fd, CloneFlags::CLONE_NEWCGROUP) {
@@ -153,6 +159,60 @@ fn run_helper(control: &OwnedFd) -> Result<(), String> {
     trace("cloned");
     report(control, &ChildMessage::Pid(pid as i32));
     Ok(())
+}
+
+/// Says what a refused clone (EAGAIN) ran into: the tasks and `pids.max`
+/// of each cgroup from the container's (`path`, open as `dir`) up that has a
+/// limit, and the guest's tasks against `kernel.threads-max`. The cgroup
+/// files are read through `dir` (the paths are the agent's, and the helper
+/// may be in the container's mount namespace by now). The counts are read
+/// after the fact (others may have exited since), so all of them are given.
+fn task_limit(path: Option<&Path>, dir: Option<&std::fs::File>) -> String {
+    let read_at = |rel: &str| -> Option<String> {
+        let d = dir?;
+        let fd = nix::fcntl::openat(
+            Some(d.as_raw_fd()),
+            rel,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        // SAFETY: `openat` just returned this descriptor; nothing else owns it.
+        let mut f = std::fs::File::from(unsafe { super::owned(fd) });
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).ok()?;
+        Some(text.trim().to_string())
+    };
+    let mut parts = Vec::new();
+    let mut up = String::new();
+    let mut cg = path;
+    while let Some(p) = cg.filter(|p| p.components().count() > 1) {
+        let (max, current) = (
+            read_at(&format!("{up}pids.max")),
+            read_at(&format!("{up}pids.current")),
+        );
+        if let (Some(max), Some(current)) = (max, current) {
+            if max != "max" {
+                parts.push(format!(
+                    "cgroup {} has {current} of pids.max {max}",
+                    p.display()
+                ));
+            }
+        }
+        up.push_str("../");
+        cg = p.parent();
+    }
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+    let tasks = read("/proc/loadavg")
+        .ok()
+        .and_then(|l| Some(l.split_whitespace().nth(3)?.split('/').nth(1)?.to_string()));
+    if let (Some(tasks), Ok(max)) = (tasks, read("/proc/sys/kernel/threads-max")) {
+        parts.push(format!("the guest has {tasks} of kernel.threads-max {max}"));
+    }
+    format!(
+        "cannot start another process: a task limit is reached ({})",
+        parts.join("; ")
+    )
 }
 
 /// `CLONE_INTO_CGROUP` (linux/sched.h, since 5.7).

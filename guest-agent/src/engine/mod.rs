@@ -72,6 +72,9 @@ pub enum EngineError {
     /// The program to run cannot be found or run.
     #[error("{0}")]
     Program(String),
+    /// A task limit stops the process from being created.
+    #[error("{0}")]
+    Exhausted(String),
     /// The helper or container process ended without saying why.
     #[error("container helper ended before reporting {0}")]
     Vanished(&'static str),
@@ -84,6 +87,7 @@ impl Classify for EngineError {
     fn kind(&self) -> Kind {
         match self {
             EngineError::Program(_) => Kind::NotFound,
+            EngineError::Exhausted(_) => Kind::ResourceExhausted,
             EngineError::Io(_)
             | EngineError::Encode(_)
             | EngineError::Child(_)
@@ -131,6 +135,7 @@ impl Created {
             None => Ok(()),
             Some(ChildMessage::Error(e)) => Err(EngineError::Child(e)),
             Some(ChildMessage::Program(e)) => Err(EngineError::Program(e)),
+            Some(ChildMessage::Exhausted(e)) => Err(EngineError::Exhausted(e)),
             Some(_) => Err(EngineError::Vanished("exec")),
         }
     }
@@ -223,6 +228,10 @@ pub fn create_with(
             Ok(Some(ChildMessage::Program(e))) => {
                 kill_quietly(pid);
                 return Err(EngineError::Program(e));
+            }
+            Ok(Some(ChildMessage::Exhausted(e))) => {
+                kill_quietly(pid);
+                return Err(EngineError::Exhausted(e));
             }
             Ok(None) => {
                 kill_quietly(pid);

@@ -168,6 +168,9 @@ pub enum ChildMessage {
     Terminal,
     /// Something failed; the whole error chain.
     Error(String),
+    /// The process cannot be created because a task limit is reached (the
+    /// container's or the pod's `pids.max`, or the guest's): which one.
+    Exhausted(String),
     /// The program (or its working directory) cannot be found or run, found
     /// before the process reports ready: the create fails, as with runc.
     Program(String),
