@@ -285,6 +285,29 @@ impl plan::Context for PlanCtx<'_> {
     }
 }
 
+/// A container process that vanished while setting up, after its cgroup
+/// killed it for memory, ran into its memory limit: say so, naming the limit
+/// (as runc names the limit it cannot set), rather than that the helper ended.
+fn too_little_memory(c: &Container, e: EngineError) -> PodError {
+    if !matches!(e, EngineError::Vanished(_)) || c.cgroup.oom_kills() == 0 {
+        return e.into();
+    }
+    let limit = c
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit());
+    PodError::BadRequest(match limit {
+        Some(l) => format!(
+            "the container's memory limit of {l} bytes is too low: its process was killed for \
+             memory (OOM) before it could start"
+        ),
+        None => "the container's process was killed for memory (OOM) before it could start".into(),
+    })
+}
+
 impl Pod {
     /// An empty pod (no sandbox yet).
     pub fn new(cfg: PodConfig, reaper: Reaper) -> Self {
@@ -626,11 +649,12 @@ impl Pod {
                 Ok((container, pid))
             }
             Err(e) => {
+                let e = too_little_memory(&container, e);
                 let c = match Arc::try_unwrap(container) {
                     Ok(c) => c,
-                    Err(_) => return Err((e.into(), None)),
+                    Err(_) => return Err((e, None)),
                 };
-                Err((e.into(), Some((c.cgroup, c.overlay))))
+                Err((e, Some((c.cgroup, c.overlay))))
             }
         }
     }

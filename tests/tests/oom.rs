@@ -152,3 +152,47 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
     result?;
     c.wait_clean(&[pod.as_str()])
 }
+
+/// A memory limit no process can start under (1 byte, as `--memory-limit
+/// 1`) fails the task create with an error that names the limit, as runc's
+/// does, and leaves nothing.
+#[test]
+fn an_impossible_memory_limit_fails_at_create_naming_it() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    let mut texts = Vec::new();
+    for (runtime, id) in [("runc", "mem-runc"), ("veil", "mem-veil")] {
+        let mut cmd = if runtime == "veil" {
+            c.ctr_run(NS, &rt)
+        } else {
+            let mut r = c.ctr(NS);
+            r.args(["run", "--runtime", "io.containerd.runc.v2"]);
+            r
+        };
+        let out = cmd
+            .args(["--memory-limit", "1", oci::BUSYBOX_IMAGE, id, "true"])
+            .output()?;
+        let text = output_text(&out);
+        eprintln!("{runtime}: {text}");
+        let _ = c.ctr(NS).args(["task", "delete", id]).output();
+        let _ = c.ctr(NS).args(["container", "rm", id]).output();
+        if out.status.success() {
+            bail!("{runtime} ran a container under a 1-byte memory limit: {text}");
+        }
+        texts.push(text);
+    }
+    c.wait_clean(&["mem-veil"])?;
+    let veil = &texts[1];
+    for want in ["memory", "limit"] {
+        if !veil.contains(want) {
+            bail!("veil's error does not name the {want}: {veil}");
+        }
+    }
+    if veil.contains("Status {") || veil.contains("helper ended") {
+        bail!("veil's error is not readable: {veil}");
+    }
+    Ok(())
+}
