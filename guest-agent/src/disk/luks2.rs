@@ -554,7 +554,10 @@ pub fn unlock<D: ReadAt + ?Sized>(
             return Err(Luks2Error::Unsupported(format!("requirements {req}")));
         }
     }
-    let keyslots_end = 2 * h.hdr_size + num("keyslots_size", &m.config.keyslots_size)?;
+    let keyslots_size = num("keyslots_size", &m.config.keyslots_size)?;
+    let keyslots_end = (2 * h.hdr_size)
+        .checked_add(keyslots_size)
+        .ok_or_else(|| Luks2Error::Corrupt(format!("keyslots_size {keyslots_size}")))?;
     let (seg_id, seg) = m
         .segments
         .iter()
@@ -969,6 +972,52 @@ mod tests {
             Err(Luks2Error::Corrupt(_))
         ));
         assert!(is_luks(&f).unwrap(), "a corrupt header is still a header");
+    }
+
+    /// Replaces `from` by `to` in the JSON of both header copies and re-seals
+    /// their checksums: a header as a host could write it.
+    fn rewrite_json(f: &File, from: &str, to: &str) {
+        for offset in [0, HDR_SIZE] {
+            let mut copy = vec![0u8; HDR_SIZE as usize];
+            FileExt::read_exact_at(f, &mut copy, offset).unwrap();
+            let end = copy[4096..].iter().position(|&c| c == 0).unwrap() + 4096;
+            let json = String::from_utf8(copy[4096..end].to_vec()).unwrap();
+            assert!(json.contains(from), "{from} not in the header");
+            let json = json.replace(from, to);
+            copy[4096..].fill(0);
+            copy[4096..4096 + json.len()].copy_from_slice(json.as_bytes());
+            copy[448..512].fill(0);
+            let sum = Sha256::digest(&copy);
+            copy[448..480].copy_from_slice(&sum);
+            f.write_all_at(&copy, offset).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_keyslots_size_past_the_end_of_u64_is_corrupt() {
+        let (_d, f) = disk(20 << 20);
+        format(&f, 20 << 20, b"secret", 4096).unwrap();
+        let size = DATA_OFFSET - 2 * HDR_SIZE;
+        rewrite_json(
+            &f,
+            &format!(r#""keyslots_size":"{size}""#),
+            &format!(r#""keyslots_size":"{}""#, u64::MAX - 1),
+        );
+        assert!(is_luks(&f).unwrap());
+        let e = unlock(&f, b"secret", &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&e, Luks2Error::Corrupt(m) if m.contains("keyslots_size")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_resealed_header_still_unlocks() {
+        // The helper above changes nothing but what it is asked to.
+        let (_d, f) = disk(20 << 20);
+        format(&f, 20 << 20, b"secret", 4096).unwrap();
+        rewrite_json(&f, r#""tokens":{}"#, r#""tokens":{ }"#);
+        unlock(&f, b"secret", &Limits::default()).unwrap();
     }
 
     #[test]
