@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 # System packages, by purpose.
 packages=(
-  # build
+  # build (build-essential's g++ also compiles libFuzzer for ci/fuzz.sh)
   build-essential pkg-config git curl ca-certificates python3 python3-venv python3-pip
   # protoc, for the CRI client (k8s-cri) used by the tests
   protobuf-compiler

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every veil test on a Debian 12 machine: set up (idempotent), lint, build the
-# guest artefacts (cached), then the whole workspace's tests, VM tests included.
+# guest artefacts (cached), then the whole workspace's tests, VM tests included,
+# then every fuzz target for a short fixed time.
 #
 # usage: ci/test.sh
 set -euo pipefail
@@ -28,6 +29,9 @@ log "cargo build --workspace --bins"
 cargo build --workspace --bins
 log "cargo test"
 cargo test --workspace --no-fail-fast
+# Every fuzz target, built on stable and run for a fixed time (docs/fuzzing.md).
+log "fuzz targets"
+ci/fuzz.sh
 df -h "${CARGO_TARGET_DIR}" | tail -1
 du -sh "${CARGO_TARGET_DIR}" 2>/dev/null || true
 log "all tests passed"

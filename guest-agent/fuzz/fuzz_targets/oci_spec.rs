@@ -11,7 +11,7 @@ struct Ctx;
 impl plan::Context for Ctx {
     fn bind_source(&self, s: &str) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
         match s.strip_prefix("sandbox:") {
-            Some(n) if n == "hosts" => Ok(PathBuf::from("/run/veil/sandbox/hosts")),
+            Some("hosts") => Ok(PathBuf::from("/run/veil/sandbox/hosts")),
             _ => Err("refused".into()),
         }
     }

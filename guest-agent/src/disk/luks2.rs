@@ -267,6 +267,33 @@ fn b64(what: &str, s: &str, max: usize) -> Result<Vec<u8>, Luks2Error> {
     Ok(v)
 }
 
+// ---- the device ----
+
+/// Positional reads from a device: the agent reads a [`File`]; tests and the
+/// fuzz targets read bytes in memory (`[u8]`, where a read past the end fails
+/// with [`std::io::ErrorKind::UnexpectedEof`] as a file's does).
+pub trait ReadAt {
+    /// Fills `buf` from `offset`, or fails.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|start| self.get(start..start.checked_add(buf.len())?))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 // ---- the binary header ----
 
 /// One intact header copy.
@@ -283,7 +310,11 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Reads and checks the header copy at `offset`. `Ok(None)`: no magic there.
-fn read_copy(dev: &File, offset: u64, secondary: bool) -> Result<Option<Header>, Luks2Error> {
+fn read_copy<D: ReadAt + ?Sized>(
+    dev: &D,
+    offset: u64,
+    secondary: bool,
+) -> Result<Option<Header>, Luks2Error> {
     let mut bin = [0u8; 4096];
     match dev.read_exact_at(&mut bin, offset) {
         Ok(()) => {}
@@ -348,7 +379,7 @@ fn read_copy(dev: &File, offset: u64, secondary: bool) -> Result<Option<Header>,
 }
 
 /// Reads the newest intact header copy.
-fn read_header(dev: &File) -> Result<Header, Luks2Error> {
+fn read_header<D: ReadAt + ?Sized>(dev: &D) -> Result<Header, Luks2Error> {
     let mut errors = Vec::new();
     let mut seen_magic = false;
     let mut best: Option<Header> = None;
@@ -379,7 +410,7 @@ fn read_header(dev: &File) -> Result<Header, Luks2Error> {
 }
 
 /// Whether `dev` carries a LUKS2 header (magic in either copy).
-pub fn is_luks(dev: &File) -> Result<bool, Luks2Error> {
+pub fn is_luks<D: ReadAt + ?Sized>(dev: &D) -> Result<bool, Luks2Error> {
     match read_header(dev) {
         Ok(_) => Ok(true),
         Err(Luks2Error::NotLuks) => Ok(false),
@@ -510,7 +541,11 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Opens a LUKS2 device with `passphrase`: returns the volume key and the
 /// data segment.
-pub fn unlock(dev: &File, passphrase: &[u8], limits: &Limits) -> Result<Unlocked, Luks2Error> {
+pub fn unlock<D: ReadAt + ?Sized>(
+    dev: &D,
+    passphrase: &[u8],
+    limits: &Limits,
+) -> Result<Unlocked, Luks2Error> {
     let h = read_header(dev)?;
     let m = &h.json;
     if let Some(req) = &m.config.requirements {
@@ -519,7 +554,10 @@ pub fn unlock(dev: &File, passphrase: &[u8], limits: &Limits) -> Result<Unlocked
             return Err(Luks2Error::Unsupported(format!("requirements {req}")));
         }
     }
-    let keyslots_end = 2 * h.hdr_size + num("keyslots_size", &m.config.keyslots_size)?;
+    let keyslots_size = num("keyslots_size", &m.config.keyslots_size)?;
+    let keyslots_end = (2 * h.hdr_size)
+        .checked_add(keyslots_size)
+        .ok_or_else(|| Luks2Error::Corrupt(format!("keyslots_size {keyslots_size}")))?;
     let (seg_id, seg) = m
         .segments
         .iter()
@@ -608,8 +646,8 @@ fn check_segment(s: &JSegment, keyslots_end: u64) -> Result<Segment, Luks2Error>
     })
 }
 
-fn open_keyslot(
-    dev: &File,
+fn open_keyslot<D: ReadAt + ?Sized>(
+    dev: &D,
     ks: &Keyslot,
     passphrase: &[u8],
     hdr_size: u64,
@@ -934,6 +972,52 @@ mod tests {
             Err(Luks2Error::Corrupt(_))
         ));
         assert!(is_luks(&f).unwrap(), "a corrupt header is still a header");
+    }
+
+    /// Replaces `from` by `to` in the JSON of both header copies and re-seals
+    /// their checksums: a header as a host could write it.
+    fn rewrite_json(f: &File, from: &str, to: &str) {
+        for offset in [0, HDR_SIZE] {
+            let mut copy = vec![0u8; HDR_SIZE as usize];
+            FileExt::read_exact_at(f, &mut copy, offset).unwrap();
+            let end = copy[4096..].iter().position(|&c| c == 0).unwrap() + 4096;
+            let json = String::from_utf8(copy[4096..end].to_vec()).unwrap();
+            assert!(json.contains(from), "{from} not in the header");
+            let json = json.replace(from, to);
+            copy[4096..].fill(0);
+            copy[4096..4096 + json.len()].copy_from_slice(json.as_bytes());
+            copy[448..512].fill(0);
+            let sum = Sha256::digest(&copy);
+            copy[448..480].copy_from_slice(&sum);
+            f.write_all_at(&copy, offset).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_keyslots_size_past_the_end_of_u64_is_corrupt() {
+        let (_d, f) = disk(20 << 20);
+        format(&f, 20 << 20, b"secret", 4096).unwrap();
+        let size = DATA_OFFSET - 2 * HDR_SIZE;
+        rewrite_json(
+            &f,
+            &format!(r#""keyslots_size":"{size}""#),
+            &format!(r#""keyslots_size":"{}""#, u64::MAX - 1),
+        );
+        assert!(is_luks(&f).unwrap());
+        let e = unlock(&f, b"secret", &Limits::default()).unwrap_err();
+        assert!(
+            matches!(&e, Luks2Error::Corrupt(m) if m.contains("keyslots_size")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_resealed_header_still_unlocks() {
+        // The helper above changes nothing but what it is asked to.
+        let (_d, f) = disk(20 << 20);
+        format(&f, 20 << 20, b"secret", 4096).unwrap();
+        rewrite_json(&f, r#""tokens":{}"#, r#""tokens":{ }"#);
+        unlock(&f, b"secret", &Limits::default()).unwrap();
     }
 
     #[test]
