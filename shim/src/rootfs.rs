@@ -417,6 +417,7 @@ impl ImageStore {
         let key = layers.key(self.format, holder);
         let path = self.image_path(&key);
         let me = Holder::this_process();
+        let started = std::time::Instant::now();
         let _lock = CacheLock::take(&self.dir)?;
         if !path.exists() {
             let fstype = self.format.fstype();
@@ -436,9 +437,11 @@ impl ImageStore {
             // The record first: an image file never exists without it.
             info.save(&path)?;
             fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
-            tracing::info!(key, path = %path.display(), root_hash = %info.root_hash, "built root image");
+            let ms = started.elapsed().as_millis();
+            tracing::info!(key, path = %path.display(), root_hash = %info.root_hash, ms, "built root image");
         } else {
-            tracing::info!(key, path = %path.display(), "root image from the cache");
+            let ms = started.elapsed().as_millis();
+            tracing::info!(key, path = %path.display(), ms, "root image from the cache");
         }
         let verity = match VerityInfo::load(&path) {
             Ok(v) => Some(v),
