@@ -322,12 +322,9 @@ pub fn delete(args: &Args) -> Result<(), BootstrapError> {
         if let Ok(dir) = PodDir::at(&config.state_dir, &group) {
             dir.cleanup();
         }
-        let store = ImageStore {
-            dir: config.image_dir.clone(),
-            format: Default::default(),
-            mkfs_erofs: config.mkfs_erofs.clone(),
-            mkfs_ext4: config.mkfs_ext4.clone(),
-        };
+        // Drops the pod's references (the images stay cached) and collects
+        // the cache; the format only matters for building.
+        let store = ImageStore::new(&config, Default::default());
         if let Err(e) = store.release_holder(&group) {
             eprintln!(
                 "veil: releasing images of {group}: {}",

@@ -252,8 +252,14 @@ pub struct Config {
     /// Runtime state root: one directory per pod (`<state_dir>/<sandbox-id>`).
     pub state_dir: PathBuf,
     /// Where container root images are built and shared between pods
-    /// (reference-counted: removed when no pod uses them).
+    /// (reference-counted; images no pod uses stay cached within
+    /// `image_cache_mib`).
     pub image_dir: PathBuf,
+    /// Disk space the image cache may take, MiB. While it takes more, the
+    /// least recently used images that no pod uses are removed; images in
+    /// use are never removed (a log line says when they alone exceed it).
+    /// 0 = keep no image that no pod uses.
+    pub image_cache_mib: u64,
     /// Where pods' scratch disks are (`<scratch_dir>/<sandbox-id>.img`,
     /// sparse, removed with the pod). Disk-backed: what a pod writes takes
     /// space here, and `state_dir` is usually a tmpfs.
@@ -282,6 +288,7 @@ impl Default for Config {
             default_handler: "veil".into(),
             state_dir: "/run/veil".into(),
             image_dir: "/var/lib/veil/images".into(),
+            image_cache_mib: 4096,
             scratch_dir: "/var/lib/veil/scratch".into(),
             qemu: "qemu-system-x86_64".into(),
             vhost_device_vsock: "/opt/veil/bin/vhost-device-vsock".into(),

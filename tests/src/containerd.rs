@@ -254,15 +254,23 @@ pub fn pod_processes(pod: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The entries of an image cache directory (its lock file aside).
+/// What pods left in an image cache directory: their references
+/// (`<key>.refs/<pod>`) and temporary files of builds. Images no pod holds
+/// are not leftovers: the cache keeps them within its bound
+/// (`image_cache_mib`).
 pub fn cache_entries(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".lock")
-        .collect()
+    let mut left = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") {
+            left.push(name);
+        } else if name.ends_with(".refs") {
+            for r in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                left.push(format!("{name}/{}", r.file_name().to_string_lossy()));
+            }
+        }
+    }
+    left
 }
 
 impl Containerd {
@@ -536,8 +544,9 @@ impl Containerd {
 
     /// What is left of the pods `pods`: processes whose command line names
     /// their state dir (QEMU, vhost-device-vsock), shims of this containerd,
-    /// the pod directories, mounts below them, their scratch disks, images
-    /// in the image cache.
+    /// the pod directories, mounts below them, their scratch disks, image
+    /// references and build temporaries in the image cache (cached images
+    /// no pod holds are not leftovers).
     /// Empty when everything was cleaned up.
     pub fn leftovers(&self, pods: &[&str]) -> Vec<String> {
         let mut left: Vec<String> = self
@@ -573,7 +582,7 @@ impl Containerd {
             }
         }
         for n in cache_entries(&self.image_dir) {
-            left.push(format!("image cache entry {n}"));
+            left.push(format!("image cache reference or temporary file {n}"));
         }
         left
     }

@@ -59,12 +59,7 @@ impl Classify for ImageError {
 
 /// The image store configured by `config` for `handler`'s pods.
 pub fn image_store(config: &Config, handler: &HandlerConfig) -> ImageStore {
-    ImageStore {
-        dir: config.image_dir.clone(),
-        format: handler.rootfs_format,
-        mkfs_erofs: config.mkfs_erofs.clone(),
-        mkfs_ext4: config.mkfs_ext4.clone(),
-    }
+    ImageStore::new(config, handler.rootfs_format)
 }
 
 /// A disk hot-added for container images.
