@@ -395,6 +395,15 @@ impl Containerd {
         self.wait_ready()
     }
 
+    /// Kills containerd with SIGKILL (a crash: nothing shut down), then
+    /// starts it again as a service manager would; the shims keep running.
+    pub fn kill_and_restart(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.launch, &self.log)?;
+        self.wait_ready()
+    }
+
     /// containerd's config file.
     pub fn config_file(&self) -> &Path {
         &self.launch.config

@@ -114,3 +114,64 @@ fn a_pod_whose_host_processes_die_can_still_be_removed() -> Result<()> {
     kill_and_remove(&c, &rt, "fault-shim", "containerd-shim")?;
     Ok(())
 }
+
+/// containerd killed with SIGKILL under a running pod: the restarted
+/// containerd finds the pod running, exec works, the shim's new log lines
+/// reach the new containerd's log, and the pod is removed with nothing left.
+#[test]
+fn a_pod_survives_a_containerd_kill_and_its_shim_logs_to_the_new_one() -> Result<()> {
+    let a = Artefacts::locate()?;
+    let mut c = Containerd::start(&a)?;
+    let work = tempfile::tempdir()?;
+    c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+    let id = "fault-containerd";
+    let out = c
+        .ctr_run(NS, &rt)
+        .args(["-d", oci::BUSYBOX_IMAGE, id, "sleep", "600"])
+        .output()?;
+    if !out.status.success() {
+        bail!("ctr run -d {id}: {}", output_text(&out));
+    }
+    let result = (|| -> Result<()> {
+        wait_status(&c, id, &["RUNNING"])?;
+        let shim = host_process(&c, id, "containerd-shim")?;
+        eprintln!("{id}: killing containerd (pid {})", c.pid());
+        c.kill_and_restart()?;
+        let logged_before = c.log_text().len();
+        wait_status(&c, id, &["RUNNING"])?;
+        if host_process(&c, id, "containerd-shim")? != shim {
+            bail!("the pod's shim was replaced across the containerd kill");
+        }
+        let exec = c
+            .ctr(NS)
+            .args(["task", "exec", "--exec-id", "after", id, "echo", "alive"])
+            .output()?;
+        if !exec.status.success() || !String::from_utf8_lossy(&exec.stdout).contains("alive") {
+            bail!("exec after the containerd kill: {}", output_text(&exec));
+        }
+        // A request that fails makes the shim log a warning.
+        let bad = c
+            .ctr(NS)
+            .args(["task", "exec", "--exec-id", "bad", id, "/no/such/program"])
+            .output()?;
+        if bad.status.success() {
+            bail!("an exec of a missing program succeeded");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = c.log_text();
+            let new = log.get(logged_before..).unwrap_or_default();
+            if new.contains("task request failed") && new.contains("/no/such/program") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no new shim log line in containerd's log after its restart:\n{new}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })();
+    let removed = c.kill_and_remove(NS, id).and_then(|()| c.wait_clean(&[id]));
+    result?;
+    removed
+}
