@@ -15,19 +15,6 @@ use veil_agent::disk::luks2::{self, Limits, Luks2Error, ReadAt};
 /// What the seed corpus was formatted with (`veil-fuzz-seeds`).
 const PASSPHRASE: &[u8] = b"veil-fuzz-passphrase";
 const DISK_SIZE: u64 = 32 << 20;
-/// Header copies: the primary at 0, a secondary at one of these.
-const COPIES: [u64; 10] = [
-    0,
-    16 << 10,
-    32 << 10,
-    64 << 10,
-    128 << 10,
-    256 << 10,
-    512 << 10,
-    1 << 20,
-    2 << 20,
-    4 << 20,
-];
 
 /// The input, then zeros, then the end of the device.
 struct Disk(Vec<u8>);
@@ -57,7 +44,7 @@ fn seal(disk: &mut Vec<u8>, at: usize) {
     let mut size = [0u8; 8];
     size.copy_from_slice(&disk[at + 8..at + 16]);
     let hdr_size = u64::from_be_bytes(size);
-    if !COPIES[1..].contains(&hdr_size) {
+    if !luks2::HDR_SIZES.contains(&hdr_size) {
         return;
     }
     let end = at + hdr_size as usize;
@@ -75,7 +62,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut disk = rest.to_vec();
     if flags & 1 == 1 {
-        for at in COPIES {
+        // The primary header at 0, a secondary at one of the header sizes.
+        for at in std::iter::once(0).chain(luks2::HDR_SIZES) {
             seal(&mut disk, at as usize);
         }
     }

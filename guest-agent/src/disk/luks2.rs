@@ -49,7 +49,7 @@ const AREA_SIZE: u64 = 258_048;
 /// stretching adds nothing; 1000 is the smallest count cryptsetup accepts.
 pub const PBKDF2_ITERATIONS: u32 = 1000;
 /// Header sizes cryptsetup may use (secondary header offsets to probe).
-const HDR_SIZES: [u64; 9] = [
+pub const HDR_SIZES: [u64; 9] = [
     16 << 10,
     32 << 10,
     64 << 10,
