@@ -8,7 +8,6 @@
 use std::{
     collections::HashMap,
     fs,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -17,7 +16,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use veil_protocol::agent::{AddStorageRequest, StorageSource};
 
 use crate::{
-    disk::{DiskError, Layer, Opened},
+    disk::{loopdev, DiskError, Layer, Opened},
     status::{Classify, Kind},
     validate::{self, ValidationError},
 };
@@ -243,9 +242,14 @@ impl Storages {
                 if !p.is_file() {
                     return Err(StorageError::NoSource(p));
                 }
-                let (dev, fd) = attach_loop(&p, req.read_only)?;
-                _loop_fd = Some(fd);
-                dev
+                let img = fs::OpenOptions::new()
+                    .read(true)
+                    .write(!req.read_only)
+                    .open(&p)
+                    .map_err(os("open", &p))?;
+                let l = loopdev::attach(&img, &p, req.read_only).map_err(DiskError::from)?;
+                _loop_fd = Some(l.device);
+                l.path
             }
             _ => {
                 return Err(StorageError::Refused(
@@ -424,79 +428,6 @@ pub(crate) async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathB
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-// Loop device ioctls (linux/loop.h).
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
-/// Attaches `file` to a free loop device that detaches itself when unmounted.
-fn attach_loop(file: &Path, read_only: bool) -> Result<(PathBuf, fs::File), StorageError> {
-    let img = fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(file)
-        .map_err(os("open", file))?;
-    let ctl_path = Path::new("/dev/loop-control");
-    let ctl = fs::File::open(ctl_path).map_err(os("open", ctl_path))?;
-    for _ in 0..16 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
-        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-        if n < 0 {
-            return Err(os("find a free loop device for", file)(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let dev = PathBuf::from(format!("/dev/loop{n}"));
-        let loopdev = fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&dev)
-            .map_err(os("open", &dev))?;
-        // SAFETY: an all-zero LoopConfig is a valid value (plain integers and arrays).
-        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
-        cfg.fd = img.as_raw_fd() as u32;
-        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
-        // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` from the pointer,
-        // which points at a live, correctly laid out local.
-        let rc = unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
-        if rc == 0 {
-            return Ok((dev, loopdev));
-        }
-        let err = std::io::Error::last_os_error();
-        // Another process took this device between GET_FREE and CONFIGURE.
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(os("configure", &dev)(err));
-        }
-    }
-    Err(StorageError::Refused("no free loop device".into()))
 }
 
 /// The overlay root of one container: `<dir>/rootfs`, with `upper` and

@@ -152,6 +152,12 @@ pub struct HandlerConfig {
     /// encrypts; container writable layers and emptyDir volumes live on it);
     /// 0 = none (writable layers in guest memory).
     pub scratch_disk_mib: u64,
+    /// Check every block of the scratch disk (dm-integrity, tags in guest
+    /// memory): a block the host changes or rolls back reads as an I/O
+    /// error. TEE handlers put it on the measured command line
+    /// (`veil.scratch=integrity`), so the host cannot turn it off.
+    #[serde(default)]
+    pub scratch_integrity: bool,
     /// Key broker `host:port` the shim relays the guest's connections to
     /// (vsock host port 1028); "" = no broker. TEE handlers only.
     #[serde(default)]
@@ -202,6 +208,7 @@ impl HandlerConfig {
             boot_timeout_ms: 60_000,
             // Sparse on the host: only what the pod writes takes space.
             scratch_disk_mib: 1024,
+            scratch_integrity: false,
             kbs_address: String::new(),
             kbs_cert: PathBuf::new(),
             kbs_resources: BTreeMap::new(),
@@ -226,6 +233,7 @@ impl HandlerConfig {
             vsock: VsockMode::Vhost,
             memory_mib: 512,
             shared_dirs: false,
+            scratch_integrity: true,
             ..base.clone()
         };
         match name {
@@ -234,6 +242,7 @@ impl HandlerConfig {
                 tee: TeeKind::Sim,
                 kbs_resources: disk_key,
                 shared_dirs: false,
+                scratch_integrity: true,
                 ..base
             }),
             "veil-snp" => Some(confidential(TeeKind::Snp)),

@@ -90,6 +90,10 @@ impl KeySource for BrokerKeys {
                 reason: e.to_string(),
             })
     }
+
+    fn requires_scratch_integrity(&self) -> bool {
+        self.attestation.requires_scratch_integrity()
+    }
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ pub const CMDLINE_TEE: &str = "veil.tee";
 pub const CMDLINE_PIN: &str = "veil.kbs.pin";
 /// Kernel command-line key prefix of a resource.
 pub const CMDLINE_RESOURCE: &str = "veil.kbs.res.";
+/// Kernel command-line word requiring an integrity-protected scratch disk
+/// (`veil.scratch=integrity`): measured, so the host cannot drop it.
+pub const CMDLINE_SCRATCH: &str = "veil.scratch";
 /// The name the guest sends as TLS SNI and HTTP `Host` (the pin is what
 /// authenticates the broker, not a name).
 pub const BROKER_NAME: &str = "kbs";
@@ -94,6 +97,8 @@ pub struct GuestAttestConfig {
     pub pin: Option<[u8; 32]>,
     /// Resources to fetch, by name.
     pub resources: BTreeMap<String, ResourcePath>,
+    /// The scratch disk must have integrity (`veil.scratch=integrity`).
+    pub scratch_integrity: bool,
 }
 
 impl GuestAttestConfig {
@@ -103,6 +108,7 @@ impl GuestAttestConfig {
         let mut tee = None;
         let mut pin = None;
         let mut resources = BTreeMap::new();
+        let mut scratch_integrity = None;
         let mut any_kbs = false;
         let bad = |key: &str, value: &str| AttestConfigError::BadValue {
             key: key.into(),
@@ -110,7 +116,7 @@ impl GuestAttestConfig {
         };
         for word in cmdline.split_whitespace() {
             let Some((key, value)) = word.split_once('=') else {
-                if word == CMDLINE_TEE || word.starts_with("veil.kbs.") {
+                if word == CMDLINE_TEE || word == CMDLINE_SCRATCH || word.starts_with("veil.kbs.") {
                     return Err(bad(word, ""));
                 }
                 continue;
@@ -147,6 +153,14 @@ impl GuestAttestConfig {
                 if resources.insert(name.to_string(), path).is_some() {
                     return Err(AttestConfigError::Duplicate(key.into()));
                 }
+            } else if key == CMDLINE_SCRATCH {
+                any_kbs = true;
+                if value != "integrity" {
+                    return Err(bad(key, value));
+                }
+                if scratch_integrity.replace(true).is_some() {
+                    return Err(AttestConfigError::Duplicate(key.into()));
+                }
             } else if key.starts_with("veil.kbs.") {
                 return Err(AttestConfigError::Unknown(key.into()));
             }
@@ -165,6 +179,7 @@ impl GuestAttestConfig {
             tee,
             pin,
             resources,
+            scratch_integrity: scratch_integrity.unwrap_or(false),
         }))
     }
 }
@@ -416,6 +431,17 @@ impl Attestation {
             Err(e) => Err(AttestError::Config(e.clone())),
             Ok(None) => Ok(false),
             Ok(Some(c)) => Ok(c.resources.contains_key(name)),
+        }
+    }
+
+    /// Whether the measured configuration requires an integrity-protected
+    /// scratch disk. A malformed configuration requires it (and fails
+    /// elsewhere first).
+    pub fn requires_scratch_integrity(&self) -> bool {
+        match &self.config {
+            Err(_) => true,
+            Ok(None) => false,
+            Ok(Some(c)) => c.scratch_integrity,
         }
     }
 

@@ -260,7 +260,26 @@ fn kernel_command_line_parsing_is_strict() {
     assert_eq!(c.tee, Tee::Tdx);
     assert_eq!(c.pin, Some([0xab; 32]));
     assert_eq!(c.resources["disk-key"].to_string(), "default/key/disk");
+    assert!(!c.scratch_integrity);
+    let with = |s: &str| GuestAttestConfig::from_cmdline(s).unwrap().unwrap();
+    assert!(with("veil.tee=sim veil.scratch=integrity").scratch_integrity);
     let err = |s: &str| GuestAttestConfig::from_cmdline(s).unwrap_err();
+    assert_eq!(
+        err("veil.tee=sim veil.scratch=none"),
+        AttestConfigError::BadValue {
+            key: "veil.scratch".into(),
+            value: "none".into()
+        }
+    );
+    assert!(matches!(
+        err("veil.tee=sim veil.scratch"),
+        AttestConfigError::BadValue { .. }
+    ));
+    assert_eq!(
+        err("veil.tee=sim veil.scratch=integrity veil.scratch=integrity"),
+        AttestConfigError::Duplicate("veil.scratch".into())
+    );
+    assert_eq!(err("veil.scratch=integrity"), AttestConfigError::NoTee);
     assert_eq!(
         err("veil.tee=sgx"),
         AttestConfigError::BadValue {

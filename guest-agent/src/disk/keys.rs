@@ -71,6 +71,11 @@ pub trait KeySource: Send + Sync {
     /// The image policy. `None`: the pod is not confidential and the root hash
     /// in the request is used as is.
     async fn image_policy(&self) -> Result<Option<ImagePolicy>, KeyError>;
+    /// Whether the pod's measured configuration requires the scratch disk to
+    /// have integrity (a request without it is refused).
+    fn requires_scratch_integrity(&self) -> bool {
+        false
+    }
 }
 
 /// A plain (non-TEE) pod: a random key made once per boot, no image policy.

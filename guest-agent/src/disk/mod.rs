@@ -17,6 +17,7 @@
 pub mod dm;
 pub mod ext4;
 pub mod keys;
+pub mod loopdev;
 pub mod luks2;
 pub mod policy;
 pub mod scratch;
@@ -54,12 +55,12 @@ pub enum DiskError {
     /// A request combination that makes no sense.
     #[error("{0}")]
     Invalid(String),
-    /// A feature not built yet.
-    #[error("{0} is not implemented")]
-    Unimplemented(&'static str),
     /// A device-mapper call outside the two layers (teardown).
     #[error(transparent)]
     Dm(#[from] dm::DmError),
+    /// A loop device.
+    #[error(transparent)]
+    Loop(#[from] loopdev::LoopError),
 }
 
 impl Classify for DiskError {
@@ -70,8 +71,8 @@ impl Classify for DiskError {
             DiskError::Verity(e) => e.kind(),
             DiskError::Scratch(e) => e.kind(),
             DiskError::Dm(e) => e.kind(),
+            DiskError::Loop(e) => e.kind(),
             DiskError::Invalid(_) => Kind::InvalidArgument,
-            DiskError::Unimplemented(_) => Kind::Unimplemented,
         }
     }
 }
@@ -96,23 +97,37 @@ pub enum Layer {
     None,
     /// dm-verity with checked parameters.
     Verity(verity::Verity),
-    /// The encrypted scratch disk, with its key.
-    Scratch(Zeroizing<Vec<u8>>),
+    /// The encrypted scratch disk, with its key; `integrity` adds
+    /// dm-integrity under dm-crypt (see [`scratch`]).
+    Scratch {
+        /// The pod's key.
+        key: Zeroizing<Vec<u8>>,
+        /// Whether every block is checked.
+        integrity: bool,
+    },
 }
 
-/// A layer that is open: its device-mapper device, removed by [`Opened::close`].
+/// A layer that is open: its device-mapper devices, removed by
+/// [`Opened::close`].
 #[derive(Debug)]
 pub struct Opened {
     /// The mapped device's name.
     pub name: String,
+    /// The devices under it, top first (the scratch disk's integrity layers).
+    pub below: Vec<String>,
     /// Whether a fresh filesystem was made (scratch).
     pub formatted: bool,
 }
 
 impl Opened {
-    /// Removes the device-mapper device.
+    /// Removes the device-mapper devices, top first.
     pub fn close(&self) -> Result<(), DiskError> {
-        Ok(dm::Control::open()?.remove(&self.name)?)
+        let ctl = dm::Control::open()?;
+        ctl.remove(&self.name)?;
+        for n in &self.below {
+            ctl.remove(n)?;
+        }
+        Ok(())
     }
 }
 
@@ -140,10 +155,13 @@ pub async fn prepare(req: &AddStorageRequest, keys: &dyn KeySource) -> Result<La
                 "the scratch disk must be a block device or image file".into(),
             ));
         }
-        if s.integrity {
-            return Err(DiskError::Unimplemented("dm-integrity on the scratch disk"));
+        if !s.integrity && keys.requires_scratch_integrity() {
+            return Err(PolicyError::IntegrityRequired.into());
         }
-        return Ok(Layer::Scratch(keys.scratch_key().await?));
+        return Ok(Layer::Scratch {
+            key: keys.scratch_key().await?,
+            integrity: s.integrity,
+        });
     }
     let policy = keys.image_policy().await?;
     let Some(p) = req.verity.as_ref() else {
@@ -184,16 +202,18 @@ impl Layer {
                     d.path,
                     Some(Opened {
                         name,
+                        below: vec![],
                         formatted: false,
                     }),
                 ))
             }
-            Layer::Scratch(key) => {
-                let d = scratch::open(&name, device, key)?;
+            Layer::Scratch { key, integrity } => {
+                let d = scratch::open(&name, device, key, *integrity)?;
                 Ok((
                     d.path,
                     Some(Opened {
                         name,
+                        below: d.below,
                         formatted: d.formatted,
                     }),
                 ))
@@ -203,7 +223,7 @@ impl Layer {
 
     /// Whether this is the scratch disk.
     pub fn is_scratch(&self) -> bool {
-        matches!(self, Layer::Scratch(_))
+        matches!(self, Layer::Scratch { .. })
     }
 }
 
@@ -289,10 +309,51 @@ mod tests {
         let mut s = ScratchParams::new();
         s.integrity = true;
         r.scratch = Some(s).into();
-        assert_eq!(
-            prepare(&r, &keys(None)).await.err().unwrap().kind(),
-            Kind::Unimplemented
-        );
+        assert!(matches!(
+            prepare(&r, &keys(None)).await,
+            Ok(Layer::Scratch {
+                integrity: true,
+                ..
+            })
+        ));
+    }
+
+    /// Keys whose measured configuration requires integrity.
+    struct Strict(StaticKeys);
+
+    #[async_trait::async_trait]
+    impl KeySource for Strict {
+        async fn scratch_key(&self) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+            self.0.scratch_key().await
+        }
+        async fn image_policy(&self) -> Result<Option<ImagePolicy>, KeyError> {
+            self.0.image_policy().await
+        }
+        fn requires_scratch_integrity(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_measured_integrity_requirement_refuses_a_plain_scratch_disk() {
+        let mut r = AddStorageRequest::new();
+        r.storage_id = "scratch".into();
+        r.source = StorageSource::BLOCK_SERIAL.into();
+        r.scratch = Some(ScratchParams::new()).into();
+        let strict = Strict(keys(None));
+        let e = prepare(&r, &strict).await.err().unwrap();
+        assert_eq!(e.kind(), Kind::PermissionDenied);
+        assert!(e.to_string().contains("veil.scratch=integrity"), "{e}");
+        let mut s = ScratchParams::new();
+        s.integrity = true;
+        r.scratch = Some(s).into();
+        assert!(matches!(
+            prepare(&r, &strict).await,
+            Ok(Layer::Scratch {
+                integrity: true,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum PolicyError {
     /// A confidential pod asked for an image without dm-verity.
     #[error("a confidential pod mounts container images only with dm-verity (no verity parameters for storage '{0}')")]
     VerityRequired(String),
+    /// The measured configuration (`veil.scratch=integrity`) requires an
+    /// integrity-protected scratch disk and the request asked for none.
+    #[error("this pod's measured configuration requires the scratch disk to have integrity (veil.scratch=integrity), and the request asked for none")]
+    IntegrityRequired,
     /// The policy document is malformed.
     #[error("malformed image policy: {0}")]
     Malformed(String),
@@ -49,7 +53,8 @@ impl Classify for PolicyError {
         match self {
             PolicyError::UnknownImage(_)
             | PolicyError::WrongRootHash { .. }
-            | PolicyError::VerityRequired(_) => Kind::PermissionDenied,
+            | PolicyError::VerityRequired(_)
+            | PolicyError::IntegrityRequired => Kind::PermissionDenied,
             PolicyError::Malformed(_) => Kind::Internal,
         }
     }

@@ -38,6 +38,9 @@ pub const CMDLINE_TEE: &str = "veil.tee";
 pub const CMDLINE_PIN: &str = "veil.kbs.pin";
 /// Kernel command-line key prefix: `veil.kbs.res.<name>=<repo>/<type>/<tag>`.
 pub const CMDLINE_RESOURCE: &str = "veil.kbs.res.";
+/// Kernel command-line word: the guest refuses a scratch disk without
+/// integrity.
+pub const CMDLINE_SCRATCH_INTEGRITY: &str = "veil.scratch=integrity";
 
 /// How long the agent may take to attest and fetch (TCG guests are slow).
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -138,8 +141,9 @@ pub fn broker_pin(h: &HandlerConfig) -> Result<[u8; 32], AttestSetupError> {
 /// The kernel command-line words of the guest's attestation configuration,
 /// in a fixed order (the measurement covers them): `veil.tee=…` for a TEE
 /// handler, then, when it names a broker, `veil.kbs.pin=…` and one
-/// `veil.kbs.res.<name>=<path>` per resource (sorted by name). Empty for a
-/// plain handler.
+/// `veil.kbs.res.<name>=<path>` per resource (sorted by name), and
+/// `veil.scratch=integrity` when the scratch disk must have integrity. Empty
+/// for a plain handler.
 pub fn guest_cmdline(h: &HandlerConfig) -> Result<String, AttestSetupError> {
     let Some(tee) = tee_word(h.tee) else {
         if has_broker(h) {
@@ -163,6 +167,9 @@ pub fn guest_cmdline(h: &HandlerConfig) -> Result<String, AttestSetupError> {
             }
             words.push(format!("{CMDLINE_RESOURCE}{name}={path}"));
         }
+    }
+    if h.scratch_integrity && h.scratch_disk_mib > 0 {
+        words.push(CMDLINE_SCRATCH_INTEGRITY.to_string());
     }
     Ok(words.join(" "))
 }
@@ -287,9 +294,21 @@ mod tests {
     #[test]
     fn plain_and_unconfigured_handlers_add_nothing_or_only_the_tee() {
         assert_eq!(guest_cmdline(&handler("veil")).unwrap(), "");
-        assert_eq!(guest_cmdline(&handler("veil-sim")).unwrap(), "veil.tee=sim");
-        assert_eq!(guest_cmdline(&handler("veil-snp")).unwrap(), "veil.tee=snp");
-        assert_eq!(guest_cmdline(&handler("veil-tdx")).unwrap(), "veil.tee=tdx");
+        for tee in ["sim", "snp", "tdx"] {
+            let mut h = handler(&format!("veil-{tee}"));
+            assert_eq!(
+                guest_cmdline(&h).unwrap(),
+                format!("veil.tee={tee} veil.scratch=integrity")
+            );
+            h.scratch_integrity = false;
+            assert_eq!(guest_cmdline(&h).unwrap(), format!("veil.tee={tee}"));
+            h.scratch_integrity = true;
+            h.scratch_disk_mib = 0;
+            assert_eq!(guest_cmdline(&h).unwrap(), format!("veil.tee={tee}"));
+        }
+        let mut plain = handler("veil");
+        plain.scratch_integrity = true;
+        assert_eq!(guest_cmdline(&plain).unwrap(), "");
         assert!(host_services(&handler("veil")).unwrap().is_empty());
     }
 
@@ -307,7 +326,7 @@ mod tests {
         assert_eq!(
             line,
             format!(
-                "veil.tee=snp veil.kbs.pin={} veil.kbs.res.disk-key=default/key/disk veil.kbs.res.image-policy=default/policy/images",
+                "veil.tee=snp veil.kbs.pin={} veil.kbs.res.disk-key=default/key/disk veil.kbs.res.image-policy=default/policy/images veil.scratch=integrity",
                 hex::encode(Sha256::digest([0x30, 0x03, 0x02, 0x01, 0x01]))
             )
         );

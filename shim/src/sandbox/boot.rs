@@ -503,7 +503,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
             "AddStorage",
             agent
                 .sandbox
-                .add_storage(agent::ctx(), &scratch::add_request())
+                .add_storage(agent::ctx(), &scratch::add_request(h.scratch_integrity))
                 .await,
         )?;
         phases.mark("scratch_ready");

@@ -19,8 +19,9 @@ pub fn path(scratch_dir: &Path, sandbox_id: &str) -> PathBuf {
     scratch_dir.join(format!("{sandbox_id}.img"))
 }
 
-/// The AddStorage request that unlocks (or formats) and mounts the disk.
-pub fn add_request() -> AddStorageRequest {
+/// The AddStorage request that unlocks (or formats) and mounts the disk,
+/// with dm-integrity under dm-crypt when `integrity`.
+pub fn add_request(integrity: bool) -> AddStorageRequest {
     let mut r = AddStorageRequest::new();
     r.storage_id = STORAGE_ID.into();
     r.source = StorageSource::BLOCK_SERIAL.into();
@@ -28,7 +29,9 @@ pub fn add_request() -> AddStorageRequest {
     r.fstype = "ext4".into();
     r.read_only = false;
     r.wait_ms = 30_000;
-    r.scratch = Some(ScratchParams::new()).into();
+    let mut p = ScratchParams::new();
+    p.integrity = integrity;
+    r.scratch = Some(p).into();
     r
 }
 
