@@ -286,6 +286,9 @@ pub struct Config {
     pub mkfs_ext4: PathBuf,
     /// Shim log filter (`tracing` syntax), e.g. `info` or `veil_shim=debug`.
     pub log_level: String,
+    /// The jail of pods' QEMU and vsock backend (`[jail]`).
+    #[serde(default)]
+    pub jail: crate::jail::JailConfig,
     /// Per-handler settings; a section overrides the built-in defaults of the
     /// handler of the same name key by key.
     pub handlers: BTreeMap<String, HandlerConfig>,
@@ -305,6 +308,7 @@ impl Default for Config {
             mkfs_erofs: "mkfs.erofs".into(),
             mkfs_ext4: "mkfs.ext4".into(),
             log_level: "info".into(),
+            jail: crate::jail::JailConfig::default(),
             handlers: HANDLERS
                 .iter()
                 .filter_map(|h| HandlerConfig::builtin(h).map(|c| (h.to_string(), c)))

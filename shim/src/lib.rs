@@ -14,7 +14,8 @@
 //!   images), [`stdio`] (FIFOs to agent streams), [`state`] (the pod
 //!   directory), [`phases`] (pod start timestamps);
 //! - below: [`vmm`] (the VMM backend, QMP, accelerator choice), [`vsock`]
-//!   (reaching the agent), [`process`] (child processes the shim owns);
+//!   (reaching the agent), [`process`] (child processes the shim owns),
+//!   [`jail`] (the per-pod uid those processes run as);
 //! - [`config`]: the configuration, `/etc/veil/config.toml`;
 //! - [`sync`]: the one way shared state is locked;
 //! - [`storage`]: dm-verity trees of root images and the encrypted scratch
@@ -33,6 +34,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod events;
 pub mod handshake;
+pub mod jail;
 pub mod metrics;
 pub mod network;
 pub mod patience;

@@ -15,6 +15,8 @@ use nix::{
     unistd::Pid,
 };
 
+use crate::jail::{Credentials, WriteOnlyBelow};
+
 /// Errors spawning a child.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -54,15 +56,23 @@ pub struct ManagedChild {
 }
 
 /// How to spawn a [`ManagedChild`].
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct SpawnOptions {
     /// Deliver SIGKILL to the child when the spawning thread dies. Only for
     /// long-lived spawning threads (tests); a worker pool thread may retire early.
     pub die_with_parent_thread: bool,
+    /// Run the child with these credentials (the pod's jail), with no
+    /// capabilities and `no_new_privs`; `None`: as the shim.
+    pub jail: Option<Credentials>,
+    /// Let the child write only below these directories (Landlock), after
+    /// the credentials are dropped.
+    pub write_only_below: Option<WriteOnlyBelow>,
 }
 
 impl ManagedChild {
-    /// Spawns `cmd` with stdin closed and stdout+stderr appended to `log`.
+    /// Spawns `cmd` with stdin closed and stdout+stderr appended to `log`
+    /// (created by the shim: a jailed child writes it through the inherited
+    /// descriptor, not by name).
     pub fn spawn(
         name: &'static str,
         mut cmd: Command,
@@ -78,12 +88,28 @@ impl ManagedChild {
             source,
         })?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        if opts.die_with_parent_thread {
-            // SAFETY: the closure runs between fork and exec and only calls
-            // prctl(2), which is async-signal-safe.
+        let SpawnOptions {
+            die_with_parent_thread,
+            jail,
+            write_only_below,
+        } = opts;
+        if die_with_parent_thread || jail.is_some() || write_only_below.is_some() {
+            // SAFETY: the closure runs between fork and exec; the jail's
+            // credential drop and Landlock rules and prctl(2) are
+            // async-signal-safe and read only data prepared before the fork.
+            // The parent-death signal comes last: a change of credentials
+            // clears it.
             unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                cmd.pre_exec(move || {
+                    if let Some(c) = &jail {
+                        c.apply_in_child()?;
+                    }
+                    if let Some(rules) = &write_only_below {
+                        rules.apply_in_child()?;
+                    }
+                    if die_with_parent_thread
+                        && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())

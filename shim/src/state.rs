@@ -106,8 +106,8 @@ impl PodDir {
     }
 
     /// Kills every recorded process that is still the one recorded, removes
-    /// the recorded files, unmounts what is mounted below the directory and
-    /// removes it. Used by `delete` after a crash and by the shim's own
+    /// the recorded files, unmounts what is mounted below the directory,
+    /// removes it and ends the pod's jail uid lease ([`crate::jail`]). Used by `delete` after a crash and by the shim's own
     /// teardown; idempotent.
     pub fn cleanup(&self) {
         let Ok(entries) = fs::read_dir(&self.path) else {
@@ -150,6 +150,10 @@ impl PodDir {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot remove pod dir");
             }
+        }
+        // Its processes are gone: the pod's jail uid is free again.
+        if let (Some(state_dir), Some(id)) = (self.path.parent(), self.path.file_name()) {
+            crate::jail::release(state_dir, &id.to_string_lossy());
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
+    /// The backend's jail could not be prepared.
+    #[error("jailing the vsock backend")]
+    Jail(#[source] crate::jail::JailError),
     /// Every candidate guest CID is taken.
     #[error("no free guest CID between {first} and {last}")]
     NoFreeCid {
@@ -56,6 +59,7 @@ impl Classify for VsockError {
     fn kind(&self) -> Kind {
         match self {
             VsockError::Spawn(e) => e.kind(),
+            VsockError::Jail(e) => e.kind(),
             VsockError::BackendNotReady { .. } | VsockError::VhostDevice { .. } => Kind::Internal,
             VsockError::NoFreeCid { .. } => Kind::ResourceExhausted,
         }
@@ -124,8 +128,14 @@ pub struct HybridVsockBackend {
 }
 
 impl HybridVsockBackend {
-    /// Starts the backend for a guest with CID `guest_cid`, with its sockets and
-    /// log in `dir`, and waits until it listens on its vhost-user socket.
+    /// Starts the backend for a guest with CID `guest_cid`, with its log in
+    /// `dir` and its sockets in `socket_dir`, and waits until it listens on
+    /// its vhost-user socket.
+    ///
+    /// Jailed (`opts.jail`), it runs as the pod's uid, which must own
+    /// `socket_dir`, and — where the kernel has Landlock — may write only
+    /// below `socket_dir`: it creates its two sockets there and opens no other
+    /// file by name.
     ///
     /// Listening, not merely existing: the path appears at `bind`, a moment
     /// before `listen`, and a QEMU that connects in between is refused and
@@ -134,11 +144,12 @@ impl HybridVsockBackend {
     pub fn start(
         binary: &Path,
         dir: &Path,
+        socket_dir: &Path,
         guest_cid: u32,
-        opts: SpawnOptions,
+        mut opts: SpawnOptions,
     ) -> Result<Self, VsockError> {
-        let vhost_socket = dir.join("vhost-vsock.sock");
-        let uds_path = dir.join("vsock.sock");
+        let vhost_socket = socket_dir.join("vhost-vsock.sock");
+        let uds_path = socket_dir.join("vsock.sock");
         let log = dir.join("vhost-device-vsock.log");
         let mut cmd = Command::new(binary);
         cmd.arg("--vm").arg(format!(
@@ -146,6 +157,17 @@ impl HybridVsockBackend {
             vhost_socket.display(),
             uds_path.display()
         ));
+        if opts.jail.is_some() && opts.write_only_below.is_none() {
+            if crate::jail::landlock_abi() > 0 {
+                opts.write_only_below = Some(
+                    crate::jail::WriteOnlyBelow::new(&[socket_dir]).map_err(VsockError::Jail)?,
+                );
+            } else {
+                tracing::info!(
+                    "the kernel has no Landlock: the vsock backend is confined by its uid alone"
+                );
+            }
+        }
         let mut process = ManagedChild::spawn("vhost-device-vsock", cmd, &log, opts)
             .map_err(VsockError::Spawn)?;
         let timeout = crate::patience::scaled(Duration::from_secs(10));
@@ -341,6 +363,11 @@ impl ReadyListener {
             listener: None,
             path,
         })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Waits up to `timeout` for the agent's call and its `READY` line. After a

@@ -114,6 +114,41 @@ fn scratch_dir_of(image_dir: &Path) -> PathBuf {
     image_dir.with_file_name("veil-scratch")
 }
 
+/// Where the harness keeps copies of the tools that pods' jailed processes
+/// execute (next to `image_dir`): the originals may sit below a directory
+/// other users cannot search (`~/.cache`).
+fn jail_tools_of(image_dir: &Path) -> PathBuf {
+    image_dir.with_file_name("bin")
+}
+
+/// `tool` as a jailed pod process can execute it: the harness's copy if it
+/// made one, else itself.
+fn jail_tool(image_dir: &Path, tool: &Path) -> PathBuf {
+    let copy = tool.file_name().map(|n| jail_tools_of(image_dir).join(n));
+    match copy {
+        Some(c) if c.is_file() => c,
+        _ => tool.to_path_buf(),
+    }
+}
+
+/// Makes the harness's directory reachable by pods' jailed processes
+/// (search only: `o+x`) and copies the vsock backend where they can execute
+/// it. The kernel and initrd need no copy: QEMU gets them open.
+fn prepare_for_jail(a: &Artefacts, dir: &Path, image_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o711))?;
+    let bin = jail_tools_of(image_dir);
+    fs::create_dir_all(&bin)?;
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+    let name = a
+        .vhost_device_vsock
+        .file_name()
+        .context("vhost-device-vsock path has no file name")?;
+    fs::copy(&a.vhost_device_vsock, bin.join(name))
+        .with_context(|| format!("copying {}", a.vhost_device_vsock.display()))?;
+    Ok(())
+}
+
 /// The veil config for tests: the built kernel, initrd and tools.
 pub fn veil_config(a: &Artefacts, image_dir: &Path) -> String {
     veil_config_with(a, image_dir, &[])
@@ -140,7 +175,7 @@ pub fn veil_config_with(a: &Artefacts, image_dir: &Path, extra: &[(&str, &str)])
         toml_str(image_dir),
         toml_str(&scratch_dir_of(image_dir)),
         toml_str(&a.qemu),
-        toml_str(&a.vhost_device_vsock),
+        toml_str(&jail_tool(image_dir, &a.vhost_device_vsock)),
         toml_str(&a.virtiofsd),
         handler("veil", "none"),
         handler("veil-sim", "sim"),
@@ -225,6 +260,21 @@ fn list_pods() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The jail uid leases under the veil state dir: (uid, pod).
+pub fn jail_leases() -> Vec<(u32, String)> {
+    let dir = veil_shim::jail::leases_dir(Path::new(VEIL_STATE_DIR));
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let uid = e.file_name().to_str()?.parse().ok()?;
+            let pod = fs::read_link(e.path()).ok()?;
+            Some((uid, pod.to_str()?.to_string()))
+        })
+        .collect()
 }
 
 /// Command lines of every process, by PID.
@@ -312,6 +362,7 @@ impl Containerd {
             .tempdir()?;
         let image_dir = dir.path().join("veil-images");
         let veil_config = dir.path().join("veil.toml");
+        prepare_for_jail(a, dir.path(), &image_dir)?;
         fs::write(&veil_config, veil_config_text(a, &image_dir))?;
         let config = match config_file {
             Some(f) => f.to_path_buf(),
@@ -592,6 +643,11 @@ impl Containerd {
         }
         for n in cache_entries(&self.image_dir) {
             left.push(format!("image cache reference or temporary file {n}"));
+        }
+        for (uid, pod) in jail_leases() {
+            if pods.contains(&pod.as_str()) {
+                left.push(format!("jail uid lease {uid} of {pod}"));
+            }
         }
         left
     }

@@ -182,6 +182,7 @@ impl KbsSetup {
             &log,
             SpawnOptions {
                 die_with_parent_thread: true,
+                ..Default::default()
             },
         )?;
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -85,9 +85,16 @@ impl TestVm {
         let dir = tempfile::Builder::new().prefix("veil-test-vm.").tempdir()?;
         let spawn = SpawnOptions {
             die_with_parent_thread: true,
+            ..Default::default()
         };
-        let backend = HybridVsockBackend::start(&a.vhost_device_vsock, dir.path(), 3, spawn)
-            .context("starting vhost-device-vsock")?;
+        let backend = HybridVsockBackend::start(
+            &a.vhost_device_vsock,
+            dir.path(),
+            dir.path(),
+            3,
+            spawn.clone(),
+        )
+        .context("starting vhost-device-vsock")?;
         // Listen for the agent's readiness call before the guest can make it.
         let ready = ReadyListener::bind(&backend.uds_path)?;
         let accel = accel::resolve(opts.accel);

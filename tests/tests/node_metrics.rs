@@ -58,6 +58,7 @@ fn node_metrics_show_a_running_veil_sim_pod_and_its_attestation() -> Result<()> 
         &log,
         SpawnOptions {
             die_with_parent_thread: true,
+            ..Default::default()
         },
     )?;
     let result = scenario(&env, &log);

@@ -17,6 +17,7 @@ use crate::volumes::shared::{self, SharedError, VirtioFs};
 use crate::{
     agent::{self, Agent, AgentError},
     config::{Config, HandlerConfig, TeeKind, VsockMode},
+    jail::{Credentials, PodJail},
     phases::Phases,
     process::SpawnOptions,
     state::{PodDir, StateError},
@@ -87,6 +88,9 @@ pub enum BootError {
     /// The virtio-fs share of a `shared_dirs` handler.
     #[error("host-shared directories (virtio-fs)")]
     Shared(#[from] SharedError),
+    /// The jail of the pod's QEMU and vsock backend.
+    #[error("the pod's jail")]
+    Jail(#[from] crate::jail::JailError),
     /// `shared_dirs` on a machine that cannot have it.
     #[error("{0}")]
     SharedDirs(String),
@@ -105,6 +109,7 @@ impl Classify for BootError {
             BootError::Attest(e) => e.kind(),
             BootError::Shared(e) => e.kind(),
             BootError::Network(e) => e.kind(),
+            BootError::Jail(e) => e.kind(),
             BootError::SharedDirs(_) => Kind::FailedPrecondition,
             BootError::NotReady { .. } => Kind::DeadlineExceeded,
         }
@@ -185,11 +190,13 @@ pub fn launch_info(h: &HandlerConfig) -> Result<LaunchInfo, BootError> {
     })
 }
 
-fn spawn_opts() -> SpawnOptions {
+fn spawn_opts(jail: Option<Credentials>) -> SpawnOptions {
     // The shim's runtime is single-threaded on the main thread, which lives as
     // long as the shim: a crashed shim takes QEMU and the backend with it.
     SpawnOptions {
         die_with_parent_thread: true,
+        jail,
+        write_only_below: None,
     }
 }
 
@@ -252,7 +259,11 @@ fn machine(h: &HandlerConfig, host_data: Option<&[u8]>) -> Machine {
 
 /// Creates the pod's sparse scratch file (recorded in the pod directory
 /// first, so the pod's cleanup removes it whatever happens).
-fn scratch_disk(p: &BootParams<'_>, dir: &PodDir) -> Result<Option<BootDisk>, BootError> {
+fn scratch_disk(
+    p: &BootParams<'_>,
+    dir: &PodDir,
+    jail: Option<&PodJail>,
+) -> Result<Option<BootDisk>, BootError> {
     let h = p.handler;
     if h.scratch_disk_mib == 0 {
         return Ok(None);
@@ -271,6 +282,18 @@ fn scratch_disk(p: &BootParams<'_>, dir: &PodDir) -> Result<Option<BootDisk>, Bo
     let f = std::fs::File::create(&path).map_err(file_err(&path))?;
     f.set_len(h.scratch_disk_mib * 1024 * 1024)
         .map_err(file_err(&path))?;
+    if let Some(j) = jail {
+        // The pod's QEMU alone may open it: its uid's, mode 0600, reached
+        // through a searchable (not listable) scratch dir.
+        crate::jail::make_searchable(&p.config.scratch_dir)?;
+        j.give(&path, 0o600)?;
+        crate::jail::check_reach(
+            "the scratch disk",
+            &path,
+            crate::jail::Access::ReadWrite,
+            &j.creds,
+        )?;
+    }
     Ok(Some(BootDisk {
         path,
         serial: scratch::SERIAL.into(),
@@ -282,6 +305,8 @@ fn scratch_disk(p: &BootParams<'_>, dir: &PodDir) -> Result<Option<BootDisk>, Bo
 pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootError> {
     let dir = PodDir::at(&p.config.state_dir, p.id)?;
     dir.create()?;
+    // From here on the pod's cleanup also ends its uid lease.
+    let jail = PodJail::prepare(&p.config.state_dir, &dir.path, p.id, &p.config.jail);
     let mut partial = Partial {
         dir: dir.clone(),
         vm: None,
@@ -291,6 +316,9 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         services: Vec::new(),
         defused: false,
     };
+    let jail = jail?;
+    // The jailed processes' sockets and console: the directory they own.
+    let vm_dir = jail.as_ref().map_or(dir.path.clone(), |j| j.dir.clone());
     let h = p.handler;
     let accel = accel::resolve(h.accel);
     let use_vhost = match h.vsock {
@@ -308,8 +336,17 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
             Some(file),
         )
     } else {
-        let backend =
-            HybridVsockBackend::start(&p.config.vhost_device_vsock, &dir.path, 3, spawn_opts())?;
+        let creds = match &jail {
+            Some(j) => Some(j.backend_credentials(&p.config.vhost_device_vsock)?),
+            None => None,
+        };
+        let backend = HybridVsockBackend::start(
+            &p.config.vhost_device_vsock,
+            &dir.path,
+            &vm_dir,
+            3,
+            spawn_opts(creds),
+        )?;
         if let Some(pid) = backend.pid() {
             dir.record_pid("vsock", pid)?;
         }
@@ -321,13 +358,18 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         };
         // The agent calls us once it serves; dialling it earlier can wedge
         // the backend.
-        ready = Some(ReadyListener::bind(&backend.uds_path)?);
+        let listener = ReadyListener::bind(&backend.uds_path)?;
+        if let Some(j) = &jail {
+            // The backend connects to it for the guest.
+            j.give(listener.path(), 0o600)?;
+        }
+        ready = Some(listener);
         partial.backend = Some(backend);
         (dev, t, None)
     };
     let mut launch = launch_info(h)?;
     launch.host_data = crate::attest::init_data_host_data(h, &p.policy);
-    let disks: Vec<BootDisk> = scratch_disk(&p, &dir)?.into_iter().collect();
+    let disks: Vec<BootDisk> = scratch_disk(&p, &dir, jail.as_ref())?.into_iter().collect();
     let attest_services: Vec<Arc<dyn HostService>> = crate::attest::host_services(h)?;
     for svc in &attest_services {
         if let Some(path) = transport.host_listener_path(svc.port()) {
@@ -335,6 +377,9 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
                 path: path.clone(),
                 source,
             })?;
+            if let Some(j) = &jail {
+                j.give(&path, 0o600)?;
+            }
             partial
                 .services
                 .push(Arc::clone(svc).serve(l, launch.clone()));
@@ -347,7 +392,14 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
                 h.tee
             )));
         }
-        let fs = VirtioFs::start(&p.config.virtiofsd, &dir.path, spawn_opts())?;
+        // virtiofsd stays root: it serves files with the guest's owners
+        // and modes (setuid, chown, DAC override) and confines itself
+        // (namespaces, pivot into the shared dir, seccomp). Only the
+        // pod's QEMU may connect to it.
+        let fs = VirtioFs::start(&p.config.virtiofsd, &dir.path, spawn_opts(None))?;
+        if let Some(j) = &jail {
+            j.give(&fs.socket, 0o600)?;
+        }
         if let Some(pid) = fs.pid() {
             dir.record_pid("virtiofsd", pid)?;
         }
@@ -371,8 +423,24 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         }
         None => Vec::new(),
     };
-    let qmp_path = dir.file("qmp.sock");
-    let console = dir.file("console.log");
+    let qmp_path = vm_dir.join("qmp.sock");
+    let console = vm_dir.join("console.log");
+    let qemu_creds = match &jail {
+        Some(j) => {
+            let mut devices: Vec<&std::path::Path> = Vec::new();
+            if accel == accel::Accel::Kvm {
+                devices.push(std::path::Path::new("/dev/kvm"));
+            }
+            if nics.iter().any(|n| n.vhost) {
+                devices.push(std::path::Path::new("/dev/vhost-net"));
+            }
+            if h.tee == TeeKind::Snp {
+                devices.push(std::path::Path::new("/dev/sev"));
+            }
+            Some(j.qemu_credentials(&p.config.qemu, &devices, &p.config.image_dir)?)
+        }
+        None => None,
+    };
     let spec = VmSpec {
         kernel: h.kernel.clone(),
         initrd: h.initrd.clone(),
@@ -393,7 +461,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     let launched = Qemu {
         binary: p.config.qemu.clone(),
     }
-    .launch(&spec, spawn_opts());
+    .launch(&spec, spawn_opts(qemu_creds));
     // QEMU holds its own tap descriptors now (or failed): the taps live as
     // long as the VM.
     if let Some(n) = partial.network.as_mut() {

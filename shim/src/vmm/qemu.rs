@@ -270,6 +270,22 @@ fn devices(spec: &VmSpec, bus: Bus, a: &mut Vec<String>) {
     }
 }
 
+/// Opens `path` read-only for a child to inherit; returns the name the child
+/// opens it by (`/dev/fd/N`).
+fn open_for_child(
+    what: &'static str,
+    path: &Path,
+    files: &mut Vec<std::fs::File>,
+) -> Result<PathBuf, VmmError> {
+    let f = std::fs::File::open(path).map_err(|_| VmmError::MissingFile {
+        what,
+        path: path.to_path_buf(),
+    })?;
+    let name = PathBuf::from(format!("/dev/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)));
+    files.push(f);
+    Ok(name)
+}
+
 fn require_file(what: &'static str, path: &Path) -> Result<(), VmmError> {
     if path.is_file() {
         Ok(())
@@ -294,12 +310,31 @@ impl Vmm for Qemu {
         if let Machine::Q35 { firmware, .. } = &spec.machine {
             require_file("firmware", firmware)?;
         }
+        // A jailed QEMU reads the files it boots through descriptors the shim
+        // opened, as `/dev/fd/N`: it needs no search permission on their
+        // directories (shared, read-only files anywhere on the node), only
+        // read permission on the files themselves.
+        let mut boot_files: Vec<std::fs::File> = Vec::new();
+        let jailed_spec;
+        let spec = if opts.jail.is_some() {
+            let mut s = spec.clone();
+            s.kernel = open_for_child("kernel", &s.kernel, &mut boot_files)?;
+            s.initrd = open_for_child("initrd", &s.initrd, &mut boot_files)?;
+            if let Machine::Q35 { firmware, .. } = &mut s.machine {
+                *firmware = open_for_child("firmware", firmware, &mut boot_files)?;
+            }
+            jailed_spec = s;
+            &jailed_spec
+        } else {
+            spec
+        };
         let mut cmd = Command::new(&self.binary);
         cmd.args(qemu_args(spec)?);
         let mut inherited: Vec<i32> = spec.nics.iter().map(|n| n.tap_fd).collect();
         if let VsockDevice::Vhost { fd: Some(fd), .. } = spec.vsock {
             inherited.push(fd);
         }
+        inherited.extend(boot_files.iter().map(std::os::fd::AsRawFd::as_raw_fd));
         if !inherited.is_empty() {
             use std::os::unix::process::CommandExt;
             // SAFETY: runs between fork and exec and only calls fcntl(2), which
@@ -322,6 +357,8 @@ impl Vmm for Qemu {
         }
         let process =
             ManagedChild::spawn("qemu", cmd, &spec.vmm_log, opts).map_err(VmmError::Spawn)?;
+        // QEMU holds its own copies now.
+        drop(boot_files);
         Ok(Box::new(QemuVm { process }))
     }
 }
