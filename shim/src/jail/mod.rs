@@ -322,25 +322,19 @@ impl PodJail {
     /// The credentials QEMU runs with: the pod's, plus the groups of the
     /// devices it opens by name (`/dev/kvm` under KVM, `/dev/vhost-net` for
     /// vhost-net NICs, `/dev/sev` for SEV-SNP), after checking that it can
-    /// execute `qemu` and reach the images in `image_dir` (hot-added by
-    /// path). The files it boots are handed over open
-    /// ([`crate::vmm::qemu`]).
+    /// execute `qemu`. The files it boots are handed over open
+    /// ([`crate::vmm::qemu`]), and so are the disks hot-added later (an fd
+    /// set, [`crate::vmm::qmp`]).
     pub fn qemu_credentials(
         &self,
         qemu: &Path,
         devices: &[&Path],
-        image_dir: &Path,
     ) -> Result<Credentials, JailError> {
         let mut c = self.creds;
         for d in devices {
             c.grant_device(d, "QEMU")?;
         }
         check_exec("QEMU", qemu, &c)?;
-        // The image cache may not exist yet: its nearest existing ancestor
-        // must let the jail through.
-        if let Some(existing) = image_dir.ancestors().find(|d| d.exists()) {
-            check_reach("the image cache", existing, Access::Search, &c)?;
-        }
         Ok(c)
     }
 

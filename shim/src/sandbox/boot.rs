@@ -437,7 +437,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
             if h.tee == TeeKind::Snp {
                 devices.push(std::path::Path::new("/dev/sev"));
             }
-            Some(j.qemu_credentials(&p.config.qemu, &devices, &p.config.image_dir)?)
+            Some(j.qemu_credentials(&p.config.qemu, &devices)?)
         }
         None => None,
     };

@@ -7,6 +7,7 @@
 
 use std::{
     collections::VecDeque,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -54,6 +55,15 @@ pub enum QmpError {
     /// An expected event did not arrive in time.
     #[error("no {0} event in time")]
     EventTimeout(String),
+    /// The shim could not open a disk to hand to QEMU.
+    #[error("cannot open {path} for the VM")]
+    Open {
+        /// The image or device.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Classify for QmpError {
@@ -62,6 +72,10 @@ impl Classify for QmpError {
             QmpError::Connect { .. } | QmpError::Io(_) | QmpError::Closed => Kind::Unavailable,
             QmpError::Json(_) | QmpError::Command { .. } => Kind::Internal,
             QmpError::EventTimeout(_) => Kind::DeadlineExceeded,
+            QmpError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Kind::NotFound
+            }
+            QmpError::Open { .. } => Kind::Internal,
         }
     }
 }
@@ -120,13 +134,27 @@ impl Qmp {
 
     /// Runs `command` with `arguments`; returns its `return` value.
     pub async fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.execute_with_fd(command, arguments, None).await
+    }
+
+    /// [`Qmp::execute`], passing `fd` along with the command (`SCM_RIGHTS`),
+    /// as `add-fd` wants it.
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let mut req = json!({ "execute": command });
         if arguments.as_object().is_some_and(|o| !o.is_empty()) {
             req["arguments"] = arguments;
         }
         let mut bytes = serde_json::to_vec(&req)?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes).await?;
+        match fd {
+            None => self.writer.write_all(&bytes).await?,
+            Some(fd) => self.send_with_fd(&bytes, fd).await?,
+        }
         loop {
             let msg = self.read_message().await?;
             if msg.get("event").is_some() {
@@ -143,6 +171,31 @@ impl Qmp {
                     class: text("class"),
                     desc: text("desc"),
                 });
+            }
+        }
+    }
+
+    /// Writes `bytes` (one short command line) with `fd` attached.
+    async fn send_with_fd(&mut self, bytes: &[u8], fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(bytes)];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                    .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == bytes.len() => return Ok(()),
+                Ok(n) => {
+                    // The fd went with the first bytes; the rest as usual.
+                    return self.writer.write_all(&bytes[n..]).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -221,20 +274,48 @@ impl Qmp {
         target: u32,
         read_only: bool,
     ) -> Result<(), QmpError> {
-        self.execute(
-            "blockdev-add",
-            json!({
-                "driver": "raw",
-                "node-name": node,
-                "read-only": read_only,
-                "file": {
-                    "driver": driver,
-                    "filename": path.display().to_string(),
+        // The shim opens the disk and hands QEMU the open file (an fd set),
+        // so QEMU, which runs as the pod's own unprivileged user, needs no
+        // access to the path.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| QmpError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let set = self
+            .execute_with_fd("add-fd", json!({}), Some(file.as_fd()))
+            .await?;
+        drop(file);
+        let Some(fdset) = set.get("fdset-id").and_then(Value::as_i64) else {
+            return Err(QmpError::Command {
+                command: "add-fd".into(),
+                class: "Protocol".into(),
+                desc: format!("no fdset-id in the reply {set}"),
+            });
+        };
+        let added = self
+            .execute(
+                "blockdev-add",
+                json!({
+                    "driver": "raw",
+                    "node-name": node,
                     "read-only": read_only,
-                },
-            }),
-        )
-        .await?;
+                    "file": {
+                        "driver": driver,
+                        "filename": format!("/dev/fdset/{fdset}"),
+                        "read-only": read_only,
+                    },
+                }),
+            )
+            .await;
+        // The block node holds its own copy of the fd: the set has served.
+        let _ = self
+            .execute("remove-fd", json!({ "fdset-id": fdset }))
+            .await;
+        added?;
         let added = self
             .execute(
                 "device_add",
@@ -318,23 +399,50 @@ mod tests {
     async fn hot_add_sends_blockdev_then_scsi_device() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
+        let image = dir.path().join("a.erofs");
+        std::fs::write(&image, b"image").unwrap();
         let l = UnixListener::bind(&path).unwrap();
-        let server = tokio::spawn(fake_qemu(l, vec!["{\"return\": {}}", "{\"return\": {}}"]));
+        let server = tokio::spawn(fake_qemu(
+            l,
+            vec![
+                "{\"return\": {\"fdset-id\": 3, \"fd\": 25}}",
+                "{\"return\": {}}",
+                "{\"return\": {}}",
+                "{\"return\": {}}",
+            ],
+        ));
         let mut q = Qmp::connect(&path, Duration::from_secs(2)).await.unwrap();
-        q.hot_add_disk("img1", Path::new("/i/a.erofs"), "veil-img1", 1, true)
+        q.hot_add_disk("img1", &image, "veil-img1", 1, true)
             .await
             .unwrap();
         drop(q);
         let seen = server.await.unwrap();
         assert_eq!(seen[0]["execute"], "qmp_capabilities");
-        assert_eq!(seen[1]["execute"], "blockdev-add");
-        assert_eq!(seen[1]["arguments"]["file"]["filename"], "/i/a.erofs");
-        assert_eq!(seen[1]["arguments"]["read-only"], true);
-        assert_eq!(seen[2]["execute"], "device_add");
-        assert_eq!(seen[2]["arguments"]["driver"], "scsi-hd");
-        assert_eq!(seen[2]["arguments"]["bus"], "scsi0.0");
-        assert_eq!(seen[2]["arguments"]["scsi-id"], 1);
-        assert_eq!(seen[2]["arguments"]["serial"], "veil-img1");
+        // QEMU gets the open file, not the path.
+        assert_eq!(seen[1]["execute"], "add-fd");
+        assert_eq!(seen[2]["execute"], "blockdev-add");
+        assert_eq!(seen[2]["arguments"]["file"]["filename"], "/dev/fdset/3");
+        assert_eq!(seen[2]["arguments"]["read-only"], true);
+        assert_eq!(seen[3]["execute"], "remove-fd");
+        assert_eq!(seen[3]["arguments"]["fdset-id"], 3);
+        assert_eq!(seen[4]["execute"], "device_add");
+        assert_eq!(seen[4]["arguments"]["driver"], "scsi-hd");
+        assert_eq!(seen[4]["arguments"]["bus"], "scsi0.0");
+        assert_eq!(seen[4]["arguments"]["scsi-id"], 1);
+        assert_eq!(seen[4]["arguments"]["serial"], "veil-img1");
+        // A missing image fails before QEMU is asked anything.
+        let l = UnixListener::bind(dir.path().join("q2.sock")).unwrap();
+        let server = tokio::spawn(fake_qemu(l, vec![]));
+        let mut q = Qmp::connect(&dir.path().join("q2.sock"), Duration::from_secs(2))
+            .await
+            .unwrap();
+        let e = q
+            .hot_add_disk("img2", &dir.path().join("none"), "s", 2, true)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), Kind::NotFound, "{e}");
+        drop(q);
+        assert_eq!(server.await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -342,9 +450,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).unwrap();
+        let image = dir.path().join("a");
+        std::fs::write(&image, b"image").unwrap();
         let server = tokio::spawn(fake_qemu(
             l,
             vec![
+                "{\"return\": {\"fdset-id\": 0, \"fd\": 25}}",
+                "{\"return\": {}}",
                 "{\"return\": {}}",
                 "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Bus 'scsi0.0' not found\"}}",
                 "{\"return\": {}}",
@@ -352,7 +464,7 @@ mod tests {
         ));
         let mut q = Qmp::connect(&path, Duration::from_secs(2)).await.unwrap();
         let e = q
-            .hot_add_disk("img1", Path::new("/i/a"), "s", 1, true)
+            .hot_add_disk("img1", &image, "s", 1, true)
             .await
             .unwrap_err();
         assert!(
@@ -361,7 +473,7 @@ mod tests {
         );
         drop(q);
         let seen = server.await.unwrap();
-        assert_eq!(seen[3]["execute"], "blockdev-del");
+        assert_eq!(seen[5]["execute"], "blockdev-del");
     }
 
     #[tokio::test]
