@@ -28,6 +28,25 @@ use veil_tests::{
 /// An operator's containerd config: comments, no trailing newline.
 const OPERATOR_CONFIG: &str = "version = 2\n# the operator's own settings\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n  default_runtime_name = \"runc\"";
 
+/// Whether QEMU `pid` (command line `cmd`) boots `kernel`: named on its
+/// command line, or handed over open (`-kernel /dev/fd/N`, the jail's way).
+fn boots(pid: u32, cmd: &str, kernel: &str) -> bool {
+    if cmd.contains(kernel) {
+        return true;
+    }
+    let mut words = cmd.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-kernel" {
+            let Some(fd) = words.next().and_then(|a| a.strip_prefix("/dev/fd/")) else {
+                return false;
+            };
+            return std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|p| p.display().to_string() == kernel);
+        }
+    }
+    false
+}
+
 #[test]
 fn install_twice_then_uninstall_restores_containerd_config() {
     let a = Artefacts::locate().unwrap();
@@ -289,7 +308,7 @@ async fn upgrade_while_a_pod_runs_keeps_it_and_new_pods_use_the_new_files() -> R
     let kernel = node.path("opt/veil/share/vmlinux").display().to_string();
     ensure!(
         vmm1.iter()
-            .any(|(_, cmd)| cmd.contains("qemu") && cmd.contains(&kernel)),
+            .any(|(pid, cmd)| cmd.contains("qemu") && boots(*pid, cmd, &kernel)),
         "no QEMU of pod 1 booting the installed kernel: {vmm1:?}"
     );
 
@@ -699,8 +718,9 @@ async fn installer_image_run_by_ctr_as_the_daemonset_installs_and_uninstalls_on_
     let kernel = node.path("opt/veil/share/vmlinux").display().to_string();
     let vmm = pod_processes(&pod);
     ensure!(
-        vmm.iter()
-            .any(|(_, cmd)| cmd.contains(&qemu.display().to_string()) && cmd.contains(&kernel)),
+        vmm.iter().any(
+            |(pid, cmd)| cmd.contains(&qemu.display().to_string()) && boots(*pid, cmd, &kernel)
+        ),
         "no QEMU of the node booting the installed kernel: {vmm:?}"
     );
     veil_tests::cri::remove_pod(&mut cri, &pod).await?;

@@ -273,11 +273,20 @@ fn scratch_disk(
         let path = path.to_path_buf();
         move |source| BootError::File { path, source }
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
+    // Missing parents get the usual mode (a jailed QEMU passes through them
+    // to its disk); the scratch dir itself is not listable.
+    if let Some(parent) = p.config.scratch_dir.parent() {
+        std::fs::create_dir_all(parent).map_err(file_err(parent))?;
+    }
+    match std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&p.config.scratch_dir)
-        .map_err(file_err(&p.config.scratch_dir))?;
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(file_err(&p.config.scratch_dir)(e))
+        }
+        _ => {}
+    }
     dir.record_file("scratch", &path)?;
     let f = std::fs::File::create(&path).map_err(file_err(&path))?;
     f.set_len(h.scratch_disk_mib * 1024 * 1024)
