@@ -46,6 +46,15 @@ pub fn qemu_args(spec: &VmSpec) -> Result<Vec<String>, VmmError> {
     }
 }
 
+/// TCG's translation cache, MiB. QEMU's default is 1 GiB, filled linearly
+/// and only reset when full, so a pod's QEMU holds every block it ever
+/// translated (about 64 MiB, as transparent huge pages, 2 s after 10 pods
+/// started at once) and keeps growing as the guest runs new code. 32 MiB
+/// bounds it without slowing pod start: 10 pods at once started in the same
+/// time as with the default, while 16 MiB made them retranslate so much that
+/// half missed their boot deadline (see `benches/README.md`, `pods`).
+pub const TCG_TB_MIB: u32 = 32;
+
 /// The QEMU arguments for a microvm launch of `spec`.
 pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
@@ -76,7 +85,11 @@ pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
             "max",
         ),
     };
-    push(&["-M", machine, "-accel", spec.accel.qemu_name(), "-cpu", cpu]);
+    let accel = match spec.accel {
+        Accel::Kvm => spec.accel.qemu_name().to_string(),
+        Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+    };
+    push(&["-M", machine, "-accel", &accel, "-cpu", cpu]);
     if spec.accel == Accel::Tcg {
         push(&["-icount", "shift=auto,sleep=on"]);
     }
@@ -396,7 +409,7 @@ mod tests {
             after(&a, "-object"),
             ["memory-backend-memfd,id=mem,size=256M,share=on"]
         );
-        assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert_eq!(after(&a, "-accel"), [format!("tcg,tb-size={TCG_TB_MIB}")]);
         assert!(
             after(&a, "-M")[0].contains("pit=on,pic=on,rtc=on"),
             "TCG guests need the PIT on IRQ 0 and the RTC as wall clock"
@@ -460,6 +473,7 @@ mod tests {
         let a = microvm_args(&s);
         assert_eq!(after(&a, "-device"), ["vhost-vsock-device,guest-cid=7"]);
         assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert_eq!(after(&a, "-accel"), ["kvm"], "KVM has no translation cache");
         assert!(after(&a, "-M")[0].contains("pit=off"));
         assert!(after(&a, "-icount").is_empty());
     }
