@@ -47,13 +47,14 @@ pub fn qemu_args(spec: &VmSpec) -> Result<Vec<String>, VmmError> {
 }
 
 /// TCG's translation cache, MiB. QEMU's default is 1 GiB, filled linearly
-/// and only reset when full, so a pod's QEMU holds every block it ever
-/// translated (about 64 MiB, as transparent huge pages, 2 s after 10 pods
-/// started at once) and keeps growing as the guest runs new code. 32 MiB
-/// bounds it without slowing pod start: 10 pods at once started in the same
-/// time as with the default, while 16 MiB made them retranslate so much that
-/// half missed their boot deadline (see `benches/README.md`, `pods`).
-pub const TCG_TB_MIB: u32 = 32;
+/// (as transparent huge pages) and only reset when full, so a pod's QEMU
+/// keeps every block its guest ever translated: about 64 MiB 2 s after 10
+/// pods started at once, growing further with every new guest workload, up
+/// to the full GiB. The cap bounds that at the size a pod start needs;
+/// smaller caps make the start itself retranslate (16 MiB: half of 10 pods
+/// at once missed their boot deadline; 32 MiB: 38 MiB less per pod but
+/// starts about 10–25 % slower), see `benches/README.md`, `pods`.
+pub const TCG_TB_MIB: u32 = 64;
 
 /// The QEMU arguments for a microvm launch of `spec`.
 pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
