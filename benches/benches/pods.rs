@@ -16,6 +16,11 @@
 //!   each removed before the next; p50/p99, next to runc's on the same
 //!   containerd.
 //!
+//! Each figure is also split by mapping class (anonymous memory, the
+//! process's own binary, libraries, the guest kernel and initrd files);
+//! `VEIL_BENCH_SMAPS_DIR=<dir>` copies every measured process's raw smaps
+//! there.
+//!
 //! Results: `benches/results/pods.json`, `pods-start.png` (distributions),
 //! `pods-footprint.png`.
 //!
@@ -66,36 +71,85 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// PSS and RSS (KiB) of `pid`, without mappings whose name contains `skip`.
-fn pss_rss(pid: u32, skip: Option<&str>) -> Result<(u64, u64)> {
+/// What a mapping of a process holds, from its name in `smaps`.
+fn mapping_class(name: &str, exe: &str) -> &'static str {
+    if name.contains("memfd:") {
+        GUEST_RAM
+    } else if name.is_empty()
+        || name.starts_with("[heap]")
+        || name.starts_with("[stack")
+        || name.starts_with("[anon")
+    {
+        "anonymous"
+    } else if !exe.is_empty() && name.starts_with(exe) {
+        "own binary"
+    } else if name.contains(".so") {
+        "libraries"
+    } else if name.ends_with("/vmlinux") || name.ends_with("/bzImage") {
+        "guest kernel file"
+    } else if name.contains("initrd") {
+        "initrd file"
+    } else {
+        "other"
+    }
+}
+
+/// The mapping class of guest RAM, left out of QEMU's figures.
+const GUEST_RAM: &str = "guest RAM (memfd)";
+
+/// PSS and RSS (KiB) of `pid` per mapping class (see [`mapping_class`]).
+fn smaps_classes(pid: u32) -> Result<Classes> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let (mut pss, mut rss, mut skipping) = (0, 0, false);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut out = Classes::new();
+    let mut class = "other";
     for line in smaps.lines() {
         let mut f = line.split_whitespace();
         let Some(first) = f.next() else { continue };
         if !first.ends_with(':') {
             // A mapping's header: "start-end perms offset dev inode [name]".
-            skipping = skip.is_some_and(|s| line.contains(s));
-            continue;
-        }
-        if skipping {
+            let name = line
+                .splitn(6, char::is_whitespace)
+                .nth(5)
+                .unwrap_or("")
+                .trim();
+            class = mapping_class(name, &exe);
             continue;
         }
         let kib: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let e = out.entry(class).or_default();
         match first {
-            "Pss:" => pss += kib,
-            "Rss:" => rss += kib,
+            "Pss:" => e.0 += kib,
+            "Rss:" => e.1 += kib,
             _ => {}
         }
     }
-    Ok((pss, rss))
+    Ok(out)
 }
 
-/// Per component, the (PSS, RSS) KiB of each running pod in `ids`.
-fn footprint(ids: &[String]) -> Result<BTreeMap<&'static str, Vec<(u64, u64)>>> {
+/// (PSS, RSS) KiB per mapping class of one process.
+type Classes = BTreeMap<&'static str, (u64, u64)>;
+
+/// The total (PSS, RSS) of `c`, without guest RAM when `skip_guest_ram`.
+fn total(c: &Classes, skip_guest_ram: bool) -> (u64, u64) {
+    c.iter()
+        .filter(|(k, _)| !(skip_guest_ram && **k == GUEST_RAM))
+        .fold((0, 0), |a, (_, v)| (a.0 + v.0, a.1 + v.1))
+}
+
+/// One component of a pod: its total (PSS, RSS) KiB and its classes.
+struct Part {
+    total: (u64, u64),
+    classes: Classes,
+}
+
+/// Per component, the figures of each running pod in `ids`.
+fn footprint(ids: &[String]) -> Result<BTreeMap<&'static str, Vec<Part>>> {
     let procs = processes();
-    let mut out: BTreeMap<&'static str, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut out: BTreeMap<&'static str, Vec<Part>> = BTreeMap::new();
     for id in ids {
         // `/run/veil/<id>/…` (or `-id <id>`) is in each of the pod's command lines.
         let of = |pat: &str| {
@@ -107,20 +161,29 @@ fn footprint(ids: &[String]) -> Result<BTreeMap<&'static str, Vec<(u64, u64)>>> 
                 })
                 .map(|(p, _)| *p)
         };
-        let parts: [(&'static str, &str, Option<&str>, bool); 4] = [
-            ("shim", "containerd-shim-veil-v2", None, true),
-            (
-                "QEMU (without guest RAM)",
-                "qemu-system",
-                Some("memfd:"),
-                true,
-            ),
-            ("vhost-device-vsock", "vhost-device-vsock", None, true),
-            ("virtiofsd", "virtiofsd", None, false),
+        let parts: [(&'static str, &str, bool, bool); 4] = [
+            ("shim", "containerd-shim-veil-v2", false, true),
+            ("QEMU (without guest RAM)", "qemu-system", true, true),
+            ("vhost-device-vsock", "vhost-device-vsock", false, true),
+            ("virtiofsd", "virtiofsd", false, false),
         ];
-        for (name, pat, skip, required) in parts {
+        for (name, pat, skip_guest_ram, required) in parts {
             match of(pat) {
-                Some(pid) => out.entry(name).or_default().push(pss_rss(pid, skip)?),
+                Some(pid) => {
+                    if let Some(dir) = std::env::var_os("VEIL_BENCH_SMAPS_DIR") {
+                        // For a closer look: the raw smaps of every process measured.
+                        let to = std::path::Path::new(&dir).join(format!("{id}-{pat}.smaps"));
+                        std::fs::copy(format!("/proc/{pid}/smaps"), &to).with_context(|| {
+                            format!("copying smaps of {pid} to {}", to.display())
+                        })?;
+                    }
+                    let mut classes = smaps_classes(pid)?;
+                    let total = total(&classes, skip_guest_ram);
+                    if skip_guest_ram {
+                        classes.remove(GUEST_RAM);
+                    }
+                    out.entry(name).or_default().push(Part { total, classes });
+                }
                 None if required => bail!("pod {id}: no {pat} process found"),
                 None => {}
             }
@@ -255,15 +318,38 @@ fn main() -> Result<()> {
             batches[0]
         );
         for (name, v) in fp {
-            let pss = plot::median_of(&v.iter().map(|x| x.0 as f64).collect::<Vec<_>>());
-            let rss = plot::median_of(&v.iter().map(|x| x.1 as f64).collect::<Vec<_>>());
+            let med = |f: &dyn Fn(&Part) -> u64| {
+                plot::median_of(&v.iter().map(|p| f(p) as f64).collect::<Vec<_>>())
+            };
+            let pss = med(&|p| p.total.0);
+            let rss = med(&|p| p.total.1);
             println!("  {name:<28} PSS {pss:>8.0}   RSS {rss:>8.0}");
+            let mut by_class = serde_json::Map::new();
+            let mut pss_segs = Vec::new();
+            let mut rss_segs = Vec::new();
+            let classes: std::collections::BTreeSet<&str> =
+                v.iter().flat_map(|p| p.classes.keys().copied()).collect();
+            for class in classes {
+                let get = |p: &Part, i: usize| {
+                    p.classes
+                        .get(class)
+                        .map_or(0, |c| if i == 0 { c.0 } else { c.1 })
+                };
+                let (cp, cr) = (med(&|p| get(p, 0)), med(&|p| get(p, 1)));
+                println!("      {class:<24} PSS {cp:>8.0}   RSS {cr:>8.0}");
+                by_class.insert(
+                    class.to_string(),
+                    serde_json::json!({"pss_kib": cp, "rss_kib": cr}),
+                );
+                pss_segs.push((class.to_string(), cp / 1024.0));
+                rss_segs.push((class.to_string(), cr / 1024.0));
+            }
             fp_json.insert(
                 name.to_string(),
-                serde_json::json!({"pss_kib": pss, "rss_kib": rss}),
+                serde_json::json!({"pss_kib": pss, "rss_kib": rss, "by_mapping": by_class}),
             );
-            fp_bars.push((format!("{name}, PSS"), pss / 1024.0));
-            fp_bars.push((format!("{name}, RSS"), rss / 1024.0));
+            fp_bars.push((format!("{name}, PSS"), pss_segs));
+            fp_bars.push((format!("{name}, RSS"), rss_segs));
         }
     }
     let json = serde_json::json!({
@@ -286,10 +372,10 @@ fn main() -> Result<()> {
     )?;
     println!("results: {} {}", j.display(), d.display());
     if !fp_bars.is_empty() {
-        let f = plot::bars(
+        let f = plot::stacked(
             "pods-footprint",
             &format!(
-                "host memory per pod outside guest RAM, {} pods running (medians)",
+                "host memory per pod outside guest RAM, {} pods running (medians per mapping class)",
                 batches[0]
             ),
             "MiB",

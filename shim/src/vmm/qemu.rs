@@ -46,6 +46,16 @@ pub fn qemu_args(spec: &VmSpec) -> Result<Vec<String>, VmmError> {
     }
 }
 
+/// TCG's translation cache, MiB. QEMU's default is 1 GiB, filled linearly
+/// (as transparent huge pages) and only reset when full, so a pod's QEMU
+/// keeps every block its guest ever translated: about 64 MiB 2 s after 10
+/// pods started at once, growing further with every new guest workload, up
+/// to the full GiB. The cap bounds that at the size a pod start needs;
+/// smaller caps make the start itself retranslate (16 MiB: half of 10 pods
+/// at once missed their boot deadline; 32 MiB: 38 MiB less per pod but
+/// starts about 10–25 % slower), see `benches/README.md`, `pods`.
+pub const TCG_TB_MIB: u32 = 64;
+
 /// The QEMU arguments for a microvm launch of `spec`.
 pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
@@ -76,7 +86,11 @@ pub fn microvm_args(spec: &VmSpec) -> Vec<String> {
             "max",
         ),
     };
-    push(&["-M", machine, "-accel", spec.accel.qemu_name(), "-cpu", cpu]);
+    let accel = match spec.accel {
+        Accel::Kvm => spec.accel.qemu_name().to_string(),
+        Accel::Tcg => format!("tcg,tb-size={TCG_TB_MIB}"),
+    };
+    push(&["-M", machine, "-accel", &accel, "-cpu", cpu]);
     if spec.accel == Accel::Tcg {
         push(&["-icount", "shift=auto,sleep=on"]);
     }
@@ -433,7 +447,7 @@ mod tests {
             after(&a, "-object"),
             ["memory-backend-memfd,id=mem,size=256M,share=on"]
         );
-        assert_eq!(after(&a, "-accel"), ["tcg"]);
+        assert_eq!(after(&a, "-accel"), [format!("tcg,tb-size={TCG_TB_MIB}")]);
         assert!(
             after(&a, "-M")[0].contains("pit=on,pic=on,rtc=on"),
             "TCG guests need the PIT on IRQ 0 and the RTC as wall clock"
@@ -497,6 +511,7 @@ mod tests {
         let a = microvm_args(&s);
         assert_eq!(after(&a, "-device"), ["vhost-vsock-device,guest-cid=7"]);
         assert_eq!(after(&a, "-cpu"), ["host"]);
+        assert_eq!(after(&a, "-accel"), ["kvm"], "KVM has no translation cache");
         assert!(after(&a, "-M")[0].contains("pit=off"));
         assert!(after(&a, "-icount").is_empty());
     }
