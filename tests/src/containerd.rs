@@ -134,7 +134,7 @@ fn jail_tool(image_dir: &Path, tool: &Path) -> PathBuf {
 /// Makes the harness's directory reachable by pods' jailed processes
 /// (search only: `o+x`) and copies the vsock backend where they can execute
 /// it. The kernel and initrd need no copy: QEMU gets them open.
-fn prepare_for_jail(a: &Artefacts, dir: &Path, image_dir: &Path) -> Result<()> {
+pub fn prepare_for_jail(a: &Artefacts, dir: &Path, image_dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o711))?;
     let bin = jail_tools_of(image_dir);

@@ -29,7 +29,9 @@ use containerd_shim_protos::{
     protobuf::well_known_types::any::Any, sandbox_api as sb, sandbox_async::SandboxClient,
 };
 use veil_tests::{
-    containerd::{cache_entries, pod_processes, processes, veil_config, VEIL_STATE_DIR},
+    containerd::{
+        cache_entries, pod_processes, prepare_for_jail, processes, veil_config, VEIL_STATE_DIR,
+    },
     rootfs::default_spec,
     vm::pid_alive,
     Artefacts,
@@ -177,6 +179,8 @@ async fn the_shim_serves_containerds_sandbox_api() -> Result<()> {
         .tempdir()?;
     let image_dir = work.path().join("images");
     let config = work.path().join("veil.toml");
+    // The pod's jailed QEMU and backend pass through the work dir.
+    prepare_for_jail(&a, work.path(), &image_dir)?;
     std::fs::write(&config, veil_config(&a, &image_dir))?;
     let id = format!("sbx-{}", std::process::id());
     let bundle = work.path().join("bundle");
