@@ -884,9 +884,10 @@ mod tests {
     async fn what_the_process_wrote_before_its_exit_is_never_cut() {
         const SIZE: u64 = 8 * 1024 * 1024;
         let (child, io, mut shim) = spawn_with_stdout(&format!("head -c {SIZE} /dev/zero"));
-        exited(child).await;
         // The shim is slow to read (but less than STUCK): the pipe and
-        // socket hold the tail.
+        // socket hold the tail. It starts before the exit is awaited: where
+        // the socket buffers hold less than SIZE, the writer exits only once
+        // the shim reads.
         let reader = tokio::spawn(async move {
             tokio::time::sleep(STUCK / 2).await;
             let mut n = 0u64;
@@ -898,6 +899,9 @@ mod tests {
                 }
             }
         });
+        tokio::time::timeout(Duration::from_secs(30), exited(child))
+            .await
+            .expect("the writer exits once its output is read");
         tokio::time::timeout(Duration::from_secs(30), io.settle())
             .await
             .expect("settles once the output reached EOF");
