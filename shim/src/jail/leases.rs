@@ -21,7 +21,7 @@ pub fn leases_dir(state_dir: &Path) -> PathBuf {
 /// An exclusive `flock` on `<leases>/.lock`, released when dropped: the
 /// leases are read and changed under it, so two shims never take the same id
 /// and a reclaim never removes a lease just taken.
-struct LeaseLock(fs::File);
+struct LeaseLock(#[allow(dead_code, reason = "held for its Drop")] nix::fcntl::Flock<fs::File>);
 
 impl LeaseLock {
     fn take(dir: &Path) -> Result<Self, JailError> {
@@ -32,23 +32,9 @@ impl LeaseLock {
             .write(true)
             .open(&path)
             .map_err(io_err("open", &path))?;
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } == 0 {
-                return Ok(LeaseLock(f));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(io_err("lock", &path)(e));
-            }
-        }
-    }
-}
-
-impl Drop for LeaseLock {
-    fn drop(&mut self) {
-        // SAFETY: flock on a descriptor we own.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&self.0), libc::LOCK_UN) };
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map(LeaseLock)
+            .map_err(|(_, e)| io_err("lock", &path)(e.into()))
     }
 }
 
