@@ -1,6 +1,7 @@
 //! On a saturated node a pod is slow, not failed. The test fills both CPUs
-//! with busy loops, then starts a `veil` pod whose boot deadline is shorter
-//! than the boot takes under that load: the pod must start anyway (its
+//! with busy loops, then starts a `veil` pod whose boot deadline (a quarter
+//! more than the idle start measured first) is shorter than the boot takes under that
+//! load: the pod must start anyway (its
 //! deadline stretches with the node's load, `shim/src/patience.rs`), and
 //! the test checks that it took longer than the unstretched deadline — so a
 //! fixed deadline would have failed it. A second pod, with a deadline no
@@ -20,7 +21,8 @@ use veil_tests::{
 
 const NS: &str = "veil-test";
 
-/// Busy loops, one process each, stopped by PID when dropped.
+/// Busy loops, one process each, stopped by PID when dropped. (`setsid`
+/// execs its command in place: the test is not a process group leader.)
 struct Hogs(Vec<Child>);
 
 impl Hogs {
@@ -28,8 +30,12 @@ impl Hogs {
         let mut hogs = Hogs(Vec::new());
         for _ in 0..n {
             hogs.0.push(
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
+                // Each in a session of its own: where the kernel groups
+                // tasks by session for scheduling (autogroup), a pod VM in
+                // the shim's session would otherwise get half the CPUs
+                // against all the loops together in the test's.
+                Command::new("setsid")
+                    .args(["sh", "-c", "while :; do :; done"])
                     .stdin(Stdio::null())
                     .spawn()
                     .context("starting a busy loop")?,
@@ -82,17 +88,29 @@ fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
     c.import(NS, &oci::busybox_archive(work.path())?)?;
+    let rt = c.runtime_config("veil");
+
+    // The deadline is what an operator would set for this node: a quarter
+    // more than an idle start, measured here, so that it holds on an idle node and
+    // fails on a loaded one unless it stretches. (A fixed figure either
+    // passes unstretched on a fast node or leaves no room on a slow one.)
+    let (out, idle) = run_pod(&c, &rt, "load-idle")?;
+    remove(&c, "load-idle")?;
+    ensure!(
+        out.status.success(),
+        "a pod on the idle node failed: {}",
+        output_text(&out)
+    );
+    let base_ms = (idle.as_millis() as u64 * 5 / 4).max(1000);
+    eprintln!("idle start: {idle:?}; boot deadline {base_ms} ms");
+
     let cpus = std::thread::available_parallelism()?.get();
-    // Four busy loops per CPU: the VM gets a fifth of a CPU or so, and its
+    // Six busy loops per CPU: the VM gets a seventh of a CPU or so, and its
     // boot takes several times its idle length.
-    let hogs = Hogs::start(4 * cpus)?;
+    let hogs = Hogs::start(6 * cpus)?;
     std::thread::sleep(Duration::from_secs(2));
 
-    // Shorter than a boot takes here on a loaded node (an idle TCG boot of
-    // our kernel takes about 2 s).
-    const BASE_MS: u64 = 3000;
-    c.configure(&a, &[("veil", &format!("boot_timeout_ms = {BASE_MS}"))])?;
-    let rt = c.runtime_config("veil");
+    c.configure(&a, &[("veil", &format!("boot_timeout_ms = {base_ms}"))])?;
     let (out, took) = run_pod(&c, &rt, "load-slow")?;
     eprintln!("loaded start: {took:?}: {}", output_text(&out));
     if !out.status.success() {
@@ -106,8 +124,8 @@ fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
     remove(&c, "load-slow")?;
     ensure!(status == "RUNNING", "the pod is {status:?}, not RUNNING");
     ensure!(
-        took > Duration::from_millis(BASE_MS),
-        "the start took {took:?}, within the unstretched {BASE_MS} ms: the node was not loaded \
+        took > Duration::from_millis(base_ms),
+        "the start took {took:?}, within the unstretched {base_ms} ms: the node was not loaded \
          enough to show anything"
     );
 
