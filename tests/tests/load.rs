@@ -1,12 +1,12 @@
-//! On a saturated node a pod is slow, not failed. The test fills both CPUs
-//! with busy loops, then starts a `veil` pod whose boot deadline (a quarter
-//! more than the idle start measured first) is shorter than the boot takes under that
-//! load: the pod must start anyway (its
-//! deadline stretches with the node's load, `shim/src/patience.rs`), and
-//! the test checks that it took longer than the unstretched deadline — so a
-//! fixed deadline would have failed it. A second pod, with a deadline no
-//! stretch can meet, must fail with an error that says how long it waited
-//! and under what load, and leave nothing.
+//! On a saturated node a pod is slow, not failed. The test measures an idle
+//! start, fills both CPUs with busy loops, then starts a `veil` pod whose
+//! boot deadline (a quarter more than the idle start) is shorter than the
+//! boot takes under that load: the pod must start anyway (its deadline
+//! stretches with the node's load, `shim/src/patience.rs`), and the test
+//! checks that it took longer than the unstretched deadline — so a fixed
+//! deadline would have failed it. A second pod, with a deadline no stretch
+//! can meet, must fail with an error that says how long it waited and under
+//! what load, and leave nothing.
 
 use std::{
     process::{Child, Command, Stdio},
