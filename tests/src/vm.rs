@@ -18,8 +18,9 @@ use veil_shim::{
 
 use crate::Artefacts;
 
-/// The kernel command line the tests (and the shim) boot with.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
+/// The kernel command line the tests boot with: the shim's (before the
+/// accelerator's words, [`accel_cmdline`]).
+pub use veil_shim::sandbox::{accel_cmdline, BASE_CMDLINE};
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -102,9 +103,16 @@ impl TestVm {
         let spec = VmSpec {
             kernel: a.kernel.clone(),
             initrd: opts.initrd.clone(),
-            cmdline: format!("{BASE_CMDLINE} {}", opts.extra_cmdline)
-                .trim()
-                .to_string(),
+            cmdline: [
+                BASE_CMDLINE,
+                accel_cmdline(accel),
+                opts.extra_cmdline.trim(),
+            ]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
             vcpus: opts.vcpus,
             memory_mib: opts.memory_mib,
             accel,
