@@ -43,7 +43,6 @@ pub mod status;
 pub mod stdio;
 pub mod storage;
 pub mod streams;
-pub mod uevent;
 pub mod validate;
 pub mod volumes;
 

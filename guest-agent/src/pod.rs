@@ -435,14 +435,11 @@ impl Pod {
     /// fetched before the pod is locked.
     pub async fn add_storage(&self, req: &AddStorageRequest) -> Result<PathBuf, PodError> {
         validate::id("storage_id", &req.storage_id)?;
-        tracing::debug!(storage = %req.storage_id, "adding a storage");
         let layer = crate::disk::prepare(req, self.keys.as_ref())
             .await
             .map_err(StorageError::from)?;
         let mut inner = self.inner.lock().await;
-        let root = inner.storages.add(req, layer).await?;
-        tracing::debug!(storage = %req.storage_id, "storage mounted");
-        Ok(root)
+        Ok(inner.storages.add(req, layer).await?)
     }
 
     /// Detaches a storage.

@@ -257,7 +257,6 @@ impl Storages {
                 ))
             }
         };
-        tracing::debug!(storage = %req.storage_id, device = %device.display(), "storage device found");
         let (device, opened) = layer.open(&req.storage_id, &device)?;
         let close = |opened: &Option<Opened>| {
             if let Some(o) = opened {
@@ -416,15 +415,6 @@ pub(crate) async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathB
         ));
     }
     let deadline = Instant::now() + wait;
-    // Subscribed before the first look, so a disk that appears in between
-    // is announced.
-    let mut events = match crate::uevent::Uevents::subscribe() {
-        Ok(e) => Some(e),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot subscribe to device events; polling for the disk");
-            None
-        }
-    };
     loop {
         if let Ok(dir) = fs::read_dir("/sys/block") {
             for entry in dir.flatten() {
@@ -433,17 +423,10 @@ pub(crate) async fn find_by_serial(serial: &str, wait: Duration) -> Result<PathB
                 }
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= deadline {
             return Err(StorageError::NoDevice(serial.to_string()));
         }
-        match events.as_mut() {
-            // A second look each second too, should an event be missed.
-            Some(e) => {
-                e.next(left.min(Duration::from_secs(1))).await;
-            }
-            None => tokio::time::sleep(left.min(Duration::from_millis(20))).await,
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

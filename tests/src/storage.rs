@@ -224,9 +224,7 @@ pub fn broker_handler_lines(
 /// What the shim launches for `handler` of the config at `path`: the input
 /// of the simulated measurement, for the broker's reference values.
 pub fn launch_of(config: &Config, handler: &str) -> Result<LaunchInfo> {
-    let h = config.handler(handler)?;
-    let accel = veil_shim::vmm::accel::resolve(h.accel);
-    Ok(veil_shim::sandbox::launch_info(h, accel)?)
+    Ok(veil_shim::sandbox::launch_info(config.handler(handler)?)?)
 }
 
 /// Offset of the first occurrence of `needle` in `hay`.

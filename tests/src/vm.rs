@@ -18,9 +18,8 @@ use veil_shim::{
 
 use crate::Artefacts;
 
-/// The kernel command line the tests boot with: the shim's (before the
-/// accelerator's words, [`accel_cmdline`]).
-pub use veil_shim::sandbox::{accel_cmdline, BASE_CMDLINE};
+/// The kernel command line the tests (and the shim) boot with.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -103,16 +102,9 @@ impl TestVm {
         let spec = VmSpec {
             kernel: a.kernel.clone(),
             initrd: opts.initrd.clone(),
-            cmdline: [
-                BASE_CMDLINE,
-                accel_cmdline(accel),
-                opts.extra_cmdline.trim(),
-            ]
-            .iter()
-            .filter(|w| !w.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" "),
+            cmdline: format!("{BASE_CMDLINE} {}", opts.extra_cmdline)
+                .trim()
+                .to_string(),
             vcpus: opts.vcpus,
             memory_mib: opts.memory_mib,
             accel,

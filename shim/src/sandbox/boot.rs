@@ -33,24 +33,8 @@ use crate::{
 };
 
 /// The kernel command line every pod VM boots with (before the handler's
-/// `kernel_params`). `no_timer_check` skips the boot's test of the timer
-/// interrupt, a busy wait of a few ticks that a VMM's timer always passes.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1 no_timer_check";
-
-/// What a pod VM's command line adds under TCG: no local APIC timer. The
-/// emulated CPU has no TSC-deadline timer, so the kernel would calibrate the
-/// LAPIC timer by spinning on `rdtsc` for 100 ms of guest time, which under
-/// instruction counting costs about half a second of a boot; the PIT (which
-/// TCG boots have) serves as the clock event device instead.
-pub const TCG_CMDLINE: &str = "noapictimer";
-
-/// The accelerator's words for the kernel command line.
-pub fn accel_cmdline(accel: accel::Accel) -> &'static str {
-    match accel {
-        accel::Accel::Kvm => "",
-        accel::Accel::Tcg => TCG_CMDLINE,
-    }
-}
+/// `kernel_params`).
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
 
 /// Errors booting the pod VM.
 #[derive(Debug, thiserror::Error)]
@@ -179,32 +163,28 @@ pub struct Booted {
 
 /// The kernel command line of `h`'s pods: the base line, the measured
 /// attestation words, the handler's `kernel_params`.
-pub fn cmdline(h: &HandlerConfig, accel: accel::Accel) -> Result<String, BootError> {
+pub fn cmdline(h: &HandlerConfig) -> Result<String, BootError> {
     let attest_words = crate::attest::guest_cmdline(h)?;
-    Ok([
-        BASE_CMDLINE,
-        accel_cmdline(accel),
-        attest_words.as_str(),
-        h.kernel_params.trim(),
-    ]
-    .iter()
-    .filter(|w| !w.is_empty())
-    .copied()
-    .collect::<Vec<_>>()
-    .join(" "))
+    Ok(
+        [BASE_CMDLINE, attest_words.as_str(), h.kernel_params.trim()]
+            .iter()
+            .filter(|w| !w.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
 
-/// What a pod VM of `h` is launched with under `accel` — the input of its
-/// simulated measurement, so an operator (or a test) computes the reference
-/// value of a handler from its configuration and the node's accelerator
-/// alone (TCG boots carry [`TCG_CMDLINE`]; SNP and TDX pods are always KVM).
-pub fn launch_info(h: &HandlerConfig, accel: accel::Accel) -> Result<LaunchInfo, BootError> {
+/// What a pod VM of `h` is launched with — the input of its simulated
+/// measurement, so an operator (or a test) computes the reference value of
+/// a handler from its configuration alone.
+pub fn launch_info(h: &HandlerConfig) -> Result<LaunchInfo, BootError> {
     Ok(LaunchInfo {
         tee: h.tee,
         kernel: h.kernel.clone(),
         initrd: h.initrd.clone(),
         firmware: matches!(h.tee, TeeKind::Snp | TeeKind::Tdx).then(|| h.firmware.clone()),
-        cmdline: cmdline(h, accel)?,
+        cmdline: cmdline(h)?,
         vcpus: h.vcpus,
         host_data: None,
     })
@@ -396,7 +376,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         partial.backend = Some(backend);
         (dev, t, None)
     };
-    let mut launch = launch_info(h, accel)?;
+    let mut launch = launch_info(h)?;
     launch.host_data = crate::attest::init_data_host_data(h, &p.policy);
     let disks: Vec<BootDisk> = scratch_disk(&p, &dir, jail.as_ref())?.into_iter().collect();
     let attest_services: Vec<Arc<dyn HostService>> = crate::attest::host_services(h)?;

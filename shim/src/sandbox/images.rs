@@ -128,7 +128,6 @@ impl Images {
         };
         let node = format!("img{target}");
         let serial = format!("veil-img{target}");
-        let started = std::time::Instant::now();
         if let Err(e) = qmp
             .lock()
             .await
@@ -138,7 +137,6 @@ impl Images {
             self.release(&image.key).await;
             return Err(e.into());
         }
-        let hot_add_ms = started.elapsed().as_millis();
         let storage_id = format!("img-{}", image.key);
         let mut req = AddStorageRequest::new();
         req.storage_id = storage_id.clone();
@@ -156,12 +154,6 @@ impl Images {
             self.release(&image.key).await;
             return Err(e.into());
         }
-        tracing::info!(
-            key = %image.key,
-            hot_add_ms,
-            guest_ms = started.elapsed().as_millis() - hot_add_ms,
-            "root image attached"
-        );
         attached.insert(
             image.key.clone(),
             Attached {

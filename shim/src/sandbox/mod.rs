@@ -29,9 +29,7 @@ use veil_protocol::agent::{
     ShutdownRequest, SignalProcessRequest, UpdateContainerRequest,
 };
 
-pub use boot::{
-    accel_cmdline, cmdline, launch_info, BootError, BootParams, BASE_CMDLINE, TCG_CMDLINE,
-};
+pub use boot::{cmdline, launch_info, BootError, BootParams, BASE_CMDLINE};
 pub use images::image_store;
 pub use launch::{HostService, LaunchInfo};
 
