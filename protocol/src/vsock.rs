@@ -393,24 +393,31 @@ async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<VsockSt
 /// retrying until the guest listens or `timeout` passes. Returns the stream
 /// positioned right after the handshake.
 ///
-/// Each attempt has its own deadline: a request sent before the guest's
-/// vsock driver is up can stay unanswered forever, so an attempt that hears
-/// nothing is abandoned and retried. The per-attempt deadline starts short (a
-/// guest that is up answers in milliseconds) and doubles, so a slow but live
-/// guest is not retried in a loop.
+/// An attempt is retried only when the backend closed it (the guest does not
+/// listen on the port yet). One that is merely unanswered is waited for until
+/// `timeout`: closing it early crashes vhost-device-vsock when the answer
+/// comes (below). A request sent before the guest's vsock driver is up can
+/// stay unanswered for good, which is why hosts connect only after the
+/// agent's readiness call (`docs/boot.md`).
 pub async fn connect_hybrid(
     uds_path: &Path,
     port: u32,
     timeout: Duration,
 ) -> Result<UnixStream, VsockError> {
     let deadline = Instant::now() + timeout;
-    let mut attempt_timeout = Duration::from_millis(200);
     loop {
-        match tokio::time::timeout(attempt_timeout, try_connect_hybrid(uds_path, port)).await {
+        // An attempt that sent CONNECT is given the whole deadline: its
+        // answer may be slow on a loaded node, and vhost-device-vsock
+        // (0.3.0) panics in its vring thread when the guest's answer finds
+        // the connection closed (EPIPE on its write), which leaves the VM
+        // without vsock for good. A guest that does not listen is answered
+        // at once (the backend closes the connection), and is retried.
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, try_connect_hybrid(uds_path, port)).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(Attempt::Fatal(e))) => return Err(e),
             Ok(Err(Attempt::Retry)) => {}
-            Err(_elapsed) => attempt_timeout = (attempt_timeout * 2).min(Duration::from_secs(3)),
+            Err(_elapsed) => return Err(VsockError::ConnectTimeout { port, timeout }),
         }
         if Instant::now() >= deadline {
             return Err(VsockError::ConnectTimeout { port, timeout });
@@ -506,25 +513,50 @@ mod tests {
         assert_eq!(&rest, b"hello");
     }
 
-    /// A backend that swallows the first request without answering (as when
-    /// the guest driver was not up yet) must not hang the caller.
+    /// A slow answer is waited for on the same connection: closing it
+    /// before the guest's answer arrives makes vhost-device-vsock panic in
+    /// its vring thread (EPIPE), which leaves the VM without vsock.
     #[tokio::test]
-    async fn an_unanswered_attempt_is_abandoned_and_retried() {
+    async fn a_slow_answer_is_awaited_on_the_same_connection() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (silent, _) = listener.accept().await.unwrap();
+        let backend = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 13];
             s.read_exact(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             s.write_all(b"OK 5\n").await.unwrap();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            drop(silent);
+            // A second connection would be an abandoned first one.
+            tokio::time::timeout(Duration::from_millis(500), listener.accept())
+                .await
+                .is_err()
         });
         connect_hybrid(&path, 1024, Duration::from_secs(5))
             .await
             .unwrap();
+        assert!(backend.await.unwrap(), "the first connection was abandoned");
+    }
+
+    /// A backend that never answers fails the caller at its deadline.
+    #[tokio::test]
+    async fn an_unanswered_connect_fails_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (_silent, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let t = Instant::now();
+        let e = connect_hybrid(&path, 1024, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, VsockError::ConnectTimeout { port: 1024, .. }),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
