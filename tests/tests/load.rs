@@ -21,6 +21,14 @@ use veil_tests::{
 
 const NS: &str = "veil-test";
 
+/// Held by each test for its whole run: each one loads the node in its own
+/// way, and the other's busy loops would change what it measures.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Busy loops, one process each, stopped by PID when dropped. (`setsid`
 /// execs its command in place: the test is not a process group leader.)
 struct Hogs(Vec<Child>);
@@ -84,6 +92,7 @@ fn remove(c: &Containerd, id: &str) -> Result<()> {
 
 #[test]
 fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
+    let _alone = one_at_a_time();
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
@@ -166,6 +175,7 @@ fn a_pod_on_a_saturated_node_starts_late_instead_of_failing() -> Result<()> {
 /// the exec took 155 s and failed with EAGAIN from the agent's own fork.
 #[test]
 fn the_agent_answers_exec_while_its_pod_forks_and_spins() -> Result<()> {
+    let _alone = one_at_a_time();
     let a = Artefacts::locate()?;
     let c = Containerd::start(&a)?;
     let work = tempfile::tempdir()?;
