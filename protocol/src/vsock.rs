@@ -395,8 +395,9 @@ async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<VsockSt
 ///
 /// An attempt is retried only when the backend closed it (the guest does not
 /// listen on the port yet). One that is merely unanswered is waited for until
-/// `timeout`: closing it early crashes vhost-device-vsock when the answer
-/// comes (below). A request sent before the guest's vsock driver is up can
+/// `timeout`: when the guest's answer finds the connection closed,
+/// vhost-device-vsock (0.3.0) panics in its vring thread (EPIPE on its
+/// write), and the VM has no vsock from then on. A request sent before the guest's vsock driver is up can
 /// stay unanswered for good, which is why hosts connect only after the
 /// agent's readiness call (`docs/boot.md`).
 pub async fn connect_hybrid(
@@ -406,12 +407,7 @@ pub async fn connect_hybrid(
 ) -> Result<UnixStream, VsockError> {
     let deadline = Instant::now() + timeout;
     loop {
-        // An attempt that sent CONNECT is given the whole deadline: its
-        // answer may be slow on a loaded node, and vhost-device-vsock
-        // (0.3.0) panics in its vring thread when the guest's answer finds
-        // the connection closed (EPIPE on its write), which leaves the VM
-        // without vsock for good. A guest that does not listen is answered
-        // at once (the backend closes the connection), and is retried.
+        // The whole deadline, never less (see above).
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, try_connect_hybrid(uds_path, port)).await {
             Ok(Ok(s)) => return Ok(s),
@@ -484,13 +480,19 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
+    /// A fake backend's listening socket, in a directory removed on drop.
+    fn backend_socket() -> (tempfile::TempDir, std::path::PathBuf, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
     /// A stand-in backend that refuses the first attempts (guest not listening
     /// yet), then answers OK and passes data through.
     #[tokio::test]
     async fn handshake_retries_until_ok_and_keeps_following_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = backend_socket();
         tokio::spawn(async move {
             for attempt in 0.. {
                 let (mut s, _) = listener.accept().await.unwrap();
@@ -518,9 +520,7 @@ mod tests {
     /// its vring thread (EPIPE), which leaves the VM without vsock.
     #[tokio::test]
     async fn a_slow_answer_is_awaited_on_the_same_connection() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = backend_socket();
         let backend = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 13];
@@ -541,9 +541,7 @@ mod tests {
     /// A backend that never answers fails the caller at its deadline.
     #[tokio::test]
     async fn an_unanswered_connect_fails_at_its_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = backend_socket();
         tokio::spawn(async move {
             let (_silent, _) = listener.accept().await.unwrap();
             tokio::time::sleep(Duration::from_secs(10)).await;
@@ -561,9 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_reply_is_an_error_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.sock");
-        let listener = UnixListener::bind(&path).unwrap();
+        let (_dir, path, listener) = backend_socket();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 13];
