@@ -397,9 +397,9 @@ async fn connect_vhost(cid: u32, port: u32, timeout: Duration) -> Result<VsockSt
 /// listen on the port yet). One that is merely unanswered is waited for until
 /// `timeout`: when the guest's answer finds the connection closed,
 /// vhost-device-vsock (0.3.0) panics in its vring thread (EPIPE on its
-/// write), and the VM has no vsock from then on. A request sent before the guest's vsock driver is up can
-/// stay unanswered for good, which is why hosts connect only after the
-/// agent's readiness call (`docs/boot.md`).
+/// write), and the VM has no vsock from then on. A request sent before the
+/// guest's vsock driver is up can stay unanswered for good, which is why
+/// hosts connect only after the agent's readiness call (`docs/boot.md`).
 pub async fn connect_hybrid(
     uds_path: &Path,
     port: u32,
