@@ -42,13 +42,14 @@ fn an_oom_killed_container_produces_containerds_oom_event() -> Result<()> {
         }
     });
 
-    // 32 MiB limit; the shell builds a 200 MiB string.
+    // 32 MiB limit; dd fills a 64 MiB buffer at once (a VM of 256 MiB has
+    // room for it, so without the limit it would survive).
     let run = c
         .ctr(NS)
         .args(["run", "--rm", "--runtime", "io.containerd.veil.v2"])
         .args(["--runtime-config-path", &rt, "--memory-limit", "33554432"])
         .args([oci::BUSYBOX_IMAGE, "oom-1", "sh", "-c"])
-        .arg("x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}")
+        .arg("dd if=/dev/zero of=/dev/null bs=67108864 count=1 && echo survived")
         .output()?;
     let mut seen = Vec::new();
     let mut oom = false;
@@ -102,12 +103,16 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
     let pod_config = veil_tests::cri::pod_config("oom-pod", "uid-oom", "oompod", &logs);
     let pod = veil_tests::cri::run_pod(&mut cri, "veil", &pod_config).await?;
     let result = async {
+        // dd fills a 64 MiB buffer at once: over the 32 MiB limit, inside
+        // the VM's 256 MiB (without the limit it completes).
         let mut config = veil_tests::cri::busybox_container(
             "hog",
             &[
-                "sh",
-                "-c",
-                "x=$(head -c 209715200 /dev/zero | tr '\\0' a); echo survived ${#x}",
+                "dd",
+                "if=/dev/zero",
+                "of=/dev/null",
+                "bs=67108864",
+                "count=1",
             ],
         );
         config.linux = Some(LinuxContainerConfig {
@@ -119,7 +124,8 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
         });
         let id = veil_tests::cri::create_container(&mut cri, &pod, &pod_config, config).await?;
         veil_tests::cri::start_container(&mut cri, &id).await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let started = std::time::Instant::now();
+        let deadline = started + Duration::from_secs(60);
         loop {
             let st = veil_tests::cri::container_status(&mut cri, &id).await?;
             if st.state == ContainerState::ContainerExited as i32 {
@@ -130,6 +136,7 @@ async fn cri_reports_an_oom_killed_container_as_oomkilled() -> Result<()> {
                         st.exit_code
                     );
                 }
+                eprintln!("OOMKilled after {:.1?}", started.elapsed());
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
