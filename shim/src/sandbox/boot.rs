@@ -131,6 +131,18 @@ pub struct BootParams<'a> {
     /// The pod's network namespace (CNI's), if it has one: its interfaces
     /// become the VM's NICs. `None`: loopback only.
     pub netns: Option<PathBuf>,
+    /// The sandbox container's image, hot-added during the boot.
+    pub first_image: Option<FirstImage<'a>>,
+}
+
+/// The image of the container a pod boots for, to hot-add ahead.
+pub struct FirstImage<'a> {
+    /// The pod's images.
+    pub images: &'a super::images::Images,
+    /// The image's layers.
+    pub layers: &'a crate::rootfs::Layers,
+    /// A private directory for building it.
+    pub work_dir: PathBuf,
 }
 
 /// A booted pod VM, its parts owned by the caller from here on.
@@ -542,58 +554,72 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
         phases.mark("kernel_booted");
     }
     phases.mark("agent_ready");
-    let qmp = Qmp::connect(&qmp_path, crate::patience::scaled(Duration::from_secs(10))).await?;
+    let mut qmp = Qmp::connect(&qmp_path, crate::patience::scaled(Duration::from_secs(10))).await?;
 
-    crate::attest::deliver_policy(&agent, h, &p.policy).await?;
-    let mut req = CreateSandboxRequest::new();
-    req.sandbox_id = p.id.to_string();
-    // localhost plus the pod's name. The pod's resolv.conf comes with its
-    // first application container (its spec binds the file containerd wrote
-    // from the pod's DNS config): none until then.
-    req.hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-        p.hostname
-    )
-    .into_bytes();
-    req.hostname = p.hostname;
-    if let Some(n) = &partial.network {
-        let (interfaces, routes) = n.guest_config();
-        req.interfaces = interfaces;
-        req.routes = routes;
-    }
-    agent::rpc(
-        "CreateSandbox",
-        agent.sandbox.create_sandbox(agent::ctx(), &req).await,
-    )?;
-    if let Some(n) = partial.network.as_mut() {
-        n.start_port_forward(transport.clone()).await?;
-        // Taps wired on the host, the guest's interfaces configured,
-        // PortForward relayed.
-        phases.mark("network_ready");
-    }
-    crate::attest::attest_pod(&agent, h, phases).await?;
-    let has_scratch = h.scratch_disk_mib > 0;
-    if has_scratch {
-        // Formatted (or opened) under the key the broker released, or an
-        // ephemeral one in a plain pod: the agent decides, not the host.
+    // The guest's set-up, while the first image's disk is hot-added (the
+    // guest scans for it meanwhile).
+    let setup = async {
+        crate::attest::deliver_policy(&agent, h, &p.policy).await?;
+        let mut req = CreateSandboxRequest::new();
+        req.sandbox_id = p.id.to_string();
+        // localhost plus the pod's name. The pod's resolv.conf comes with its
+        // first application container (its spec binds the file containerd wrote
+        // from the pod's DNS config): none until then.
+        req.hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+            p.hostname
+        )
+        .into_bytes();
+        req.hostname = p.hostname.clone();
+        if let Some(n) = &partial.network {
+            let (interfaces, routes) = n.guest_config();
+            req.interfaces = interfaces;
+            req.routes = routes;
+        }
         agent::rpc(
-            "AddStorage",
-            agent
-                .sandbox
-                .add_storage(agent::ctx(), &scratch::add_request(h.scratch_integrity))
-                .await,
+            "CreateSandbox",
+            agent.sandbox.create_sandbox(agent::ctx(), &req).await,
         )?;
-        phases.mark("scratch_ready");
-    }
-    if partial.virtiofs.is_some() {
-        agent::rpc(
-            "AddStorage",
-            agent
-                .sandbox
-                .add_storage(agent::ctx(), &shared::add_request())
-                .await,
-        )?;
-    }
+        if let Some(n) = partial.network.as_mut() {
+            n.start_port_forward(transport.clone()).await?;
+            // Taps wired on the host, the guest's interfaces configured,
+            // PortForward relayed.
+            phases.mark("network_ready");
+        }
+        crate::attest::attest_pod(&agent, h, phases).await?;
+        let has_scratch = h.scratch_disk_mib > 0;
+        if has_scratch {
+            // Formatted (or opened) under the key the broker released, or an
+            // ephemeral one in a plain pod: the agent decides, not the host.
+            agent::rpc(
+                "AddStorage",
+                agent
+                    .sandbox
+                    .add_storage(agent::ctx(), &scratch::add_request(h.scratch_integrity))
+                    .await,
+            )?;
+            phases.mark("scratch_ready");
+        }
+        if partial.virtiofs.is_some() {
+            agent::rpc(
+                "AddStorage",
+                agent
+                    .sandbox
+                    .add_storage(agent::ctx(), &shared::add_request())
+                    .await,
+            )?;
+        }
+        Ok::<_, BootError>(has_scratch)
+    };
+    let plug = async {
+        if let Some(f) = &p.first_image {
+            f.images
+                .plug_ahead(f.layers, f.work_dir.clone(), &mut qmp)
+                .await;
+        }
+    };
+    let (has_scratch, ()) = tokio::join!(setup, plug);
+    let has_scratch = has_scratch?;
 
     let Some(vm) = partial.vm.take() else {
         return Err(BootError::Died(String::new(), String::new()));

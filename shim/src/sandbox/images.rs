@@ -4,7 +4,10 @@
 //! Attaching builds (or reuses) the image in the store under the pod's
 //! reference, hot-adds it to the VM's SCSI controller over QMP and asks the
 //! agent to open it (through dm-verity when it has a hash tree). An image
-//! used by several containers of the pod is attached once and counted.
+//! used by several containers of the pod is attached once and counted. The
+//! sandbox container's image is hot-added while the pod still boots
+//! ([`Images::plug_ahead`]), so the guest has found the disk by the time
+//! the container asks for it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,6 +24,11 @@ use crate::{
     rootfs::{Image, ImageStore, Layers, RootfsError},
     vmm::qmp::{Qmp, QmpError},
 };
+
+/// The QMP node and disk serial of the image disk at SCSI target `target`.
+fn disk_names(target: u32) -> (String, String) {
+    (format!("img{target}"), format!("veil-img{target}"))
+}
 
 /// How long the agent may wait for a hot-added disk to appear.
 const DISK_APPEAR_MS: u32 = 30_000;
@@ -71,11 +79,19 @@ struct Attached {
     users: usize,
 }
 
+/// A disk hot-added before its image's first attach.
+#[derive(Debug)]
+struct Plugged {
+    key: String,
+    target: u32,
+}
+
 /// The images of one pod.
 pub struct Images {
     pod: String,
     store: ImageStore,
     attached: tokio::sync::Mutex<BTreeMap<String, Attached>>,
+    ahead: tokio::sync::Mutex<Option<Plugged>>,
 }
 
 impl Images {
@@ -85,6 +101,44 @@ impl Images {
             pod: pod.to_string(),
             store,
             attached: tokio::sync::Mutex::new(BTreeMap::new()),
+            ahead: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Builds (or reuses) the image of `layers` and hot-adds its disk
+    /// before any container asks for it, so the guest's SCSI scan runs
+    /// while the pod's boot goes on; the first [`Images::attach`] of the
+    /// image then only asks the agent to open it. Nothing depends on this
+    /// succeeding: a failure is logged and the attach does the whole work.
+    pub async fn plug_ahead(&self, layers: &Layers, work_dir: PathBuf, qmp: &mut Qmp) {
+        let image = match self.acquire(layers, work_dir).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(error = %veil_common::error_chain(&e), "image build ahead of its attach failed; retried at attach");
+                return;
+            }
+        };
+        // The locks in attach's order.
+        let attached = self.attached.lock().await;
+        let mut ahead = self.ahead.lock().await;
+        if ahead.is_some() || !attached.is_empty() {
+            return;
+        }
+        let target = crate::volumes::block::IMAGE_TARGETS.start;
+        let (node, serial) = disk_names(target);
+        match qmp
+            .hot_add_disk(&node, &image.path, &serial, target, true)
+            .await
+        {
+            Ok(()) => {
+                *ahead = Some(Plugged {
+                    key: image.key,
+                    target,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(error = %veil_common::error_chain(&e), "image hot-add ahead of its attach failed; retried at attach")
+            }
         }
     }
 
@@ -118,25 +172,38 @@ impl Images {
                 storage_id: a.storage_id.clone(),
             });
         }
-        let used: BTreeSet<u32> = attached.values().map(|a| a.target).collect();
-        let Some(target) = crate::volumes::block::IMAGE_TARGETS
-            .clone()
-            .find(|t| !used.contains(t))
-        else {
-            self.release(&image.key).await;
-            return Err(ImageError::NoSlot);
+        let mut ahead = self.ahead.lock().await;
+        let target = match ahead.take_if(|p| p.key == image.key) {
+            // Hot-added while the pod booted.
+            Some(p) => p.target,
+            None => {
+                let used: BTreeSet<u32> = attached
+                    .values()
+                    .map(|a| a.target)
+                    .chain(ahead.as_ref().map(|p| p.target))
+                    .collect();
+                let Some(target) = crate::volumes::block::IMAGE_TARGETS
+                    .clone()
+                    .find(|t| !used.contains(t))
+                else {
+                    self.release(&image.key).await;
+                    return Err(ImageError::NoSlot);
+                };
+                let (node, serial) = disk_names(target);
+                if let Err(e) = qmp
+                    .lock()
+                    .await
+                    .hot_add_disk(&node, &image.path, &serial, target, true)
+                    .await
+                {
+                    self.release(&image.key).await;
+                    return Err(e.into());
+                }
+                target
+            }
         };
-        let node = format!("img{target}");
-        let serial = format!("veil-img{target}");
-        if let Err(e) = qmp
-            .lock()
-            .await
-            .hot_add_disk(&node, &image.path, &serial, target, true)
-            .await
-        {
-            self.release(&image.key).await;
-            return Err(e.into());
-        }
+        drop(ahead);
+        let (node, serial) = disk_names(target);
         let storage_id = format!("img-{}", image.key);
         let mut req = AddStorageRequest::new();
         req.storage_id = storage_id.clone();
@@ -222,6 +289,7 @@ impl Images {
 
     /// Releases every reference the pod holds (its shutdown).
     pub async fn release_all(&self) {
+        self.ahead.lock().await.take();
         self.attached.lock().await.clear();
         let (store, holder) = (self.store.clone(), self.pod.clone());
         match tokio::task::spawn_blocking(move || store.release_holder(&holder)).await {

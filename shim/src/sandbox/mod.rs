@@ -107,8 +107,8 @@ impl Launcher for VmLauncher {
         tracing::info!(pod = %req.sandbox_id, handler = %handler_name, "booting pod VM");
         crate::report::init(&config.state_dir, req.sandbox_id, &handler_name);
         let images = Images::new(req.sandbox_id, image_store(&config, &handler));
-        // Build the sandbox container's image while the VM boots; it is
-        // attached (and found in the store) right after.
+        // Build the sandbox container's image while the VM boots; the boot
+        // hot-adds it (finding it in the store) once QEMU answers QMP.
         let prebuild = async {
             if let Some(l) = &req.first_image {
                 if let Err(e) = images.acquire(l, req.bundle.clone()).await {
@@ -130,6 +130,11 @@ impl Launcher for VmLauncher {
                         .as_bytes()
                         .to_vec(),
                     netns: req.netns.clone(),
+                    first_image: req.first_image.as_ref().map(|layers| boot::FirstImage {
+                        images: &images,
+                        layers,
+                        work_dir: req.bundle.clone(),
+                    }),
                 },
                 phases,
             ),
