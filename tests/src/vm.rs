@@ -18,8 +18,8 @@ use veil_shim::{
 
 use crate::Artefacts;
 
-/// The kernel command line the tests (and the shim) boot with.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
+/// The kernel command line the tests boot with: the shim's.
+pub use veil_shim::sandbox::BASE_CMDLINE;
 
 /// What to boot.
 #[derive(Debug, Clone)]
