@@ -139,10 +139,9 @@ pub struct BootParams<'a> {
 pub struct FirstImage<'a> {
     /// The pod's images.
     pub images: &'a super::images::Images,
-    /// The image's layers.
-    pub layers: &'a crate::rootfs::Layers,
-    /// A private directory for building it.
-    pub work_dir: PathBuf,
+    /// The image, built (or found in the store) while the VM boots; the
+    /// hot-add waits for that build rather than asking the store again.
+    pub built: &'a super::images::Built,
 }
 
 /// A booted pod VM, its parts owned by the caller from here on.
@@ -613,9 +612,7 @@ pub async fn boot(p: BootParams<'_>, phases: &Phases) -> Result<Booted, BootErro
     };
     let plug = async {
         if let Some(f) = &p.first_image {
-            f.images
-                .plug_ahead(f.layers, f.work_dir.clone(), &mut qmp)
-                .await;
+            f.images.plug_ahead(f.built, &mut qmp).await;
         }
     };
     let (has_scratch, ()) = tokio::join!(setup, plug);

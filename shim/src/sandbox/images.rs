@@ -86,6 +86,28 @@ struct Plugged {
     target: u32,
 }
 
+/// The sandbox container's image, built (or found in the store) once while
+/// its pod boots and shared by the build and the early hot-add: whichever
+/// asks first builds, the other waits for it.
+pub struct Built {
+    layers: Layers,
+    work_dir: PathBuf,
+    /// `None` inside: the build failed (logged; the attach tries again).
+    image: tokio::sync::OnceCell<Option<Image>>,
+}
+
+impl Built {
+    /// The image of `layers`, not built yet; `work_dir` is a private
+    /// directory for its temporary mount.
+    pub fn new(layers: Layers, work_dir: PathBuf) -> Self {
+        Built {
+            layers,
+            work_dir,
+            image: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
 /// The images of one pod.
 pub struct Images {
     pod: String,
@@ -105,18 +127,32 @@ impl Images {
         }
     }
 
-    /// Builds (or reuses) the image of `layers` and hot-adds its disk
-    /// before any container asks for it, so the guest's SCSI scan runs
-    /// while the pod's boot goes on; the first [`Images::attach`] of the
-    /// image then only asks the agent to open it. Nothing depends on this
-    /// succeeding: a failure is logged and the attach does the whole work.
-    pub async fn plug_ahead(&self, layers: &Layers, work_dir: PathBuf, qmp: &mut Qmp) {
-        let image = match self.acquire(layers, work_dir).await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::debug!(error = %veil_common::error_chain(&e), "image build ahead of its attach failed; retried at attach");
-                return;
-            }
+    /// The image of `built`, building it (or finding it in the store) on
+    /// the first call; `None` if that failed.
+    pub async fn first_built<'b>(&self, built: &'b Built) -> Option<&'b Image> {
+        built
+            .image
+            .get_or_init(|| async {
+                match self.acquire(&built.layers, built.work_dir.clone()).await {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        tracing::debug!(error = %veil_common::error_chain(&e), "image build during boot failed; retried at attach");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Hot-adds the disk of `built` before any container asks for it, so
+    /// the guest's SCSI scan runs while the pod's boot goes on; the first
+    /// [`Images::attach`] of the image then only asks the agent to open it.
+    /// Nothing depends on this succeeding: a failure is logged and the
+    /// attach does the whole work.
+    pub async fn plug_ahead(&self, built: &Built, qmp: &mut Qmp) {
+        let Some(image) = self.first_built(built).await else {
+            return;
         };
         // The locks in attach's order.
         let attached = self.attached.lock().await;
@@ -132,7 +168,7 @@ impl Images {
         {
             Ok(()) => {
                 *ahead = Some(Plugged {
-                    key: image.key,
+                    key: image.key.clone(),
                     target,
                 })
             }

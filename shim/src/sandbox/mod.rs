@@ -108,12 +108,14 @@ impl Launcher for VmLauncher {
         crate::report::init(&config.state_dir, req.sandbox_id, &handler_name);
         let images = Images::new(req.sandbox_id, image_store(&config, &handler));
         // Build the sandbox container's image while the VM boots; the boot
-        // hot-adds it (finding it in the store) once QEMU answers QMP.
+        // hot-adds it once QEMU answers QMP.
+        let built = req
+            .first_image
+            .as_ref()
+            .map(|l| images::Built::new(l.clone(), req.bundle.clone()));
         let prebuild = async {
-            if let Some(l) = &req.first_image {
-                if let Err(e) = images.acquire(l, req.bundle.clone()).await {
-                    tracing::debug!(error = %veil_common::error_chain(&e), "image build during boot failed; retried at attach");
-                }
+            if let Some(b) = &built {
+                images.first_built(b).await;
             }
         };
         let (booted, ()) = tokio::join!(
@@ -130,10 +132,9 @@ impl Launcher for VmLauncher {
                         .as_bytes()
                         .to_vec(),
                     netns: req.netns.clone(),
-                    first_image: req.first_image.as_ref().map(|layers| boot::FirstImage {
+                    first_image: built.as_ref().map(|built| boot::FirstImage {
                         images: &images,
-                        layers,
-                        work_dir: req.bundle.clone(),
+                        built,
                     }),
                 },
                 phases,
