@@ -33,8 +33,13 @@ use crate::{
 };
 
 /// The kernel command line every pod VM boots with (before the handler's
-/// `kernel_params`).
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet acpi=off reboot=t panic=-1";
+/// `kernel_params`). `rcupdate.rcu_expedited=1`: a task that waits for an RCU
+/// grace period (moving a task between cgroups, unmounting, tearing down a
+/// namespace) is released by IPIs to the guest's one or two vCPUs instead of
+/// the grace-period kthread's timers, which under TCG wait for the host's
+/// clock (`docs/boot.md`).
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 quiet acpi=off reboot=t panic=-1 rcupdate.rcu_expedited=1";
 
 /// Errors booting the pod VM.
 #[derive(Debug, thiserror::Error)]
