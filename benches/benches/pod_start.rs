@@ -14,6 +14,11 @@
 //! shim's Shutdown → agent stopped → VM stopped → backend stopped → state
 //! removed.
 //!
+//! A second leg starts `veil-sim` pods the same way, interleaved with floor
+//! boots of its own: a private containerd and `veil-kbs` as in the storage
+//! tests, so each pod attests, is released its disk key and formats its
+//! encrypted scratch disk under it (`VEIL_BENCH_SIM=0` skips the leg).
+//!
 //! Results: `benches/results/pod_start.{json,png}` (the PNG stacks the
 //! phases next to the floor and runc).
 //!
@@ -31,7 +36,11 @@ use veil_benches::plot;
 use veil_benches::ShimReports;
 use veil_benches::{floor_once, ms, report, runs, summarize, Summary};
 use veil_shim::phases::{now_ns, parse_line};
-use veil_test_support::{containerd::Containerd, oci};
+use veil_test_support::{
+    containerd::Containerd,
+    oci,
+    storage::{Confidential, NS as SIM_NS},
+};
 
 const NS: &str = "veil-bench";
 fn check(out: &Output, what: &str) -> Result<()> {
@@ -152,6 +161,11 @@ const PHASES: &[(&str, &[&str], &str)] = &[
         "agent_ready",
     ),
     (
+        "attestation (→ keys released)",
+        &["agent_ready"],
+        "attested",
+    ),
+    (
         "scratch disk (→ LUKS2 formatted, ext4 mounted)",
         &["attested", "agent_ready"],
         "scratch_ready",
@@ -241,6 +255,112 @@ fn footprint(c: &Containerd, rt: &str) -> Result<()> {
     Ok(())
 }
 
+/// The phase marks of container `id`, waiting for them: the shim's log
+/// reaches containerd's log asynchronously.
+fn wait_phases(c: &Containerd, id: &str) -> Result<HashMap<String, u128>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(m) = phases_of(c, id) {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            bail!("no veil-phases line for {id}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Adds one start's phases ([`PHASES`]) and plot segments.
+fn collect_start(
+    marks: &HashMap<String, u128>,
+    phases: &mut HashMap<&'static str, Vec<Duration>>,
+    segments: &mut HashMap<String, Vec<Duration>>,
+) {
+    for (name, from, to) in PHASES {
+        let a = from.iter().find_map(|m| marks.get(*m));
+        if let (Some(a), Some(b)) = (a, marks.get(*to)) {
+            let d = Duration::from_nanos(u64::try_from(b.saturating_sub(*a)).unwrap_or(0));
+            phases.entry(name).or_default().push(d);
+        }
+    }
+    let present: Vec<&str> = start_segments()
+        .into_iter()
+        .filter(|m| marks.contains_key(*m))
+        .collect();
+    for w in present.windows(2) {
+        if let Some(d) = span(marks, w[0], w[1]) {
+            segments.entry(w[1].to_string()).or_default().push(d);
+        }
+    }
+}
+
+/// The `veil-sim` leg's results.
+struct Sim {
+    floor: Summary,
+    start: Summary,
+    phases: HashMap<&'static str, Vec<Duration>>,
+    segments: HashMap<String, Vec<Duration>>,
+}
+
+/// `veil-sim` pods, attesting to a broker, each start next to a floor boot.
+fn sim_leg(n: usize) -> Result<Sim> {
+    let env = Confidential::new()?;
+    let root_hash = env.busybox_root_hash()?;
+    env.resources(&root_hash)?;
+    env.register("pod-start-bench", |_| {})?;
+    let _broker = env.start_broker("pod-start-bench")?;
+    let (mut floor, mut starts) = (Vec::new(), Vec::new());
+    let (mut phases, mut segments) = (HashMap::new(), HashMap::new());
+    let one = |id: &str| -> Result<()> {
+        let mut args = env.run_args("veil-sim", oci::BUSYBOX_IMAGE);
+        args.extend(["--rm", oci::BUSYBOX_IMAGE, id, "echo", "hi"].map(String::from));
+        let out = env.c.ctr(SIM_NS).args(&args).output()?;
+        check(&out, id)
+    };
+    one("sim-warm")?;
+    for i in 0..n {
+        floor.push(floor_once(&env.a)?);
+        let id = format!("sim-{i}");
+        one(&id)?;
+        let marks = wait_phases(&env.c, &id)?;
+        let start = span(&marks, "create", "container_started")
+            .with_context(|| format!("{id}: no create/container_started marks"))?;
+        if !marks.contains_key("attested") {
+            bail!("{id} did not attest (no `attested` mark): {marks:?}");
+        }
+        starts.push(start);
+        collect_start(&marks, &mut phases, &mut segments);
+        eprintln!(
+            "veil-sim run {}/{n}: floor {}, Create → started {}",
+            i + 1,
+            ms(floor[i]),
+            ms(start)
+        );
+    }
+    env.c.wait_clean(&[])?;
+    Ok(Sim {
+        floor: summarize(&floor),
+        start: summarize(&starts),
+        phases,
+        segments,
+    })
+}
+
+/// Prints the `veil-sim` leg next to its floor.
+fn report_sim(s: &Sim) {
+    println!("veil-sim (attesting to veil-kbs, encrypted scratch disk under the released key):");
+    report("  floor, booted beside these starts", &s.floor);
+    for (name, _, _) in PHASES {
+        if let Some(v) = s.phases.get(name).filter(|v| !v.is_empty()) {
+            report(&format!("  {name}"), &summarize(v));
+        }
+    }
+    println!(
+        "veil-sim against its floor (medians): pod start {:.2}x",
+        s.start.median.as_secs_f64() / s.floor.median.as_secs_f64().max(1e-9)
+    );
+}
+
 fn main() -> Result<()> {
     let (a, c, _work, rt) = veil_benches::bench_containerd(NS)?;
     let reports = ShimReports::open(&c)?;
@@ -260,33 +380,8 @@ fn main() -> Result<()> {
         let id = format!("veil-{i}");
         let (took, returned) = ctr_run(&c, Some(&rt), &id)?;
         veil.push(took);
-        // The shim's log reaches containerd's log asynchronously.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let marks = loop {
-            if let Some(m) = phases_of(&c, &id) {
-                break m;
-            }
-            if Instant::now() > deadline {
-                bail!("no veil-phases line for {id}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        for (name, from, to) in PHASES {
-            let a = from.iter().find_map(|m| marks.get(*m));
-            if let (Some(a), Some(b)) = (a, marks.get(*to)) {
-                let d = Duration::from_nanos(u64::try_from(b.saturating_sub(*a)).unwrap_or(0));
-                phase_samples.entry(name).or_default().push(d);
-            }
-        }
-        let present: Vec<&str> = start_segments()
-            .into_iter()
-            .filter(|m| marks.contains_key(*m))
-            .collect();
-        for w in present.windows(2) {
-            if let Some(d) = span(&marks, w[0], w[1]) {
-                segment_samples.entry(w[1].to_string()).or_default().push(d);
-            }
-        }
+        let marks = wait_phases(&c, &id)?;
+        collect_start(&marks, &mut phase_samples, &mut segment_samples);
         let mut down = teardown_of(&reports, &id)?;
         down.insert("returned".into(), returned);
         for (name, from, to) in TEARDOWN.iter().chain(AFTER) {
@@ -348,13 +443,42 @@ fn main() -> Result<()> {
             ratio(t.median)
         );
     }
-    write_results(&f, &r, &v, &phase_samples, &segment_samples, n)?;
     footprint(&c, &rt)?;
+    let sim = if std::env::var("VEIL_BENCH_SIM").as_deref() == Ok("0") {
+        println!("veil-sim leg skipped (VEIL_BENCH_SIM=0)");
+        None
+    } else {
+        let s = sim_leg(n)?;
+        report_sim(&s);
+        Some(s)
+    };
+    write_results(
+        &f,
+        &r,
+        &v,
+        &phase_samples,
+        &segment_samples,
+        sim.as_ref(),
+        n,
+    )?;
     Ok(())
 }
 
 fn msf(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The start segments' medians from Create on, in mark order, for a
+/// stacked bar.
+fn stacked_start(segments: &HashMap<String, Vec<Duration>>) -> Vec<(String, f64)> {
+    start_segments()
+        .iter()
+        .skip(1)
+        .filter_map(|m| {
+            let s = segments.get(*m).filter(|s| !s.is_empty())?;
+            Some((format!("→ {m}"), msf(summarize(s).median)))
+        })
+        .collect()
 }
 
 /// `benches/results/pod_start.json` and the stacked-phases PNG.
@@ -364,6 +488,7 @@ fn write_results(
     v: &Summary,
     phases: &HashMap<&str, Vec<Duration>>,
     segments: &HashMap<String, Vec<Duration>>,
+    sim: Option<&Sim>,
     n: usize,
 ) -> Result<()> {
     let medians = |m: &HashMap<&str, Vec<Duration>>| -> serde_json::Map<String, serde_json::Value> {
@@ -372,18 +497,7 @@ fn write_results(
             .map(|(k, s)| (k.to_string(), msf(summarize(s).median).into()))
             .collect()
     };
-    let seg_median = |m: &str| {
-        segments
-            .get(m)
-            .filter(|s| !s.is_empty())
-            .map(|s| msf(summarize(s).median))
-    };
-    let mut start: Vec<(String, f64)> = Vec::new();
-    for m in start_segments().iter().skip(1) {
-        if let Some(v) = seg_median(m) {
-            start.push((format!("→ {m}"), v));
-        }
-    }
+    let start = stacked_start(segments);
     let mut whole = start.clone();
     for (name, _, _) in TEARDOWN {
         if let Some(s) = phases.get(name).filter(|s| !s.is_empty()) {
@@ -400,9 +514,15 @@ fn write_results(
         "veil_ctr_run_median": msf(v.median),
         "phase_medians": medians(phases),
         "start_segments": start.iter().map(|(k, v)| serde_json::json!({"name": k, "median": v})).collect::<Vec<_>>(),
+        "veil_sim": sim.map(|s| serde_json::json!({
+            "floor_median": msf(s.floor.median),
+            "start_median": msf(s.start.median),
+            "phase_medians": medians(&s.phases),
+            "start_segments": stacked_start(&s.segments).iter().map(|(k, v)| serde_json::json!({"name": k, "median": v})).collect::<Vec<_>>(),
+        })),
     });
     let j = plot::write_json("pod_start", &json)?;
-    let rows = vec![
+    let mut rows = vec![
         (
             "floor: QEMU spawn → /init prints".to_string(),
             vec![("floor boot".to_string(), msf(f.median))],
@@ -418,6 +538,16 @@ fn write_results(
             vec![("veil ctr run".to_string(), msf(v.median))],
         ),
     ];
+    if let Some(s) = sim {
+        rows.push((
+            "floor, beside the veil-sim starts".to_string(),
+            vec![("floor boot".to_string(), msf(s.floor.median))],
+        ));
+        rows.push((
+            "veil-sim: task Create → container started".to_string(),
+            stacked_start(&s.segments),
+        ));
+    }
     let png = plot::stacked(
         "pod_start",
         &format!(

@@ -115,10 +115,13 @@ fn answer(
     serde_json::to_vec(&ev).map_err(|e| e.to_string())
 }
 
+/// The launch measurement, once computed (`None` until then).
+type Measured = Option<Arc<Result<[u8; 48], String>>>;
+
 async fn handle(
     mut conn: UnixStream,
     chip: Arc<Result<SimChip, String>>,
-    measurement: Arc<Result<[u8; 48], String>>,
+    mut measurement: tokio::sync::watch::Receiver<Measured>,
     host_data: Option<[u8; 32]>,
 ) {
     let rd = match tokio::time::timeout(REQUEST_TIMEOUT, simfw::read_request(&mut conn)).await {
@@ -129,6 +132,12 @@ async fn handle(
             return;
         }
         Err(_) => return,
+    };
+    let measurement = match measurement.wait_for(Option::is_some).await {
+        Ok(m) => m
+            .clone()
+            .unwrap_or_else(|| Arc::new(Err("no measurement".into()))),
+        Err(_) => Arc::new(Err("the launch measurement was never computed".into())),
     };
     let result = answer(&chip, &measurement, host_data.as_ref(), &rd);
     match &result {
@@ -158,14 +167,25 @@ impl HostService for SimFirmware {
         // The init-data digest, bound into every report as HOST_DATA.
         let host_data: Option<[u8; 32]> =
             launch.host_data.as_deref().and_then(|h| h.try_into().ok());
-        // Measured now, before the VMM starts, from the files it is given.
-        let measurement = Arc::new(measure(&launch).map_err(|e| crate::error_chain(&e)));
-        match measurement.as_ref() {
-            Ok(m) => {
-                tracing::info!(measurement = %hex::encode(m), "simulated TEE launch measurement")
+        // Measured from the files the VMM is given, on a blocking thread
+        // beside the boot (hashing the kernel and initrd would hold the
+        // shim's one runtime thread): the guest asks for its first report
+        // only once its agent runs, and a request waits for the result.
+        let (measured, measurement) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let r = match tokio::task::spawn_blocking(move || measure(&launch)).await {
+                Ok(r) => r.map_err(|e| crate::error_chain(&e)),
+                Err(e) => Err(format!("measuring the launched files did not finish: {e}")),
+            };
+            match &r {
+                Ok(m) => tracing::info!(
+                    measurement = %hex::encode(m),
+                    "simulated TEE launch measurement"
+                ),
+                Err(e) => tracing::warn!(error = %e, "no simulated launch measurement"),
             }
-            Err(e) => tracing::warn!(error = %e, "no simulated launch measurement"),
-        }
+            let _ = measured.send(Some(Arc::new(r)));
+        });
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
