@@ -133,12 +133,13 @@ async fn handle(
         }
         Err(_) => return,
     };
-    let measurement = match measurement.wait_for(Option::is_some).await {
-        Ok(m) => m
-            .clone()
-            .unwrap_or_else(|| Arc::new(Err("no measurement".into()))),
-        Err(_) => Arc::new(Err("the launch measurement was never computed".into())),
-    };
+    // `None` only if the measuring task ended without a result.
+    let measurement = measurement
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|m| m.clone())
+        .unwrap_or_else(|| Arc::new(Err("the launch measurement was never computed".into())));
     let result = answer(&chip, &measurement, host_data.as_ref(), &rd);
     match &result {
         Ok(_) => tracing::debug!(
